@@ -1,0 +1,279 @@
+# Mixtral in one file: config, RMSNorm, rotary embeddings, grouped-query attention with a static
+# KV cache, the sparse mixture-of-experts feed-forward, and the Transformer that stacks them.
+#
+# Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
+# H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 32768  # longest sequence the rotary table and the cache may hold
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: int = 14336
+    n_local_heads: int = 8  # key/value heads (grouped-query attention)
+    head_dim: int = 128
+    rope_base: float = 1e6
+    norm_eps: float = 1e-5
+    num_experts: int = 8
+    num_activated_experts: int = 2
+    sliding_window: Optional[int] = None  # Mixtral publishes null: full causal attention
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "dim", "intermediate_size", "n_local_heads", "head_dim",
+                     "vocab_size", "num_experts", "num_activated_experts", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_local_heads:
+            raise ValueError(f"config: {self.n_head} attention heads are not a multiple of "
+                             f"{self.n_local_heads} key/value heads")
+        if self.num_activated_experts > self.num_experts:
+            raise ValueError(f"config: {self.num_activated_experts} experts per token but only "
+                             f"{self.num_experts} experts")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Reads a Hugging Face Mixtral config.json (transformers 4 or 5 spelling)."""
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config: hidden_act {cfg['hidden_act']!r} is not supported (Mixtral uses silu)")
+        # transformers 4 writes rope_theta at the top level, transformers 5 inside rope_parameters.
+        rope = cfg.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config: rope_type {rope['rope_type']!r} is not supported")
+        rope_base = rope.get("rope_theta", cfg.get("rope_theta", 1e6))
+        try:
+            n_head = cfg["num_attention_heads"]
+            return cls(
+                block_size=cfg["max_position_embeddings"],
+                vocab_size=cfg["vocab_size"],
+                n_layer=cfg["num_hidden_layers"],
+                n_head=n_head,
+                dim=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                n_local_heads=cfg.get("num_key_value_heads") or n_head,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+                rope_base=float(rope_base),
+                norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                num_experts=cfg["num_local_experts"],
+                num_activated_experts=cfg["num_experts_per_tok"],
+                sliding_window=cfg.get("sliding_window"),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            )
+        except KeyError as e:
+            raise ValueError(f"config: required key {e.args[0]!r} is missing") from None
+
+    @classmethod
+    def from_json(cls, path) -> "ModelArgs":
+        try:
+            cfg = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path} not found: the checkpoint folder needs the model's config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        return cls.from_hf_config(cfg)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in transformer_configs:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(transformer_configs)}")
+        return cls(**transformer_configs[name])
+
+
+# Published shapes, for building a model without a checkpoint (benchmarks). Loading a checkpoint
+# always reads its own config.json instead.
+transformer_configs = {
+    "Mixtral-8x7B-v0.1": dict(block_size=32768, vocab_size=32000, n_layer=32, n_head=32, dim=4096,
+                              intermediate_size=14336, n_local_heads=8, head_dim=128, rope_base=1e6,
+                              norm_eps=1e-5, num_experts=8, num_activated_experts=2),
+    "Mixtral-8x22B-v0.1": dict(block_size=65536, vocab_size=32768, n_layer=56, n_head=48, dim=6144,
+                               intermediate_size=16384, n_local_heads=8, head_dim=128, rope_base=1e6,
+                               norm_eps=1e-5, num_experts=8, num_activated_experts=2),
+}
+transformer_configs["Mixtral-8x7B-Instruct-v0.1"] = transformer_configs["Mixtral-8x7B-v0.1"]
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+        super().__init__()
+        cache_shape = (max_batch_size, n_heads, max_seq_length, head_dim)  # [B, KV, S, Dh]
+        # Not persistent: the cache is scratch space, not part of a checkpoint.
+        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        # input_pos: [T], k/v: [B, KV, T, Dh]
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        """Allocates the KV cache once, in the model's own dtype, and the rotary table."""
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"{max_seq_length} tokens exceed the model's context of {self.config.block_size}")
+        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+            return
+        self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
+        weight = self.output.weight
+        # int8 checkpoints keep int8 weights: the activations' dtype is that of the scales.
+        dtype = getattr(self.output, "scales", weight).dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
+                                               self.config.head_dim, dtype).to(weight.device)
+        cos, sin = precompute_rope(max_seq_length, self.config.head_dim, self.config.rope_base)
+        self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        # idx: [B, T] token ids, input_pos: [T] their positions in the sequence
+        assert self.max_seq_length > 0, "call setup_caches() first"
+        cache_pos = torch.arange(self.max_seq_length, device=idx.device)
+        mask = input_pos[:, None] >= cache_pos[None, :]  # [T, S] causal
+        if self.config.sliding_window is not None:
+            mask = mask & (input_pos[:, None] - cache_pos[None, :] < self.config.sliding_window)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, Dh]
+        x = self.tok_embeddings(idx)  # [B, T, D]
+        for layer in self.layers:
+            x = layer(x, input_pos, cos, sin, mask)
+        return self.output(self.norm(x))  # [B, T, V]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.block_sparse_moe = MOEFeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, input_pos, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), input_pos, cos, sin, mask)
+        return h + self.block_sparse_moe(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        # q, k and v in one matrix: one matmul per token instead of three.
+        total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, total_head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, input_pos, cos, sin, mask):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, -1, self.head_dim)  # [B, T, H, Dh]
+        k = k.view(B, T, -1, self.head_dim)  # [B, T, KV, Dh]
+        v = v.view(B, T, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, Dh]
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, Dh]
+        y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * Dh]
+        return self.wo(y)
+
+
+class MOEFeedForward(nn.Module):
+    """Sparse mixture of experts: a router picks K of E SwiGLU experts for each token."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        E, I, D = config.num_experts, config.intermediate_size, config.dim
+        self.gate = nn.Linear(D, E, bias=False)  # the router
+        # Each expert computes w2(silu(w1 x) * w3 x); stacked over experts, in nn.Linear's layout.
+        self.w1 = nn.Parameter(torch.empty(E, I, D))
+        self.w3 = nn.Parameter(torch.empty(E, I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.num_activated_experts = config.num_activated_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        x = x.reshape(-1, D)  # [N, D], N = B * T
+        # Softmax in float32 before top-k, then renormalise over the chosen K (as Mixtral was trained).
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # [N, E]
+        weights, experts = torch.topk(probs, self.num_activated_experts, dim=-1)  # [N, K]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        y = grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
+        return y.view(B, T, D)
+
+
+def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Runs each expert once over the tokens routed to it.
+
+    Gathering w1[experts] per token would copy T*K expert matrices (gigabytes for a long prompt);
+    sorting the (token, expert) pairs by expert instead lets one grouped matmul read every expert's
+    weights in place. Group sizes stay on the device: no host sync, so it traces and graphs.
+    """
+    N, K = experts.shape
+    E = w1.shape[0]
+    flat_experts = experts.flatten()  # [N*K]
+    order = flat_experts.argsort(stable=True)  # pairs sorted by expert
+    token_of_pair = order // K  # [N*K]
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's group
+    xs = x[token_of_pair]  # [N*K, D]
+    h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)) \
+        * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)  # [N*K, I]
+    ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [N*K, D]
+    ys = ys * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the model's dtype: bf16 squares lose too much.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def precompute_rope(seq_len: int, head_dim: int, base: float):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [S, Dh/2]
+    # Hugging Face's rotary layout: the two halves of each head rotate together ("rotate_half"),
+    # so the hub's q/k projections are used as published, with no permutation at conversion.
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S, Dh]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, T, heads, Dh], cos/sin: [T, Dh]; rotated in float32 for bf16/fp16 models.
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (xf * cos + rotated * sin).type_as(x)

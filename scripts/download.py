@@ -1,0 +1,80 @@
+# Download the Hugging Face files that scripts/convert_hf_checkpoint.py needs into checkpoints/<repo_id>.
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+# Only what the converter reads. "model*.safetensors" (not "*.safetensors") so that repos which also ship
+# Mistral's consolidated.safetensors don't download the weights twice; *.pt, *.bin, tokenizer.json are skipped.
+ALLOW_PATTERNS = ["config.json", "model.safetensors.index.json", "model*.safetensors", "tokenizer.model"]
+
+# huggingface_hub 2.x talks through httpx2 (1.x: httpx); their network errors are not OSErrors (requests' are).
+NET_ERRORS = tuple(importlib.import_module(m).HTTPError for m in ("httpx2", "httpx") if importlib.util.find_spec(m))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def download(repo_id: str, checkpoint_dir: str, hf_token: str | None) -> Path:
+    local_dir = Path(checkpoint_dir) / repo_id
+    # token=None lets huggingface_hub fall back to $HF_TOKEN or the token saved by `hf auth login`.
+    snapshot_download(repo_id, local_dir=local_dir, allow_patterns=ALLOW_PATTERNS, token=hf_token)
+    return local_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download a Hugging Face checkpoint for convert_hf_checkpoint.py.")
+    parser.add_argument("--repo_id", type=str, default="mistralai/Mixtral-8x7B-v0.1", help="Hugging Face repo id")
+    parser.add_argument("--hf_token", type=str, default=None, help="Hugging Face token (default: $HF_TOKEN)")
+    parser.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="saves to <checkpoint_dir>/<repo_id>")
+    args = parser.parse_args(argv)
+    repo, url = args.repo_id, f"{constants.ENDPOINT}/{args.repo_id}"
+
+    # Each failure becomes one actionable line on stderr instead of huggingface_hub's multi-line traceback.
+    # Order matters: GatedRepoError is a RepositoryNotFoundError, and every HfHubHTTPError is an OSError.
+    try:
+        local_dir = download(repo, args.checkpoint_dir, args.hf_token)
+    except GatedRepoError:
+        sys.exit(f"error: {repo} is gated and your token has no access: accept its terms at {url} "
+                 "and pass --hf_token or set HF_TOKEN")
+    except RepositoryNotFoundError:
+        sys.exit(f"error: repository {repo} not found (or private and your token has no access): "
+                 "check --repo_id, and pass --hf_token or set HF_TOKEN if it is private")
+    except RevisionNotFoundError:
+        sys.exit(f"error: {repo} has no '{constants.DEFAULT_REVISION}' revision: check --repo_id")
+    except HfHubHTTPError as e:  # 5xx, 429, bad token...
+        sys.exit(f"error: {constants.ENDPOINT} refused to serve {repo} ({_first_line(e)}): retry later")
+    except LocalEntryNotFoundError as e:  # no connection to the Hub, or HF_HUB_OFFLINE=1
+        cause = e.__cause__ or e
+        sys.exit(f"error: cannot reach {constants.ENDPOINT} to download {repo} ({type(cause).__name__}): "
+                 "check your network connection, proxy or HF_ENDPOINT, then retry")
+    except (OSError, *NET_ERRORS) as e:  # connection lost mid-download, disk full, size mismatch...
+        sys.exit(f"error: downloading {repo} failed ({type(e).__name__}: {_first_line(e)}): "
+                 "check your network connection and free disk space, then retry")
+    except ValueError as e:  # malformed repo id
+        sys.exit(f"error: invalid --repo_id {repo!r}: {_first_line(e)}")
+
+    # A repo without these files (e.g. .bin-only or GGUF) downloads "successfully" but cannot be converted.
+    missing = [n for n in ("config.json", "tokenizer.model") if not (local_dir / n).is_file()]
+    if not any(local_dir.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        sys.exit(f"error: {repo} has no {', '.join(missing)}: convert_hf_checkpoint.py needs config.json, "
+                 f"model*.safetensors and tokenizer.model (got only what is in {local_dir})")
+    print(f"Downloaded {repo} to {local_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+# Writes a small Mixtral-architecture checkpoint with random weights in the exact layout of the hub
+# repo mistralai/Mixtral-8x7B-v0.1: config.json, sharded safetensors with model.safetensors.index.json,
+# tokenizer.model. The demo and the tests run the real converter and generator on it; its text is
+# meaningless (random weights), it shows the pipeline and the speed.
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import ModelArgs  # noqa: E402
+from scripts.convert_hf_checkpoint import hub_tensor_shapes  # noqa: E402
+
+# Mixtral-8x7B-v0.1's own config.json, as published.
+MIXTRAL_CONFIG = {
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1e6,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+# Small enough to build in a second, wide enough to exercise grouped-query attention and top-2 routing.
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def random_tensor(name: str, shape, generator) -> torch.Tensor:
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if name == "model.embed_tokens.weight":
+        return torch.randn(shape, generator=generator)
+    # 1/sqrt(fan_in) keeps activations O(1) through the layers, so logits are well separated and
+    # greedy decoding is not decided by rounding noise.
+    return torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+
+
+def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
+                         dtype=torch.bfloat16, n_shards: int = 2) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {**MIXTRAL_CONFIG, **config, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if "rope_parameters" in config:  # transformers 5 spelling: the base lives only there
+        cfg.pop("rope_theta")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: random_tensor(name, shape, generator).to(dtype)
+               for name, shape in hub_tensor_shapes(ModelArgs.from_hf_config(cfg)).items()}
+    # Tensors in order over the shards, as on the hub, where one layer's tensors may straddle two shards.
+    names = list(tensors)
+    per_shard = -(-len(names) // n_shards)
+    weight_map, total_size = {}, 0
+    for s in range(n_shards):
+        shard_name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors" if n_shards > 1 else "model.safetensors"
+        chunk = {n: tensors[n].contiguous() for n in names[s * per_shard:(s + 1) * per_shard]}
+        save_file(chunk, str(out_dir / shard_name), metadata={"format": "pt"})
+        for n, t in chunk.items():
+            weight_map[n] = shard_name
+            total_size += t.numel() * t.element_size()
+    if n_shards > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    return out_dir
+
+
+def train_demo_tokenizer(out_path: Path, vocab_size: int) -> Path:
+    """A small SentencePiece BPE model, so that the demo needs no download. Byte fallback makes
+    every string encodable; ids 0/1/2 are <unk>/<s>/</s> as in Mixtral's tokenizer."""
+    import sentencepiece as spm
+    text = Path(__file__).resolve().parent.parent.joinpath("model.py").read_text()  # any English-ish text will do
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text(text + "\nHello, my name is Mixtral. The quick brown fox jumps over the lazy dog.\n")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, hard_vocab_limit=False, num_threads=1,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        out_path.write_bytes((Path(tmp) / "sp.model").read_bytes())
+    return out_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a small random-weight Mixtral checkpoint in the hub's layout.")
+    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/tiny-mixtral"))
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a SentencePiece tokenizer.model to ship (default: train a small one)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = dict(TINY)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            tokenizer = train_demo_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=1000)
+        elif not tokenizer.is_file():
+            sys.exit(f"error: tokenizer {tokenizer} not found")
+        import sentencepiece as spm
+        config["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+        write_hub_checkpoint(args.checkpoint_dir, config, tokenizer, seed=args.seed)
+    print(f"wrote a random-weight Mixtral checkpoint to {args.checkpoint_dir}")
+
+
+if __name__ == "__main__":
+    main()
