@@ -1,0 +1,458 @@
+# Benchmarks Mixtral decode and prefill against the machine's memory bandwidth.
+#
+# At batch 1 a decoded token reads every weight it uses once: the attention weights, the K active
+# experts of each layer and the output head (generate.active_weight_bytes). Those bytes over the
+# memory bandwidth measured in the same run give the limit, in tokens/s; decode is reported as a
+# fraction of it. The machine is shared and noisy, so bandwidth and decode are measured in
+# alternating rounds and each fraction is the median of per-round ratios.
+#
+#   python scripts/benchmark.py --model cpu-bench --compile                  # random weights, no checkpoint
+#   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile
+#   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
+import argparse
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_one_token,  # noqa: E402
+                      generate, load_model, prefill)
+from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
+
+# Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
+# small enough for a laptop-class CPU: 0.79 B parameters, 0.46 GB of active bf16 weights per token.
+BENCH_SHAPES = {
+    "cpu-bench": dict(block_size=32768, vocab_size=32000, n_layer=8, n_head=16, dim=1024, intermediate_size=3584,
+                      n_local_heads=4, head_dim=64, rope_base=1e6, norm_eps=1e-5, num_experts=8,
+                      num_activated_experts=2),
+    # Seconds to build and run: for testing the harness itself.
+    "tiny": dict(block_size=4096, vocab_size=512, n_layer=2, n_head=4, dim=64, intermediate_size=128,
+                 n_local_heads=2, head_dim=16, rope_base=1e6, norm_eps=1e-5, num_experts=4,
+                 num_activated_experts=2),
+}
+
+
+def model_args(name: str, n_layer: Optional[int] = None) -> ModelArgs:
+    if name in BENCH_SHAPES:
+        config = ModelArgs(**BENCH_SHAPES[name])
+    elif name in transformer_configs:
+        config = ModelArgs.from_name(name)
+    else:
+        raise UserError(f"unknown model {name!r}; known: {', '.join([*BENCH_SHAPES, *transformer_configs])}")
+    return replace(config, n_layer=n_layer) if n_layer else config
+
+
+# ----------------------------------------------------------------------------- building the model
+
+@torch.no_grad()
+def random_model(config: ModelArgs, device: str, precision: torch.dtype, int8: bool = False,
+                 seed: int = 0) -> Transformer:
+    """Random weights made in place on the device, one block at a time (no checkpoint, no download).
+    With int8 each block is quantized as soon as it exists, so the full-precision model never has to
+    fit in memory at once."""
+    with torch.device("meta"):
+        model = Transformer(config).to(precision)
+    torch.manual_seed(seed)
+    for module in [model.tok_embeddings, *model.layers, model.norm, model.output]:
+        module.to_empty(device=device)
+        for p in module.parameters():
+            if p.dim() == 1:  # norm weights
+                p.fill_(1.0)
+            elif module is model.tok_embeddings:
+                p.normal_(0.0, 1.0)
+            else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        if int8 and module is not model.tok_embeddings and module is not model.norm:
+            quantize_int8_in_place(module)
+    return model.eval()
+
+
+def quantize_int8_in_place(module: torch.nn.Module) -> torch.nn.Module:
+    """--int8: weight-only int8 quantization of `module` in place, by quantize.py.
+
+    quantize.py is written on another branch; until it is merged this says so instead of guessing."""
+    try:
+        import quantize
+    except ImportError:
+        raise UserError("--int8 needs quantize.py (weight-only int8), which is not in this checkout yet") from None
+    raise UserError(f"--int8: quantize.py is present ({quantize.__file__}) but benchmark.py is not wired to it yet")
+
+
+def limit_tokens_per_s(bandwidth: float, weight_bytes: int) -> float:
+    """The memory-bandwidth limit of batch-1 decode: every active weight byte read once per token."""
+    return bandwidth / weight_bytes
+
+
+def fraction_of_limit(tokens_per_s: float, weight_bytes: int, bandwidth: float) -> float:
+    """Achieved bandwidth (active bytes x tokens/s) over the measured bandwidth."""
+    return tokens_per_s / limit_tokens_per_s(bandwidth, weight_bytes)
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one.
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class Bandwidth:
+    """Memory bandwidth of the device, from a buffer far larger than any cache: a full read (sum) and a
+    copy of one half into the other (read + write, both counted). The limit uses the faster of the two,
+    so that a fraction of it is never flattered by a slow probe. The buffer exists only while a probe
+    runs, so that it never counts in another measurement's peak memory."""
+
+    def __init__(self, device: str, nbytes: Optional[int] = None):
+        self.device = device
+        self.nbytes = nbytes or (4 << 30 if device.startswith("cuda") else 1 << 30)
+        self.read, self.copy = [], []
+        self.measure(rounds=1)  # warm-up, not recorded
+        self.read.clear(), self.copy.clear()
+
+    def _time(self, fn) -> float:
+        synchronize(self.device)
+        t = time.perf_counter()
+        fn()
+        synchronize(self.device)
+        return time.perf_counter() - t
+
+    def measure(self, rounds: int = 3) -> float:
+        """Best of `rounds` of each probe, recorded; returns this measurement's bandwidth in bytes/s."""
+        # float32 (ones: every page touched before timing): the probe measures memory, not bf16 arithmetic.
+        buf = torch.ones(self.nbytes // 4, dtype=torch.float32, device=self.device)
+        src, dst = buf.chunk(2)
+        read = self.nbytes / min(self._time(buf.sum) for _ in range(rounds))
+        copy = 2 * src.numel() * 4 / min(self._time(lambda: dst.copy_(src)) for _ in range(rounds))
+        del buf, src, dst
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        self.read.append(read)
+        self.copy.append(copy)
+        return max(read, copy)
+
+
+@dataclass
+class Row:
+    engine: str
+    phase: str
+    tokens: str
+    tokens_per_s: list = field(default_factory=list)
+    fractions: list = field(default_factory=list)  # of the bandwidth limit, per round (decode only)
+    gb_per_s: Optional[float] = None
+    peak_gb: Optional[float] = None
+    note: str = ""
+
+    @property
+    def median_tps(self) -> float:
+        return statistics.median(self.tokens_per_s)
+
+
+def decode_rounds(model, prefill_fn, decode_fn, prompt_len: int, new_tokens: int, runs: int, device: str,
+                  bandwidth: Bandwidth, weight_bytes: int, engine: str, generator: torch.Generator) -> Row:
+    """Decode tokens/s at batch 1 through generate(): the time from the first new token (prefill done)
+    to the last, over new_tokens - 1 decode steps. Each round is preceded by a bandwidth probe."""
+    vocab = model.config.vocab_size
+    row = Row(engine, "decode", f"{prompt_len} + {new_tokens}")
+    for r in range(runs):
+        bw = bandwidth.measure()
+        reset_peak_memory(device)
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=generator).to(device=device, dtype=torch.int)
+        marks = []
+
+        def on_token(seq):
+            if not marks:  # the prefill's token: decoding starts now
+                synchronize(device)
+                marks.append(time.perf_counter())
+
+        generate(model, prompt, new_tokens, temperature=0.8, top_k=200, prefill_fn=prefill_fn, decode_fn=decode_fn,
+                 on_token=on_token)
+        synchronize(device)
+        tps = (new_tokens - 1) / (time.perf_counter() - marks[0])
+        row.tokens_per_s.append(tps)
+        row.fractions.append(fraction_of_limit(tps, weight_bytes, bw))
+        row.peak_gb = max(row.peak_gb or 0.0, peak_memory_gb(device))
+    row.gb_per_s = row.median_tps * weight_bytes / 1e9
+    return row
+
+
+@torch.no_grad()
+def prefill_rounds(fn, length: int, runs: int, device: str, vocab: int, engine: str,
+                   generator: torch.Generator) -> Row:
+    """Prompt tokens/s of one forward over `length` tokens; fn(idx [1, T]) -> anything."""
+    row = Row(engine, "prefill", str(length))
+    idx = torch.randint(0, vocab, (1, length), generator=generator).to(device)
+    fn(idx)  # warm-up (and compilation for a compiled prefill)
+    reset_peak_memory(device)
+    for _ in range(runs):
+        synchronize(device)
+        t = time.perf_counter()
+        fn(idx)
+        synchronize(device)
+        row.tokens_per_s.append(length / (time.perf_counter() - t))
+    row.peak_gb = peak_memory_gb(device)
+    return row
+
+
+# ----------------------------------------------------------------------------- the run
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        mem = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+        hw = f"{name} ({mem:.0f} GiB)"
+    else:
+        cpu = platform.processor() or "unknown CPU"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        hw = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{hw}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
+
+
+def round_up(n: int, multiple: int = 256) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def run(args) -> list:
+    device, precision = args.device, PRECISIONS[args.precision]
+    generator = torch.Generator().manual_seed(args.seed)
+    t = time.perf_counter()
+    if args.checkpoint_path is not None:
+        model = load_model(args.checkpoint_path, device, precision)
+        if args.int8:
+            quantize_int8_in_place(model)
+        name = str(args.checkpoint_path)
+    else:
+        model = random_model(model_args(args.model, args.n_layer), device, precision, int8=args.int8, seed=args.seed)
+        name = f"{args.model} (random weights)"
+    synchronize(device)
+    build_s = time.perf_counter() - t
+    config = model.config
+    weight_bytes = active_weight_bytes(model)
+    total_bytes = parameter_bytes(model)
+    kind = "int8" if args.int8 else args.precision
+    print(f"model: {name}, {config.n_layer} layers, dim {config.dim}, {config.num_experts} experts top-"
+          f"{config.num_activated_experts}, {kind}; weights {total_bytes / 1e9:.2f} GB, "
+          f"{weight_bytes / 1e9:.3f} GB read per decoded token; built/loaded in {build_s:.1f} s", flush=True)
+
+    bandwidth = Bandwidth(device, args.probe_mb and args.probe_mb << 20)
+    prefill_fn, decode_fn = compile_steps(args, device)
+    engine = "this repo" + (" (compiled)" if args.compile else "")
+    rows = []
+
+    # Decode: one cache size for every prompt, so the compiled step is traced once.
+    decode_len = round_up(max(args.decode_prompts) + args.max_new_tokens)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=1, max_seq_length=min(decode_len, config.block_size))
+    compile_s = None
+    for prompt_len in args.decode_prompts:
+        # Warm-up: compiles the decode step on the first prompt (timed), settles caches on the others.
+        synchronize(device)
+        t = time.perf_counter()
+        prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=generator).to(device=device,
+                                                                                              dtype=torch.int)
+        generate(model, prompt, min(args.max_new_tokens, 8), temperature=0.8, top_k=200,
+                 prefill_fn=prefill_fn, decode_fn=decode_fn)
+        synchronize(device)
+        if compile_s is None:
+            compile_s = time.perf_counter() - t
+        row = decode_rounds(model, prefill_fn, decode_fn, prompt_len, args.max_new_tokens, args.runs, device,
+                            bandwidth, weight_bytes, engine, generator)
+        rows.append(row)
+        print(f"decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
+
+    # Prefill: plain forwards over the prompt, the cache grown to hold the longest one.
+    if args.prefill_lengths:
+        with torch.device(device):
+            model.setup_caches(max_batch_size=1,
+                               max_seq_length=min(round_up(max(args.prefill_lengths) + 1), config.block_size))
+        for length in args.prefill_lengths:
+            def ours(idx, length=length):
+                return prefill_fn(model, idx, torch.arange(length, device=device), 0.8, 200)
+            row = prefill_rounds(ours, length, args.runs, device, config.vocab_size,
+                                 "this repo" + (" (compiled)" if args.compile_prefill else ""), generator)
+            rows.append(row)
+            print(f"prefill {length}: {row.median_tps:.1f} tokens/s", flush=True)
+
+    if args.compare_hf:
+        del model, prefill_fn, decode_fn
+        gc.collect()
+        rows += compare_hf(args, device, precision, bandwidth, weight_bytes, generator)
+
+    bw_read, bw_copy = statistics.median(bandwidth.read), statistics.median(bandwidth.copy)
+    bw = max(bw_read, bw_copy)
+    print_table(args, name, kind, rows, weight_bytes, total_bytes, bandwidth.read, bw_read, bw_copy, bw, compile_s)
+    return rows
+
+
+@torch.no_grad()
+def compare_hf(args, device, precision, bandwidth, weight_bytes, generator) -> list:
+    """The same checkpoint through transformers' MixtralForCausalLM, eager, in this process."""
+    from transformers import MixtralForCausalLM
+    folder = Path(args.checkpoint_path).parent
+    model = MixtralForCausalLM.from_pretrained(folder, dtype=precision).to(device).eval()
+    vocab = model.config.vocab_size
+    rows = []
+    for length in args.prefill_lengths:
+        rows.append(prefill_rounds(lambda idx: model(idx, use_cache=False).logits[:, -1], length, args.runs, device,
+                                   vocab, "transformers", generator))
+        print(f"transformers prefill {length}: {rows[-1].median_tps:.1f} tokens/s", flush=True)
+    for prompt_len in args.decode_prompts:
+        row = Row("transformers", "decode", f"{prompt_len} + {args.max_new_tokens}")
+        for r in range(args.runs):
+            bw = bandwidth.measure()
+            reset_peak_memory(device)
+            idx = torch.randint(0, vocab, (1, prompt_len), generator=generator).to(device)
+            out = model(idx, use_cache=True)  # its own (dynamic) KV cache
+            token = out.logits[:, -1:].argmax(-1)
+            past = out.past_key_values
+            synchronize(device)
+            t = time.perf_counter()
+            for _ in range(args.max_new_tokens - 1):
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            synchronize(device)
+            tps = (args.max_new_tokens - 1) / (time.perf_counter() - t)
+            row.tokens_per_s.append(tps)
+            row.fractions.append(fraction_of_limit(tps, weight_bytes, bw))
+            row.peak_gb = max(row.peak_gb or 0.0, peak_memory_gb(device))
+        row.gb_per_s = row.median_tps * weight_bytes / 1e9
+        rows.append(row)
+        print(f"transformers decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
+    return rows
+
+
+def fmt(value: float) -> str:
+    """Three significant figures or more: tiny test shapes give tiny numbers that must not print as 0."""
+    return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw_read, bw_copy, bw, compile_s):
+    limit = limit_tokens_per_s(bw, weight_bytes)
+    print()
+    print(f"### Mixtral benchmark: {name}, {kind}, batch 1")
+    print()
+    print(f"- machine: {machine_name(args.device)}")
+    print(f"- memory bandwidth, same run (median of {len(bw_probes)} probes, each the best of 3): "
+          f"read {bw_read / 1e9:.1f} GB/s, copy {bw_copy / 1e9:.1f} GB/s; limit = {bw / 1e9:.1f} GB/s / "
+          f"{weight_bytes / 1e9:.3f} GB per token = {limit:.1f} tokens/s")
+    compiled = ("decode" if args.compile else "none") + (" + prefill" if args.compile_prefill else "")
+    warm = f"{compile_s:.1f} s" if compile_s is not None else "-"
+    print(f"- weights {total_bytes / 1e9:.2f} GB; compiled: {compiled}; decode warm-up (incl. compile) {warm}")
+    print(f"- medians of {args.runs} runs after warm-up")
+    print()
+    print("| engine | phase | tokens | tokens/s | GB/s | % of limit | peak memory GB |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        gbs = fmt(row.gb_per_s) if row.gb_per_s is not None else "-"
+        frac = fmt(100 * statistics.median(row.fractions)) if row.fractions else "-"
+        peak = f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-"
+        print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {gbs} | {frac} | {peak} |")
+    ours = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine.startswith("this repo")}
+    hf = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine == "transformers"}
+    for tokens in ours:
+        if tokens in hf:
+            print(f"\nprefill {tokens}: this repo / transformers = {ours[tokens] / hf[tokens]:.2f}x")
+    sys.stdout.flush()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark Mixtral decode and prefill against the memory-bandwidth limit.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint_path", type=Path, default=None, help="a converted model.pth (config.json beside it)")
+    src.add_argument("--model", type=str, default="cpu-bench",
+                     help=f"a named shape with random weights: {', '.join([*BENCH_SHAPES, *transformer_configs])}")
+    p.add_argument("--n_layer", type=int, default=None, help="build only this many layers (named shapes)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16")
+    p.add_argument("--int8", action="store_true", help="quantize the weights to int8 in place (quantize.py)")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--decode_prompts", type=int, nargs="*", default=[5], help="prompt lengths for decode runs")
+    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens decoded per run")
+    p.add_argument("--prefill_lengths", type=int, nargs="*", default=[128, 512, 2048])
+    p.add_argument("--runs", type=int, default=5, help="measured runs per row (the median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--probe_mb", type=int, default=None,
+                   help="bandwidth probe buffer in MiB (default 1024 on CPU, 4096 on GPU: far beyond any cache)")
+    p.add_argument("--compare-hf", dest="compare_hf", action="store_true",
+                   help="also run the checkpoint through transformers (hub-layout folder)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.compare_hf:
+        if args.checkpoint_path is None:
+            raise UserError("--compare-hf needs --checkpoint_path of a hub-layout folder (config.json + safetensors)")
+        folder = Path(args.checkpoint_path).parent
+        if not any(folder.glob("model*.safetensors")):
+            raise UserError(f"--compare-hf: no model*.safetensors in {folder} for transformers to load")
+        if args.int8:
+            raise UserError("--compare-hf compares full-precision weights; drop --int8")
+    if args.n_layer is not None and args.n_layer < 1:
+        raise UserError(f"--n_layer must be at least 1, got {args.n_layer}")
+    if args.max_new_tokens < 2:
+        raise UserError("--max_new_tokens must be at least 2 (one prefill token, then decode)")
+    if not args.decode_prompts or min(args.decode_prompts) < 1 or min(args.prefill_lengths or [1]) < 1:
+        raise UserError("prompt lengths must be positive, and at least one decode prompt is needed")
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

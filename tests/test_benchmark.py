@@ -1,0 +1,128 @@
+"""scripts/benchmark.py: its arithmetic against the shape's own formula, and end-to-end runs on a tiny shape.
+No test here asserts a speed: the machine is shared, and speed is what the benchmark reports."""
+import re
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from generate import active_weight_bytes
+from model import ModelArgs, Transformer
+from scripts.benchmark import BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, random_model
+
+SCRIPT = REPO / "scripts" / "benchmark.py"
+COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB/s", "% of limit", "peak memory GB"]
+
+
+def active_bytes_by_formula(c: ModelArgs, bytes_per_weight: int) -> int:
+    """What one decoded token reads, written out from the architecture, independently of the model code."""
+    attention = c.dim * (c.n_head + 2 * c.n_local_heads) * c.head_dim + c.n_head * c.head_dim * c.dim
+    experts = c.num_activated_experts * 3 * c.intermediate_size * c.dim  # K of E experts, w1 w3 w2
+    per_layer = attention + experts + c.num_experts * c.dim + 2 * c.dim  # + router + two norms
+    return bytes_per_weight * (c.n_layer * per_layer + c.dim + c.vocab_size * c.dim + c.dim)  # + norm, head, one row
+
+
+def meta_model(config: ModelArgs, dtype) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config).to(dtype)
+
+
+@pytest.mark.parametrize("name", ["cpu-bench", "tiny", "Mixtral-8x7B-v0.1"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_active_weight_bytes_match_the_shape_formula(name, dtype):
+    config = model_args(name)
+    size = torch.empty(0, dtype=dtype).element_size()
+    assert active_weight_bytes(meta_model(config, dtype)) == active_bytes_by_formula(config, size)
+
+
+def test_cpu_bench_shape_is_the_one_the_targets_are_stated_for():
+    config = model_args("cpu-bench")
+    model = meta_model(config, torch.bfloat16)
+    assert (config.dim, config.n_layer, config.n_head, config.n_local_heads, config.head_dim) == (1024, 8, 16, 4, 64)
+    assert (config.num_experts, config.num_activated_experts, config.intermediate_size) == (8, 2, 3584)
+    assert abs(sum(p.numel() for p in model.parameters()) / 0.79e9 - 1) < 0.01
+    assert abs(active_weight_bytes(model) / 0.46e9 - 1) < 0.01
+
+
+def test_n_layer_override_and_unknown_names():
+    assert model_args("Mixtral-8x7B-v0.1", 16).n_layer == 16
+    assert model_args("cpu-bench").n_layer == BENCH_SHAPES["cpu-bench"]["n_layer"]
+    from generate import UserError
+    with pytest.raises(UserError, match="unknown model"):
+        model_args("no-such-model")
+
+
+def test_limit_and_fraction():
+    # 57 GB/s over 0.46 GB per token: 123.9 tokens/s; 74.3 tokens/s of it is 60 %.
+    assert limit_tokens_per_s(57e9, 0.46e9) == pytest.approx(123.91, abs=0.01)
+    assert fraction_of_limit(74.35, int(0.46e9), 57e9) == pytest.approx(0.6, abs=1e-3)
+    assert fraction_of_limit(10.0, 1000, 1e4) == pytest.approx(1.0)
+
+
+def test_random_model_is_made_in_place_in_the_precision_asked():
+    model = random_model(model_args("tiny"), "cpu", torch.bfloat16, seed=3)
+    tensors = model.state_dict()
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors.values())
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert torch.equal(tensors["norm.weight"], torch.ones_like(tensors["norm.weight"]))
+    w1 = tensors["layers.0.block_sparse_moe.w1"].float()
+    assert abs(w1.std().item() * model.config.dim ** 0.5 - 1) < 0.1  # 1/sqrt(fan_in)
+    again = random_model(model_args("tiny"), "cpu", torch.bfloat16, seed=3)
+    assert torch.equal(again.state_dict()["output.weight"], tensors["output.weight"])
+
+
+def parse_table(stdout: str) -> tuple:
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return header, rows
+
+
+def number(cell: str) -> float:
+    assert re.fullmatch(r"\d+(\.\d+)?(e-\d+)?", cell), cell
+    return float(cell)
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_shape():
+    result = run_script(SCRIPT, "--model", "tiny", "--device", "cpu", "--runs", "2", "--max_new_tokens", "6",
+                        "--decode_prompts", "3", "9", "--prefill_lengths", "16", "40", "--probe_mb", "64", timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    header, rows = parse_table(out)
+    assert header == COLUMNS
+    assert [(r[0], r[1], r[2]) for r in rows] == [("this repo", "decode", "3 + 6"), ("this repo", "decode", "9 + 6"),
+                                                  ("this repo", "prefill", "16"), ("this repo", "prefill", "40")]
+    for r in rows:
+        assert number(r[3]) > 0 and number(r[6]) > 0  # tokens/s, peak memory
+        if r[1] == "decode":
+            assert number(r[4]) > 0 and number(r[5]) > 0  # GB/s, % of limit
+    assert "AMD" in out or "Intel" in out or "cores" in out  # the machine is named
+    assert f"torch {torch.__version__}" in out
+    bw = re.search(r"read ([\d.]+) GB/s, copy ([\d.]+) GB/s; limit = [\d.]+ GB/s / ([\d.]+) GB per token", out)
+    assert bw and float(bw[1]) > 0 and float(bw[2]) > 0
+
+
+def test_compare_hf_adds_transformers_rows(checkpoint):
+    result = run_script(SCRIPT, "--checkpoint_path", checkpoint / "model.pth", "--precision", "float32",
+                        "--device", "cpu", "--runs", "1", "--max_new_tokens", "4", "--decode_prompts", "4",
+                        "--prefill_lengths", "32", "--probe_mb", "64", "--compare-hf", timeout=300)
+    assert result.returncode == 0, result.stderr
+    header, rows = parse_table(result.stdout)
+    engines = {(r[0], r[1]) for r in rows}
+    assert engines == {("this repo", "decode"), ("this repo", "prefill"),
+                       ("transformers", "decode"), ("transformers", "prefill")}
+    assert all(number(r[3]) > 0 for r in rows)
+    assert "prefill 32: this repo / transformers = " in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "tiny", "--compare-hf"], "error: --compare-hf needs --checkpoint_path"),
+    (["--model", "nope"], "error: unknown model 'nope'"),
+    (["--model", "tiny", "--runs", "0"], "error: --runs must be at least 1"),
+])
+def test_bad_arguments_are_one_line_errors(capsys, argv, message):
+    from scripts.benchmark import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--probe_mb", "8"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith(message)
