@@ -221,8 +221,28 @@ class MOEFeedForward(nn.Module):
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [N, E]
         weights, experts = torch.topk(probs, self.num_activated_experts, dim=-1)  # [N, K]
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        y = grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
+        # A few tokens (decode) read at most as many experts one matrix-vector product at a time as a
+        # grouped pass over all E would read; a prompt shares each expert among many tokens.
+        if x.size(0) * self.num_activated_experts <= self.w1.size(0):
+            y = decode_experts(x, experts, weights, self.w1, self.w3, self.w2)
+        else:
+            y = grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
         return y.view(B, T, D)
+
+
+def decode_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Each token's K experts as matrix-vector products: the decode path, where memory bandwidth rules.
+
+    Written as (indexed weights) @ (column vector) so that torch.compile turns each product into one
+    reduction that reads the chosen experts' rows in place: inductor lowers a batched matmul with a
+    single output column to multiply-and-sum on CPU and fuses the indexing w1[experts] into it, so the
+    weights are read once, with no gathered copy (w1 and w3 even share one loop). Eager mode gathers
+    copies of the N*K chosen experts first, which is why this path is kept to a few tokens.
+    """
+    xe = x[:, None, :, None]  # [N, 1, D, 1]
+    h = F.silu(w1[experts] @ xe) * (w3[experts] @ xe)  # [N, K, I, 1]
+    y = (w2[experts] @ h).squeeze(-1)  # [N, K, D]
+    return (y * weights[..., None]).sum(dim=1)  # [N, D]
 
 
 def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
