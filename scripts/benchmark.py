@@ -97,6 +97,24 @@ def fraction_of_limit(tokens_per_s: float, weight_bytes: int, bandwidth: float) 
     return tokens_per_s / limit_tokens_per_s(bandwidth, weight_bytes)
 
 
+def write_checkpoint(name: str, n_layer: Optional[int], folder: Path, precision: torch.dtype) -> Path:
+    """A named shape with random weights in the hub's layout (so that --compare-hf can load it with
+    transformers), converted to model.pth beside it. Returns the model.pth path."""
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from scripts.make_tiny_checkpoint import train_demo_tokenizer, write_hub_checkpoint
+    c = model_args(name, n_layer)
+    hf_config = dict(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
+                     num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads, head_dim=c.head_dim,
+                     num_local_experts=c.num_experts, num_experts_per_tok=c.num_activated_experts,
+                     vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rope_theta=c.rope_base,
+                     rms_norm_eps=c.norm_eps)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_demo_tokenizer(folder / "demo-tokenizer.model", vocab_size=1000)  # only shipped, never used
+    write_hub_checkpoint(folder, hf_config, tokenizer, dtype=precision, n_shards=2)
+    (folder / "demo-tokenizer.model").unlink()
+    return convert_hf_checkpoint(folder)
+
+
 def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -273,7 +291,7 @@ def run(args) -> list:
     kind = "int8" if args.int8 else args.precision
     print(f"model: {name}, {config.n_layer} layers, dim {config.dim}, {config.num_experts} experts top-"
           f"{config.num_activated_experts}, {kind}; weights {total_bytes / 1e9:.2f} GB, "
-          f"{weight_bytes / 1e9:.3f} GB read per decoded token; built/loaded in {build_s:.1f} s", flush=True)
+          f"{weight_bytes / 1e9:.3g} GB read per decoded token; built/loaded in {build_s:.1f} s", flush=True)
 
     bandwidth = Bandwidth(device, args.probe_mb and args.probe_mb << 20)
     prefill_fn, decode_fn = compile_steps(args, device)
@@ -281,10 +299,11 @@ def run(args) -> list:
     rows = []
 
     # Decode: one cache size for every prompt, so the compiled step is traced once.
-    decode_len = round_up(max(args.decode_prompts) + args.max_new_tokens)
-    with torch.device(device):
-        model.setup_caches(max_batch_size=1, max_seq_length=min(decode_len, config.block_size))
     compile_s = None
+    if args.decode_prompts:
+        decode_len = round_up(max(args.decode_prompts) + args.max_new_tokens)
+        with torch.device(device):
+            model.setup_caches(max_batch_size=1, max_seq_length=min(decode_len, config.block_size))
     for prompt_len in args.decode_prompts:
         # Warm-up: compiles the decode step on the first prompt (timed), settles caches on the others.
         synchronize(device)
@@ -319,6 +338,8 @@ def run(args) -> list:
         gc.collect()
         rows += compare_hf(args, device, precision, bandwidth, weight_bytes, generator)
 
+    if not bandwidth.read:  # prefill only: probe once
+        bandwidth.measure()
     bw_read, bw_copy = statistics.median(bandwidth.read), statistics.median(bandwidth.copy)
     bw = max(bw_read, bw_copy)
     print_table(args, name, kind, rows, weight_bytes, total_bytes, bandwidth.read, bw_read, bw_copy, bw, compile_s)
@@ -332,13 +353,15 @@ def compare_hf(args, device, precision, bandwidth, weight_bytes, generator) -> l
     folder = Path(args.checkpoint_path).parent
     model = MixtralForCausalLM.from_pretrained(folder, dtype=precision).to(device).eval()
     vocab = model.config.vocab_size
+    impl = (f"transformers {transformers_version()} (attention {model.config._attn_implementation}, "
+            f"experts {getattr(model.config, '_experts_implementation', None) or 'eager'})")
     rows = []
     for length in args.prefill_lengths:
         rows.append(prefill_rounds(lambda idx: model(idx, use_cache=False).logits[:, -1], length, args.runs, device,
-                                   vocab, "transformers", generator))
+                                   vocab, impl, generator))
         print(f"transformers prefill {length}: {rows[-1].median_tps:.1f} tokens/s", flush=True)
     for prompt_len in args.decode_prompts:
-        row = Row("transformers", "decode", f"{prompt_len} + {args.max_new_tokens}")
+        row = Row(impl, "decode", f"{prompt_len} + {args.max_new_tokens}")
         for r in range(args.runs):
             bw = bandwidth.measure()
             reset_peak_memory(device)
@@ -367,6 +390,11 @@ def fmt(value: float) -> str:
     return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
 
 
+def transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
 def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw_read, bw_copy, bw, compile_s):
     limit = limit_tokens_per_s(bw, weight_bytes)
     print()
@@ -375,7 +403,7 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
     print(f"- machine: {machine_name(args.device)}")
     print(f"- memory bandwidth, same run (median of {len(bw_probes)} probes, each the best of 3): "
           f"read {bw_read / 1e9:.1f} GB/s, copy {bw_copy / 1e9:.1f} GB/s; limit = {bw / 1e9:.1f} GB/s / "
-          f"{weight_bytes / 1e9:.3f} GB per token = {limit:.1f} tokens/s")
+          f"{weight_bytes / 1e9:.3g} GB per token = {fmt(limit)} tokens/s")
     compiled = ("decode" if args.compile else "none") + (" + prefill" if args.compile_prefill else "")
     warm = f"{compile_s:.1f} s" if compile_s is not None else "-"
     print(f"- weights {total_bytes / 1e9:.2f} GB; compiled: {compiled}; decode warm-up (incl. compile) {warm}")
@@ -389,7 +417,7 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
         peak = f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-"
         print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {gbs} | {frac} | {peak} |")
     ours = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine.startswith("this repo")}
-    hf = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine == "transformers"}
+    hf = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine.startswith("transformers")}
     for tokens in ours:
         if tokens in hf:
             print(f"\nprefill {tokens}: this repo / transformers = {ours[tokens] / hf[tokens]:.2f}x")
@@ -418,6 +446,9 @@ def parse_args(argv=None):
     p.add_argument("--compare-hf", dest="compare_hf", action="store_true",
                    help="also run the checkpoint through transformers (hub-layout folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write_checkpoint", type=Path, default=None, metavar="DIR",
+                   help="only write --model's shape with random weights to DIR in the hub's layout (for "
+                        "--compare-hf) and convert it to DIR/model.pth, then exit")
     return p.parse_args(argv)
 
 
@@ -434,8 +465,10 @@ def check_args(args):
         raise UserError(f"--n_layer must be at least 1, got {args.n_layer}")
     if args.max_new_tokens < 2:
         raise UserError("--max_new_tokens must be at least 2 (one prefill token, then decode)")
-    if not args.decode_prompts or min(args.decode_prompts) < 1 or min(args.prefill_lengths or [1]) < 1:
-        raise UserError("prompt lengths must be positive, and at least one decode prompt is needed")
+    if min(args.decode_prompts + args.prefill_lengths + [1]) < 1:
+        raise UserError("prompt lengths must be positive")
+    if not args.decode_prompts and not args.prefill_lengths:
+        raise UserError("nothing to measure: give --decode_prompts or --prefill_lengths")
     if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -448,6 +481,10 @@ def main(argv=None):
         check_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.write_checkpoint is not None:
+            path = write_checkpoint(args.model, args.n_layer, args.write_checkpoint, PRECISIONS[args.precision])
+            print(f"wrote {path}; benchmark it with --checkpoint_path {path} --compare-hf")
+            return
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

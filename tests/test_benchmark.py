@@ -98,7 +98,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_shape():
             assert number(r[4]) > 0 and number(r[5]) > 0  # GB/s, % of limit
     assert "AMD" in out or "Intel" in out or "cores" in out  # the machine is named
     assert f"torch {torch.__version__}" in out
-    bw = re.search(r"read ([\d.]+) GB/s, copy ([\d.]+) GB/s; limit = [\d.]+ GB/s / ([\d.]+) GB per token", out)
+    bw = re.search(r"read ([\d.]+) GB/s, copy ([\d.]+) GB/s; limit = [\d.]+ GB/s / ([\d.e-]+) GB per token", out)
     assert bw and float(bw[1]) > 0 and float(bw[2]) > 0
 
 
@@ -108,9 +108,8 @@ def test_compare_hf_adds_transformers_rows(checkpoint):
                         "--prefill_lengths", "32", "--probe_mb", "64", "--compare-hf", timeout=300)
     assert result.returncode == 0, result.stderr
     header, rows = parse_table(result.stdout)
-    engines = {(r[0], r[1]) for r in rows}
-    assert engines == {("this repo", "decode"), ("this repo", "prefill"),
-                       ("transformers", "decode"), ("transformers", "prefill")}
+    engines = {(r[0].split(" ")[0], r[1]) for r in rows}
+    assert engines == {("this", "decode"), ("this", "prefill"), ("transformers", "decode"), ("transformers", "prefill")}
     assert all(number(r[3]) > 0 for r in rows)
     assert "prefill 32: this repo / transformers = " in result.stdout
 
@@ -126,3 +125,21 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
         main(argv + ["--probe_mb", "8"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
+    import os
+    import subprocess
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "GPU_CHECK_TINY": "1"})
+    out = result.stdout
+    assert "== int8, all layers" in out and "== bf16, 1 layers" in out, out + result.stderr
+    tables = [block for block in out.split("### Mixtral benchmark:")[1:]]
+    assert tables and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
+                          for t in tables), out
+    try:
+        import quantize  # noqa: F401
+    except ImportError:  # int8 waits for quantize.py: reported, and the bf16 run still happens
+        assert result.returncode == 1 and "int8 run failed" in out and len(tables) == 1
+    else:
+        assert result.returncode == 0 and len(tables) == 2
