@@ -143,7 +143,8 @@ class Transformer(nn.Module):
         # int8 checkpoints keep int8 weights: the activations' dtype is that of the scales.
         dtype = getattr(self.output, "scales", weight).dtype
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
+            # The layer's own head count: under tensor parallelism a rank caches only its kv heads.
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
                                                self.config.head_dim, dtype).to(weight.device)
         cos, sin = precompute_rope(max_seq_length, self.config.head_dim, self.config.rope_base)
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
