@@ -4,7 +4,7 @@
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
