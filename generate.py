@@ -91,6 +91,13 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
 
 # ----------------------------------------------------------------------------- loading
 
+def read_config(checkpoint_path: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_json(Path(checkpoint_path).parent / "config.json")
+    except ValueError as e:
+        raise UserError(str(e))
+
+
 def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
                rank: Optional[int] = None, world_size: int = 1) -> Transformer:
     """Builds the model from config.json beside the checkpoint and loads its weights (mmapped).
@@ -99,10 +106,7 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
     if not checkpoint_path.is_file():
         raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
                         f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
-    try:
-        config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
-    except ValueError as e:
-        raise UserError(str(e))
+    config = read_config(checkpoint_path)
     try:
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # zip/pickle errors from a truncated or foreign file
@@ -279,12 +283,7 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     device = rank_device(args.device) if rank is not None else args.device
     precision = PRECISIONS[args.precision]
     tokenizer = load_tokenizer(args.checkpoint_path)
-    t0 = time.perf_counter()
-    model = load_model(args.checkpoint_path, device, precision, rank, world_size)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    print(f"Time to load model: {time.perf_counter() - t0:.02f} seconds", file=sys.stderr)
-    block_size = model.config.block_size
+    block_size = read_config(args.checkpoint_path).block_size
     instruct = is_instruct(args.checkpoint_path)
 
     def encode(text: str) -> Tensor:
@@ -297,6 +296,11 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
         return torch.tensor(ids, dtype=torch.int, device=device)
 
     prompt_ids = None if args.interactive else encode(args.prompt)  # checked before any work
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint_path, device, precision, rank, world_size)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    print(f"Time to load model: {time.perf_counter() - t0:.02f} seconds", file=sys.stderr)
     prefill_fn, decode_fn = compile_steps(args, device)
     eos_id = None if args.ignore_eos else tokenizer.eos_id()
     torch.manual_seed(args.seed)
