@@ -1,8 +1,10 @@
 # Command-line text generation with Mixtral: load model.pth (bf16 or int8) and its config.json,
 # prefill the prompt, then decode one token at a time from the static KV cache, streaming the text.
+# Under torchrun the same script runs tensor-parallel, one process per GPU (see tp.py).
 import argparse
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -10,9 +12,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from model import ModelArgs, Transformer
+from tp import apply_tp, broadcast_from_rank0, maybe_init_dist, rank_device
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -87,16 +91,22 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
 
 # ----------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_path: Path, device: str, precision: torch.dtype) -> Transformer:
-    """Builds the model from config.json beside the checkpoint and loads its weights (mmapped)."""
+def read_config(checkpoint_path: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_json(Path(checkpoint_path).parent / "config.json")
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
+               rank: Optional[int] = None, world_size: int = 1) -> Transformer:
+    """Builds the model from config.json beside the checkpoint and loads its weights (mmapped).
+    With a rank, keeps only that rank's tensor-parallel shard of them."""
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
                         f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
-    try:
-        config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
-    except ValueError as e:
-        raise UserError(str(e))
+    config = read_config(checkpoint_path)
     try:
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # zip/pickle errors from a truncated or foreign file
@@ -111,6 +121,12 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype) -> Tr
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise UserError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: {detail}")
+    if rank is not None:
+        # Shard while the weights are still mmapped: a rank reads and holds only its slices.
+        try:
+            apply_tp(model, rank, world_size)
+        except ValueError as e:
+            raise UserError(str(e))
     # Module.to(dtype) casts floating-point tensors only: int8 weights stay int8.
     return model.to(device=device, dtype=precision).eval()
 
@@ -165,8 +181,9 @@ class TextStreamer:
     token) keeps SentencePiece's spaces and multi-byte characters right; an incomplete UTF-8
     character (shown as U+FFFD) is held back until its last byte arrives."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.printed = tokenizer, out, ""
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout looked up now, not at import: ranks other than 0 redirect it to nothing.
+        self.tokenizer, self.out, self.printed = tokenizer, sys.stdout if out is None else out, ""
 
     def __call__(self, seq: Tensor):
         self.emit(self.tokenizer.decode(seq.tolist()).rstrip("\ufffd"))
@@ -250,22 +267,32 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        run(args)
-    except UserError as e:
+        rank = maybe_init_dist(args.device)  # None unless under torchrun
+        world_size = dist.get_world_size() if rank is not None else 1
+        with output_of_rank0_only(rank):
+            run(args, rank, world_size)
+    except UserError as e:  # on every rank: each one stops
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if rank is not None:
+        dist.destroy_process_group()
 
 
-def run(args):
-    device = args.device
+@contextlib.contextmanager
+def output_of_rank0_only(rank: Optional[int]):
+    """Every rank computes the same tokens; only rank 0 (or a lone process) shows them and the timings."""
+    if rank in (None, 0):
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
+
+
+def run(args, rank: Optional[int] = None, world_size: int = 1):
+    device = rank_device(args.device) if rank is not None else args.device
     precision = PRECISIONS[args.precision]
     tokenizer = load_tokenizer(args.checkpoint_path)
-    t0 = time.perf_counter()
-    model = load_model(args.checkpoint_path, device, precision)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    print(f"Time to load model: {time.perf_counter() - t0:.02f} seconds", file=sys.stderr)
-    block_size = model.config.block_size
+    block_size = read_config(args.checkpoint_path).block_size
     instruct = is_instruct(args.checkpoint_path)
 
     def encode(text: str) -> Tensor:
@@ -278,6 +305,11 @@ def run(args):
         return torch.tensor(ids, dtype=torch.int, device=device)
 
     prompt_ids = None if args.interactive else encode(args.prompt)  # checked before any work
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint_path, device, precision, rank, world_size)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    print(f"Time to load model: {time.perf_counter() - t0:.02f} seconds", file=sys.stderr)
     prefill_fn, decode_fn = compile_steps(args, device)
     eos_id = None if args.ignore_eos else tokenizer.eos_id()
     torch.manual_seed(args.seed)
@@ -299,10 +331,12 @@ def run(args):
         streamer.finish(seq)
         return t, seq.size(0) - prompt_ids.size(0)
 
-    model_bytes = active_weight_bytes(model)
+    # Under tensor parallelism each rank reads its own shard (and the replicated parts) per token:
+    # the bytes all ranks together read, so the bandwidth line is the sum over the GPUs.
+    model_bytes = active_weight_bytes(model) * world_size
     tokens_per_sec = []
     if args.interactive:
-        for text in read_prompts():
+        for text in read_prompts(rank):
             t, n = run_one(encode(text))
             report(len(tokens_per_sec), t, n, model_bytes, tokens_per_sec)
     else:
@@ -313,11 +347,13 @@ def run(args):
             with (torch.profiler.profile() if profiling else contextlib.nullcontext()) as prof:
                 t, n = run_one(prompt_ids)
             if profiling:
-                prof.export_chrome_trace(f"{args.profile}.json")
+                prof.export_chrome_trace(f"{args.profile}.json" if rank is None else f"{args.profile}_rank_{rank}.json")
             if i == -1:
                 print(f"Compilation time: {t:.2f} seconds", file=sys.stderr)
                 continue
             report(i, t, n, model_bytes, tokens_per_sec)
+    if world_size > 1:
+        print(f"Bandwidth is summed over the {world_size} ranks; memory is rank 0's.")
     print("==========")
     print(f"Average tokens/sec: {sum(tokens_per_sec) / max(len(tokens_per_sec), 1):.2f}")
     print(f"Memory used: {peak_memory_gb(device):.02f} GB")
@@ -330,11 +366,14 @@ def report(i: int, seconds: float, new_tokens: int, model_bytes: int, tokens_per
     print(f"Bandwidth achieved: {model_bytes * tps / 1e9:.02f} GB/s")
 
 
-def read_prompts():
-    """Prompts from stdin, one per line, until end of input."""
+def read_prompts(rank: Optional[int] = None):
+    """Prompts from stdin, one per line, until end of input. Under torchrun every rank shares stdin:
+    rank 0 reads each line and hands it to the others."""
     while True:
         print("What is your prompt? ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if rank in (None, 0) else None
+        if rank is not None:
+            line = broadcast_from_rank0(line)
         if not line:
             print()
             return

@@ -4,7 +4,7 @@
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -143,7 +143,8 @@ class Transformer(nn.Module):
         # int8 checkpoints keep int8 weights: the activations' dtype is that of the scales.
         dtype = getattr(self.output, "scales", weight).dtype
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
+            # The layer's own head count: under tensor parallelism a rank caches only its kv heads.
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
                                                self.config.head_dim, dtype).to(weight.device)
         cos, sin = precompute_rope(max_seq_length, self.config.head_dim, self.config.rope_base)
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
@@ -245,12 +246,15 @@ def decode_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: 
     return (y * weights[..., None]).sum(dim=1)  # [N, D]
 
 
+@torch.library.custom_op("mixtral::grouped_experts", mutates_args=())
 def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """Runs each expert once over the tokens routed to it.
+    """Runs each expert once over the tokens routed to it. x: [N, D], experts/weights: [N, K] -> [N, D].
 
-    Gathering w1[experts] per token would copy T*K expert matrices (gigabytes for a long prompt);
+    Gathering w1[experts] per token would copy N*K expert matrices (gigabytes for a long prompt);
     sorting the (token, expert) pairs by expert instead lets one grouped matmul read every expert's
-    weights in place. Group sizes stay on the device: no host sync, so it traces and graphs.
+    weights in place. Group sizes stay on the device: no host sync.
+    A custom op, so torch.compile treats it as one opaque kernel: torch._grouped_mm runs any float
+    dtype eagerly, but its tracing rule accepts bf16 only.
     """
     N, K = experts.shape
     E = w1.shape[0]
@@ -266,6 +270,11 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
     ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [N*K, D]
     ys = ys * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
+
+
+@grouped_experts.register_fake
+def _(x, experts, weights, w1, w3, w2):
+    return torch.empty_like(x)
 
 
 class RMSNorm(nn.Module):

@@ -88,16 +88,14 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
         raise ConversionError(f"tensor {unexpected[0]} is not part of the model config.json describes "
                               f"({len(unexpected)} unexpected): config.json does not fit these weights")
 
-    shards = {}  # path -> open safe_open handle; each tensor is read once, on demand
-
     def read(name: str) -> torch.Tensor:
-        path = files[name]
-        if path not in shards:
-            shards[path] = open_shard(path)
-        try:
-            tensor = shards[path].get_tensor(name)
-        except Exception as e:
-            raise ConversionError(f"could not read {name} from {path} ({e}); the file may be truncated")
+        # Open the shard per tensor: its mapping is dropped right after the copy, so the pages read
+        # never pile up in this process's memory beside the converted tensors.
+        with open_shard(files[name]) as shard:
+            try:
+                tensor = shard.get_tensor(name)
+            except Exception as e:
+                raise ConversionError(f"could not read {name} from {files[name]} ({e}); the file may be truncated")
         if tuple(tensor.shape) != expected[name]:
             raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                                   f"{expected[name]}: config.json does not fit these weights")

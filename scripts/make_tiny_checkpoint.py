@@ -44,9 +44,10 @@ MIXTRAL_CONFIG = {
     "vocab_size": 32000,
 }
 
-# Small enough to build in a second, wide enough to exercise grouped-query attention and top-2 routing.
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=2, max_position_embeddings=4096)
+# Small enough to build in a second; grouped-query attention (16 heads, 8 kv heads as in Mixtral)
+# and top-2 of 8 experts, with every sharded dimension divisible by 8 tensor-parallel ranks.
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=8, max_position_embeddings=4096)
 
 
 def random_tensor(name: str, shape, generator) -> torch.Tensor:

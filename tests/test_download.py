@@ -1,31 +1,16 @@
-"""scripts/download.py against a small stand-in for the Hugging Face Hub served on 127.0.0.1.
-
-The stand-in serves only what huggingface_hub's snapshot_download(local_dir=...) calls:
-  GET  /api/models/{repo_id}/revision/{revision}  -> {"id", "sha", "siblings"}  (HfApi.repo_info)
-  GET  /api/models/{repo_id}/tree/{sha}           -> [{"type", "path", "size", "oid"}]  (list_repo_tree, recursive)
-  HEAD /{repo_id}/resolve/{sha}/{filename}        -> X-Repo-Commit + ETag + Content-Length (get_hf_file_metadata)
-  GET  /{repo_id}/resolve/{sha}/{filename}        -> the bytes
-Safetensors files are served like LFS files on the real Hub: the HEAD answers 302 to another host (here
-"localhost" instead of "127.0.0.1", a "CDN") with X-Linked-Etag / X-Linked-Size, and the GET goes there.
-Errors carry the X-Error-Code header that huggingface_hub's hf_raise_for_status maps to its exceptions.
-"""
-
-import hashlib
-import json
+"""scripts/download.py against conftest's stand-in for the Hugging Face Hub served on 127.0.0.1."""
 import os
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download.py"
-SHA = "0123456789abcdef0123456789abcdef01234567"  # a 40-hex commit hash
+from conftest import hub_client_env
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download.py"
 
 def _files(with_tokenizer=True):
     names = [
@@ -47,87 +32,13 @@ NEEDED = {"config.json", "model-00001-of-00002.safetensors", "model-00002-of-000
           "model.safetensors.index.json", "tokenizer.model"}
 
 
-class HubHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
-
-    def _reply(self, status, body=b"", headers=(), send_body=True):
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def _error(self, status, code, send_body):
-        self._reply(status, json.dumps({"error": code}).encode(), [("X-Error-Code", code)], send_body)
-
-    def _serve(self, body):
-        self.server.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        path = unquote(urlsplit(self.path).path).strip("/").split("/")
-        if path[0] == "cdn":  # the "CDN" host of LFS files, keyed by sha256
-            blob = self.server.blobs.get(path[1])
-            return self._reply(200, blob, send_body=body) if blob else self._error(404, "EntryNotFound", body)
-
-        api = path[0] == "api"
-        if api:  # api/models/{org}/{name}/{revision|tree}/{rev}
-            repo_id, kind = "/".join(path[2:4]), path[4] if len(path) > 4 else ""
-        else:  # {org}/{name}/resolve/{rev}/{filename}
-            repo_id, kind = "/".join(path[:2]), path[2] if len(path) > 2 else ""
-        repo = REPOS.get(repo_id)
-        if repo is None:
-            return self._error(404, "RepoNotFound", body)
-        status, code, where = repo.get("error", (None, None, None))
-        if code and where == ("api" if api else "resolve"):
-            return self._error(status, code, body)
-        files = repo["files"]
-
-        if api and kind == "revision":
-            info = {"id": repo_id, "sha": SHA, "siblings": [{"rfilename": f} for f in files]}
-            return self._reply(200, json.dumps(info).encode(), [("Content-Type", "application/json")])
-        if api and kind == "tree":
-            tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                    for f, b in files.items()]
-            return self._reply(200, json.dumps(tree).encode(), [("Content-Type", "application/json")])
-        if not api and kind == "resolve" and "/".join(path[4:]) in files:
-            data = files["/".join(path[4:])]
-            headers = [("X-Repo-Commit", SHA)]
-            if path[-1].endswith(".safetensors"):  # LFS file: redirect to the CDN
-                sha256 = hashlib.sha256(data).hexdigest()
-                self.server.blobs[sha256] = data
-                headers += [("X-Linked-Etag", f'"{sha256}"'), ("X-Linked-Size", str(len(data))),
-                            ("Location", f"http://localhost:{self.server.server_port}/cdn/{sha256}")]
-                return self._reply(302, headers=headers, send_body=body)
-            headers.append(("ETag", f'"{hashlib.sha1(data).hexdigest()}"'))
-            return self._reply(200, data, headers, send_body=body)
-        return self._error(404, "EntryNotFound", body)
-
-
-@pytest.fixture(scope="module")
-def hub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)  # loopback only, free port
-    server.daemon_threads = True
-    server.requests, server.blobs = [], {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+@pytest.fixture(scope="module", autouse=True)
+def serve_repos(hub):
+    hub.repos.update(REPOS)
 
 
 def run_download(tmp_path, endpoint, *args, token=None):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGING_FACE_")) and "proxy" not in k.lower()}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+    env = hub_client_env(tmp_path / "hf_home", endpoint)
     if token is not None:
         env["HF_TOKEN"] = token
     cmd = [sys.executable, str(SCRIPT), "--checkpoint_dir", str(tmp_path / "checkpoints"), *args]

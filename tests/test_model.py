@@ -1,5 +1,4 @@
 """model.py against transformers' MixtralForCausalLM on the same random hub-layout checkpoints."""
-import resource
 import textwrap
 
 import pytest

@@ -1,0 +1,158 @@
+"""generate.py: greedy text equal to transformers' generate, streaming, report lines, and bad input."""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import load_ours, load_reference, run_script
+from generate import active_weight_bytes, generate
+
+PROMPT = "Hello, my name is"
+REPORT = re.compile(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ tokens/sec$", re.M)
+
+
+def reference_greedy_text(folder, tokenizer, prompt_ids, max_new_tokens):
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = load_reference(folder).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=max_new_tokens, pad_token_id=2)
+    return tokenizer.decode(out[0].tolist()), out.size(1) - ids.size(1)
+
+
+def printed_text(stdout: str, sample: int = 1) -> str:
+    return stdout.split(f"\nTime for inference {sample}:")[0].split("\n==========")[0]
+
+
+def run_generate(folder, *extra, prompt=PROMPT, **kwargs):
+    return run_script("generate.py", "--checkpoint_path", folder / "model.pth", "--device", "cpu",
+                      "--prompt", prompt, *extra, **kwargs)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_cli_greedy_text_equals_transformers(checkpoint, tokenizer, compiled):
+    expected, _ = reference_greedy_text(checkpoint, tokenizer, [tokenizer.bos_id()] + tokenizer.encode(PROMPT), 32)
+    flags = ["--compile"] if compiled else []
+    result = run_generate(checkpoint, "--temperature", "0", "--precision", "float32", "--max_new_tokens", "32",
+                          "--num_samples", "1", *flags)
+    assert result.returncode == 0, result.stderr
+    # With --compile, a warm-up sample (not timed) prints the same text first.
+    assert printed_text(result.stdout) == ("\n".join([expected] * 2) if compiled else expected)
+    assert expected.startswith(PROMPT) and len(expected) > len(PROMPT)
+    # gpt-fast's report lines, same wording.
+    assert REPORT.search(result.stdout)
+    assert re.search(r"^Bandwidth achieved: [\d.]+ GB/s$", result.stdout, re.M)
+    assert re.search(r"^Average tokens/sec: [\d.]+$", result.stdout, re.M)
+    assert re.search(r"^Memory used: [\d.]+ GB$", result.stdout, re.M)
+    if compiled:
+        assert "Compilation time" in result.stderr
+
+
+def test_sampling_is_seeded_and_every_sample_is_reported(checkpoint):
+    args = ["--temperature", "0.9", "--top_k", "50", "--max_new_tokens", "12", "--num_samples", "2", "--seed", "7"]
+    first, second = run_generate(checkpoint, *args), run_generate(checkpoint, *args)
+    assert first.returncode == 0, first.stderr
+    assert printed_text(first.stdout) == printed_text(second.stdout)
+    assert "Time for inference 2:" in first.stdout
+
+
+def test_interactive_wraps_instruct_turns_and_reads_until_end_of_input(checkpoint, tokenizer, tmp_path):
+    folder = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
+    shutil.copytree(checkpoint, folder)
+    result = run_generate(folder, "--interactive", "--temperature", "0", "--precision", "float32",
+                          "--max_new_tokens", "10", stdin="What is MoE?\nAnd a second one\n")
+    assert result.returncode == 0, result.stderr
+    for i, turn in enumerate(["What is MoE?", "And a second one"]):
+        ids = [tokenizer.bos_id()] + tokenizer.encode(f"[INST] {turn} [/INST]")
+        expected, _ = reference_greedy_text(folder, tokenizer, ids, 10)
+        assert expected in result.stdout
+        assert f"Time for inference {i + 1}:" in result.stdout
+
+
+def test_generate_stops_at_eos_unless_told_not_to():
+    prompt = torch.tensor([1, 5, 6], dtype=torch.int)
+    steps = iter([7, 2, 9, 9, 9])
+
+    def fake_step(model, x, input_pos, temperature, top_k):  # stands in for prefill and decode
+        return torch.tensor([[next(steps)]])
+
+    seq = generate(None, prompt, 5, temperature=0, top_k=None, prefill_fn=fake_step, decode_fn=fake_step, eos_id=2)
+    assert seq.tolist() == [1, 5, 6, 7, 2]
+    steps = iter([7, 2, 9, 9, 9])
+    seq = generate(None, prompt, 5, temperature=0, top_k=None, prefill_fn=fake_step, decode_fn=fake_step, eos_id=None)
+    assert seq.tolist() == [1, 5, 6, 7, 2, 9, 9, 9]
+
+
+def test_bandwidth_counts_only_the_active_experts(checkpoint):
+    model = load_ours(checkpoint)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    D, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    Dh = D // cfg["num_attention_heads"]
+    attention = D * (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * Dh + cfg["num_attention_heads"] * Dh * D
+    experts = cfg["num_experts_per_tok"] * 3 * I * D  # only K of E experts are read per token
+    per_layer = attention + experts + cfg["num_local_experts"] * D + 2 * D
+    expected_params = cfg["num_hidden_layers"] * per_layer + D + V * D + D  # final norm, head, one embedding row
+    assert active_weight_bytes(model) == 4 * expected_params
+
+
+def test_profile_writes_a_chrome_trace(checkpoint, tmp_path):
+    result = run_generate(checkpoint, "--max_new_tokens", "4", "--num_samples", "1", "--profile", tmp_path / "trace")
+    assert result.returncode == 0, result.stderr
+    assert "traceEvents" in json.loads((tmp_path / "trace.json").read_text())
+
+
+def assert_fails_cleanly(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def break_folder(checkpoint, tmp_path, case):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    if case == "missing_checkpoint":
+        (folder / "model.pth").unlink()
+    elif case == "missing_tokenizer":
+        (folder / "tokenizer.model").unlink()
+    elif case == "corrupt_checkpoint":
+        data = (folder / "model.pth").read_bytes()
+        (folder / "model.pth").write_bytes(data[: len(data) // 2])
+    elif case == "config_misfit":
+        config = json.loads((folder / "config.json").read_text())
+        config["hidden_size"] *= 2
+        (folder / "config.json").write_text(json.dumps(config))
+    elif case == "missing_config":
+        (folder / "config.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing_checkpoint", ["model.pth", "not found"]),
+    ("missing_tokenizer", ["tokenizer.model"]),
+    ("corrupt_checkpoint", ["model.pth"]),
+    ("config_misfit", ["config.json"]),
+    ("missing_config", ["config.json"]),
+])
+def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words):
+    assert_fails_cleanly(run_generate(break_folder(checkpoint, tmp_path, case), "--max_new_tokens", "4"), *words)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--max_new_tokens", "-3"], ["--max_new_tokens"]),
+    (["--temperature", "-1"], ["--temperature"]),
+    (["--top_k", "0"], ["--top_k"]),
+    (["--device", "cuda"], ["CUDA"]),
+    (["--max_new_tokens", "2100"], ["context", "2048"]),
+])
+def test_bad_flags(checkpoint, flags, words):
+    assert_fails_cleanly(run_generate(checkpoint, *flags), *words)
+
+
+def test_prompt_past_the_context_fails_before_any_work(checkpoint):
+    result = run_generate(checkpoint, "--max_new_tokens", "8", prompt="word " * 2100)
+    assert_fails_cleanly(result, "prompt", "context")
+    assert "Time for inference" not in result.stdout

@@ -1,0 +1,56 @@
+"""The README's commands, run verbatim as a new user would, in a fresh folder.
+
+The hub stand-in serves a small random-weight checkpoint under the real repo id, so that
+`export MODEL_REPO=mistralai/Mixtral-8x7B-v0.1` and every command after it run unchanged."""
+import re
+
+import pytest
+
+from conftest import REPO, hub_client_env, mixtral_tokenizer_path
+from scripts.make_tiny_checkpoint import TINY, write_hub_checkpoint
+
+README = (REPO / "README.md").read_text()
+
+
+def bash_blocks(section: str) -> list:
+    """The ```bash blocks of one '## section' of the README."""
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, re.S)
+
+
+@pytest.fixture(scope="module")
+def user_folder(hub, tmp_path_factory):
+    """A fresh folder holding only links to the repo's scripts, with the stand-in hub serving the repo."""
+    hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), TINY, mixtral_tokenizer_path())
+    hub.repos["mistralai/Mixtral-8x7B-v0.1"] = {"files": {f.name: f.read_bytes() for f in hub_files.iterdir()}}
+    folder = tmp_path_factory.mktemp("user")
+    for name in ("generate.py", "model.py", "quantize.py", "tp.py", "scripts"):
+        if (REPO / name).exists():
+            (folder / name).symlink_to(REPO / name)
+    return folder
+
+
+def run_bash(script: str, folder, hub, timeout=600):
+    import subprocess
+    env = hub_client_env(folder / "hf_home", f"http://127.0.0.1:{hub.server_port}")
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_download_convert_and_generate_commands(user_folder, hub):
+    download, = bash_blocks("Downloading Weights")
+    generate, = bash_blocks("Generate Text")
+    assert "python scripts/download.py --repo_id $MODEL_REPO" in download
+    result = run_bash(download + generate, user_folder, hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1"
+    assert (folder / "model.pth").is_file()
+    # Five timed samples after the compile warm-up, then the summary.
+    assert "Time for inference 5:" in result.stdout and "Average tokens/sec:" in result.stdout
+
+
+def test_demo_command(tmp_path, hub):
+    demo, = [block for block in bash_blocks("Set up") if "demo" in block]
+    result = run_bash(f"export CHECKPOINT_DIR={tmp_path}/tiny\n" + demo, REPO, hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Time for inference 3:" in result.stdout and "Average tokens/sec:" in result.stdout

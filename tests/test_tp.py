@@ -1,0 +1,210 @@
+"""Tensor parallelism (tp.py) on CPU: generate.py under torchrun with two gloo ranks, against one
+process and transformers. Every subprocess has a timeout: a hung collective fails, never hangs."""
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO, load_ours, load_reference, run_script
+from generate import generate
+from model import ModelArgs, Transformer
+from tp import check_divisible, shard_attention, shard_experts
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+TIMEOUT = 300
+PROMPT = "Hello, my name is"
+
+
+def run_two_ranks(folder, *flags):
+    result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", folder / "model.pth",
+                        "--prompt", PROMPT, "--max_new_tokens", "24", "--num_samples", "1", "--precision", "float32",
+                        *flags, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def one_process_text(folder, tokenizer, temperature: float, top_k=None, seed: int = 1234, prompt=PROMPT) -> str:
+    """What generate.py prints in a single process, run here: same loader, same seeding, same loop
+    (a subprocess would spend most of its time importing torch)."""
+    ids = torch.tensor([tokenizer.bos_id()] + tokenizer.encode(prompt), dtype=torch.int)
+    model = load_ours(folder)
+    torch.manual_seed(seed)
+    seq = generate(model, ids, 24, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id())
+    return tokenizer.decode(seq.tolist())
+
+
+def transformers_text(folder, tokenizer) -> str:
+    ids = torch.tensor([[tokenizer.bos_id()] + tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        out = load_reference(folder).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=24, pad_token_id=2)
+    assert out.size(1) == ids.size(1) + 24  # no early end-of-sequence: all 24 tokens compared
+    return tokenizer.decode(out[0].tolist())
+
+
+def text_of(result) -> str:
+    """The streamed text: everything rank 0 printed before its timing line."""
+    return result.stdout.split("Time for inference 1:")[0].removesuffix("\n")
+
+
+def shape_on_each_of_two_ranks(name: str, shape) -> list:
+    """Written from the issue, not from tp.py: half of wqkv's rows (q, k and v alike), half of wo's
+    input columns, half of every expert's intermediate dimension; everything else whole."""
+    shape = list(shape)
+    if name.endswith("attention.wqkv.weight"):
+        shape[0] //= 2
+    elif name.endswith(("attention.wo.weight", "block_sparse_moe.w2")):
+        shape[-1] //= 2
+    elif name.endswith(("block_sparse_moe.w1", "block_sparse_moe.w3")):
+        shape[1] //= 2
+    return shape
+
+
+def test_two_ranks_greedy_text_matches_one_process_and_transformers(checkpoint, tokenizer):
+    tp = run_two_ranks(checkpoint, "--temperature", "0")
+    expected = transformers_text(checkpoint, tokenizer)
+    assert one_process_text(checkpoint, tokenizer, temperature=0) == expected
+    assert text_of(tp) == expected
+    # Only rank 0 printed: the text and each timing line once.
+    assert tp.stdout.count(expected) == 1 and tp.stdout.count("Average tokens/sec") == 1
+    assert tp.stderr.count("Time to load model") == 1
+
+
+def test_two_ranks_sample_the_same_tokens_as_one_process(checkpoint, tokenizer):
+    """Sampling draws from each rank's own generator: with the same seed every rank must pick the
+    same token, or the ranks would feed different tokens into the next all-reduce (garbage text)."""
+    tp = run_two_ranks(checkpoint, "--temperature", "1.0", "--top_k", "1000", "--seed", "7")
+    sampled = one_process_text(checkpoint, tokenizer, temperature=1.0, top_k=1000, seed=7)
+    assert text_of(tp) == sampled
+    assert sampled != one_process_text(checkpoint, tokenizer, temperature=0)  # it did sample
+
+
+def test_interactive_prompts_are_read_by_rank_0_and_shared(checkpoint, tokenizer):
+    """All ranks inherit torchrun's stdin: rank 0 alone reads each line and broadcasts it, so every
+    rank runs the same prompt and none is left waiting for a line another rank consumed."""
+    result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
+                        "--max_new_tokens", "24", "--precision", "float32", "--temperature", "0", "--interactive",
+                        stdin=f"{PROMPT}\nThe quick brown fox\n", timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for prompt in (PROMPT, "The quick brown fox"):
+        text = one_process_text(checkpoint, tokenizer, temperature=0, prompt=prompt)
+        assert result.stdout.count(f"What is your prompt? {text}\n") == 1
+    assert result.stdout.count("What is your prompt?") == 3  # two prompts, then end of input
+
+
+def test_each_rank_holds_half_of_the_sharded_weights(checkpoint, tmp_path):
+    result = run_script(*TORCHRUN, REPO / "tests" / "tp_worker.py", "--checkpoint_path", checkpoint / "model.pth",
+                        "--out", tmp_path, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    full = torch.load(checkpoint / "model.pth", mmap=True, weights_only=True)  # float32, as loaded
+    expected = {name: shape_on_each_of_two_ranks(name, t.shape) for name, t in full.items()}
+    full_bytes = sum(t.numel() * 4 for t in full.values())
+    sharded_bytes = sum(t.numel() * 4 for name, t in full.items() if expected[name] != list(t.shape))
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert {n: h["shape"] for n, h in held.items()} == expected
+        # Storage bytes: a slice still holding its whole checkpoint tensor would count in full.
+        held_bytes = sum(h["storage_bytes"] for h in held.values())
+        assert held_bytes == full_bytes - sharded_bytes // 2
+        print(f"rank {rank}: {held_bytes} of {full_bytes} bytes; sharded part "
+              f"{(held_bytes - (full_bytes - sharded_bytes)) / sharded_bytes:.2f} of {sharded_bytes}")
+
+
+def test_compiled_two_ranks_greedy_text_matches_transformers(tmp_path, tokenizer, tokenizer_path):
+    """torch.compile traces the all-reduce hooks (functional collectives) into both graphs, prefill
+    and decode. One layer keeps the compile short on two cores."""
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from scripts.make_tiny_checkpoint import write_hub_checkpoint
+    write_hub_checkpoint(tmp_path, {**CONFIGS["gqa_top2"], "num_hidden_layers": 1}, tokenizer_path, dtype=torch.float32)
+    convert_hf_checkpoint(tmp_path)
+    tp = run_two_ranks(tmp_path, "--temperature", "0", "--compile", "--compile_prefill")
+    expected = transformers_text(tmp_path, tokenizer)
+    # The untimed warm-up sample that pays for compilation prints the same text first.
+    assert text_of(tp) == f"{expected}\n{expected}"
+    assert tp.stderr.count("Compilation time") == 1  # rank 0 only
+
+
+def test_world_size_that_does_not_divide_kv_heads_is_refused_on_every_rank(tmp_path, tokenizer_path):
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from scripts.make_tiny_checkpoint import write_hub_checkpoint
+    # 6 query heads and 128 expert rows split over 2 ranks; 3 key/value heads do not.
+    cfg = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=1, num_attention_heads=6,
+               num_key_value_heads=3, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+    write_hub_checkpoint(tmp_path, cfg, tokenizer_path, dtype=torch.float32)
+    convert_hf_checkpoint(tmp_path)
+    result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", tmp_path / "model.pth",
+                        "--max_new_tokens", "4", "--num_samples", "1", timeout=120)
+    assert result.returncode != 0
+    line = ("error: tensor parallelism over 2 ranks needs n_local_heads (num_key_value_heads in config.json, 3) "
+            "to be a multiple of 2")
+    assert result.stderr.count(line) == 2, result.stderr[-4000:]  # one line from each rank
+    assert 'generate.py", line' not in result.stderr  # no traceback from a rank (torchrun adds its own)
+
+
+# ----------------------------------------------------------------------------- in one process
+
+@pytest.mark.parametrize("dim, n_head, n_local_heads, intermediate_size",
+                         [("n_head", 3, 1, 64), ("n_local_heads", 6, 3, 64), ("intermediate_size", 4, 2, 65)])
+def test_check_divisible_names_the_dimension(dim, n_head, n_local_heads, intermediate_size):
+    config = ModelArgs(n_layer=1, dim=24, head_dim=4, vocab_size=10, num_experts=4, n_head=n_head,
+                       n_local_heads=n_local_heads, intermediate_size=intermediate_size)
+    with pytest.raises(ValueError, match=f"needs {dim} "):
+        check_divisible(config, 2)
+
+
+def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales():
+    """Without any process group: each rank's attention and MoE output, summed over ranks, is the
+    unsharded output (what the all-reduce computes), and int8 scales (the names agreed with the
+    quantization branch) are sliced with their rows."""
+    torch.manual_seed(0)
+    config = ModelArgs(n_layer=1, dim=32, n_head=4, n_local_heads=2, head_dim=8, intermediate_size=48,
+                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    attn, moe = model.layers[0].attention, model.layers[0].block_sparse_moe
+    q, kv, E, I, D = 4 * 8, 2 * 8, 4, 48, 32
+    # Stand-ins for int8 scales: distinct values, so a wrong slice shows.
+    attn.wqkv.register_buffer("scales", torch.arange(q + 2 * kv, dtype=torch.float32))
+    attn.wo.register_buffer("scales", torch.arange(D, dtype=torch.float32))
+    for name, rows in (("w1_scales", I), ("w3_scales", I), ("w2_scales", D)):
+        moe.register_buffer(name, torch.arange(E * rows, dtype=torch.float32).view(E, rows))
+
+    shards = [copy.deepcopy(model) for _ in range(2)]  # before setup_caches, as in generate.py
+    x = torch.randn(1, 5, D)
+    pos = torch.arange(5)
+    model.setup_caches(1, 16)
+    cos, sin, mask = model.rope_cos[pos], model.rope_sin[pos], pos[:, None] >= torch.arange(16)[None, :]
+    with torch.no_grad():
+        whole_attn, whole_moe = attn(x, pos, cos, sin, mask), moe(x)
+    sum_attn, sum_moe = 0, 0
+    for rank, shard in enumerate(shards):
+        a, m = shard.layers[0].attention, shard.layers[0].block_sparse_moe
+        shard_attention(a, rank, 2)
+        shard_experts(m, rank, 2)
+        assert (a.n_head, a.n_local_heads) == (2, 1)
+        # wqkv keeps [q | k | v], each block cut by heads.
+        q_rows = torch.arange(rank * q // 2, (rank + 1) * q // 2)
+        k_rows = q + torch.arange(rank * kv // 2, (rank + 1) * kv // 2)
+        rows = torch.cat([q_rows, k_rows, k_rows + kv])
+        assert torch.equal(a.wqkv.weight, attn.wqkv.weight[rows])
+        assert torch.equal(a.wqkv.scales, attn.wqkv.scales[rows])
+        cols = torch.arange(rank * q // 2, (rank + 1) * q // 2)
+        assert torch.equal(a.wo.weight, attn.wo.weight[:, cols])
+        assert torch.equal(a.wo.scales, attn.wo.scales)  # per output row: whole
+        i_rows = torch.arange(rank * I // 2, (rank + 1) * I // 2)
+        assert torch.equal(m.w1, moe.w1[:, i_rows]) and torch.equal(m.w3, moe.w3[:, i_rows])
+        assert torch.equal(m.w2, moe.w2[:, :, i_rows])
+        assert torch.equal(m.w1_scales, moe.w1_scales[:, i_rows]) and torch.equal(m.w3_scales, moe.w3_scales[:, i_rows])
+        assert torch.equal(m.w2_scales, moe.w2_scales)
+        assert torch.equal(m.gate.weight, moe.gate.weight)  # the router: whole
+        assert isinstance(m.w1, torch.nn.Parameter) and "scales" in dict(a.wqkv.named_buffers())
+        shard.setup_caches(1, 16)  # sized by the rank's own kv heads
+        assert shard.layers[0].attention.kv_cache.k_cache.shape == (1, 1, 16, 8)
+        with torch.no_grad():
+            sum_attn = sum_attn + a(x, pos, cos, sin, mask)
+            sum_moe = sum_moe + m(x)
+    torch.testing.assert_close(sum_attn, whole_attn)
+    torch.testing.assert_close(sum_moe, whole_moe)
