@@ -12,6 +12,7 @@
 import argparse
 import datetime
 import gc
+import inspect
 import os
 import platform
 import statistics
@@ -194,7 +195,7 @@ class Row:
     fractions: list = field(default_factory=list)  # of the bandwidth limit, per round (decode only)
     gb_per_s: Optional[float] = None
     peak_gb: Optional[float] = None
-    note: str = ""
+    speedups: list = field(default_factory=list)  # this repo / this row, per alternating round
 
     @property
     def median_tps(self) -> float:
@@ -334,9 +335,11 @@ def run(args) -> list:
             print(f"prefill {length}: {row.median_tps:.1f} tokens/s", flush=True)
 
     if args.compare_hf:
-        del model, prefill_fn, decode_fn
+        del decode_fn
         gc.collect()
-        rows += compare_hf(args, device, precision, bandwidth, weight_bytes, generator)
+        ours = {length: (lambda idx, length=length: prefill_fn(model, idx, torch.arange(length, device=device), 0.8, 200))
+                for length in args.prefill_lengths}
+        rows += compare_hf(args, device, precision, bandwidth, weight_bytes, generator, ours)
 
     if not bandwidth.read:  # prefill only: probe once
         bandwidth.measure()
@@ -347,19 +350,42 @@ def run(args) -> list:
 
 
 @torch.no_grad()
-def compare_hf(args, device, precision, bandwidth, weight_bytes, generator) -> list:
-    """The same checkpoint through transformers' MixtralForCausalLM, eager, in this process."""
+def compare_hf(args, device, precision, bandwidth, weight_bytes, generator, ours: dict) -> list:
+    """The same checkpoint through transformers' MixtralForCausalLM, eager, in this process.
+
+    Its prefill rounds alternate with ours (ours[length](idx)) on the same prompt, so that both see the
+    same machine: a shared machine's load comes and goes by the minute. The ratio printed is the median
+    of the per-round ratios; ours' own row (and its peak memory) comes from the run before, without
+    transformers loaded. transformers' peak memory includes our model, so it is not reported."""
     from transformers import MixtralForCausalLM
     folder = Path(args.checkpoint_path).parent
     model = MixtralForCausalLM.from_pretrained(folder, dtype=precision).to(device).eval()
     vocab = model.config.vocab_size
     impl = (f"transformers {transformers_version()} (attention {model.config._attn_implementation}, "
             f"experts {getattr(model.config, '_experts_implementation', None) or 'eager'})")
+    # transformers 5.24 renamed past_key_values (argument and output) to cache.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows = []
     for length in args.prefill_lengths:
-        rows.append(prefill_rounds(lambda idx: model(idx, use_cache=False).logits[:, -1], length, args.runs, device,
-                                   vocab, impl, generator))
-        print(f"transformers prefill {length}: {rows[-1].median_tps:.1f} tokens/s", flush=True)
+        row = Row(impl, "prefill", str(length))
+        idx = torch.randint(0, vocab, (1, length), generator=generator).to(device)
+        hf_prefill = lambda: model(idx, use_cache=False).logits[:, -1]  # noqa: E731
+        times = {"ours": [], "hf": []}
+        for r in range(args.runs + 1):  # round 0 warms both up
+            for who, fn in (("ours", lambda: ours[length](idx)), ("hf", hf_prefill)):
+                synchronize(device)
+                t = time.perf_counter()
+                fn()
+                synchronize(device)
+                if r:
+                    times[who].append(time.perf_counter() - t)
+        row.tokens_per_s = [length / t for t in times["hf"]]
+        row.speedups = [h / o for o, h in zip(times["ours"], times["hf"])]
+        rows.append(row)
+        print(f"transformers prefill {length}: {row.median_tps:.1f} tokens/s; this repo in the same rounds: "
+              f"{statistics.median(length / t for t in times['ours']):.1f} tokens/s", flush=True)
+    del ours
+    gc.collect()
     for prompt_len in args.decode_prompts:
         row = Row(impl, "decode", f"{prompt_len} + {args.max_new_tokens}")
         for r in range(args.runs):
@@ -368,12 +394,11 @@ def compare_hf(args, device, precision, bandwidth, weight_bytes, generator) -> l
             idx = torch.randint(0, vocab, (1, prompt_len), generator=generator).to(device)
             out = model(idx, use_cache=True)  # its own (dynamic) KV cache
             token = out.logits[:, -1:].argmax(-1)
-            past = out.past_key_values
             synchronize(device)
             t = time.perf_counter()
             for _ in range(args.max_new_tokens - 1):
-                out = model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(token, **{cache_arg: getattr(out, cache_arg)}, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
             synchronize(device)
             tps = (args.max_new_tokens - 1) / (time.perf_counter() - t)
             row.tokens_per_s.append(tps)
@@ -416,11 +441,11 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
         frac = fmt(100 * statistics.median(row.fractions)) if row.fractions else "-"
         peak = f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-"
         print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {gbs} | {frac} | {peak} |")
-    ours = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine.startswith("this repo")}
-    hf = {r.tokens: r.median_tps for r in rows if r.phase == "prefill" and r.engine.startswith("transformers")}
-    for tokens in ours:
-        if tokens in hf:
-            print(f"\nprefill {tokens}: this repo / transformers = {ours[tokens] / hf[tokens]:.2f}x")
+    for row in rows:
+        if row.speedups:
+            print(f"\nprefill {row.tokens}: this repo / transformers = {statistics.median(row.speedups):.2f}x "
+                  f"(median of {len(row.speedups)} alternating rounds; per round: "
+                  f"{', '.join(f'{x:.2f}' for x in row.speedups)})")
     sys.stdout.flush()
 
 
