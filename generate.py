@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from model import ModelArgs, Transformer
+from quantize import is_quantized, replace_with_int8_modules
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -105,6 +106,8 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype) -> Tr
         raise UserError(f"{checkpoint_path} does not hold a state dict; convert it again")
     with torch.device("meta"):
         model = Transformer(config)
+        if is_quantized(state_dict):  # told by the content, not the file name
+            replace_with_int8_modules(model)
     try:
         model.load_state_dict(state_dict, assign=True)
     except RuntimeError as e:
