@@ -21,7 +21,9 @@ def bash_blocks(section: str) -> list:
 @pytest.fixture(scope="module")
 def user_folder(hub, tmp_path_factory):
     """A fresh folder holding only links to the repo's scripts, with the stand-in hub serving the repo."""
-    hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), TINY, mixtral_tokenizer_path())
+    # One layer: the README's generate commands compile and run five 200-token samples each.
+    config = {**TINY, "num_hidden_layers": 1, "hidden_size": 128, "intermediate_size": 256}
+    hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), config, mixtral_tokenizer_path())
     hub.repos["mistralai/Mixtral-8x7B-v0.1"] = {"files": {f.name: f.read_bytes() for f in hub_files.iterdir()}}
     folder = tmp_path_factory.mktemp("user")
     for name in ("generate.py", "model.py", "quantize.py", "tp.py", "scripts"):
