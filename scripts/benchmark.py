@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_one_token,  # noqa: E402
-                      generate, load_model, prefill)
+from generate import PRECISIONS, UserError, active_weight_bytes, compile_steps, generate, load_model  # noqa: E402
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
