@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from model import ModelArgs, Transformer
+from quantize import is_quantized, replace_with_int8_modules
 from tp import apply_tp, broadcast_from_rank0, maybe_init_dist, rank_device
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -115,6 +116,8 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
         raise UserError(f"{checkpoint_path} does not hold a state dict; convert it again")
     with torch.device("meta"):
         model = Transformer(config)
+        if is_quantized(state_dict):  # told by the content, not the file name
+            replace_with_int8_modules(model)
     try:
         model.load_state_dict(state_dict, assign=True)
     except RuntimeError as e:

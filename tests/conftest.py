@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -55,14 +56,15 @@ def tokenizer(tokenizer_path):
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tokenizer_path):
-    """make_checkpoint(name) -> folder with the hub files and the converted model.pth (cached)."""
+    """make_checkpoint(name) -> folder with the hub files and the converted model.pth (cached). The seed
+    comes from the name, so a checkpoint's weights do not depend on which test made it first."""
     made = {}
 
     def make(name: str, dtype=torch.float32, n_shards: int = 2) -> Path:
         key = (name, dtype, n_shards)
         if key not in made:
             folder = tmp_path_factory.mktemp(f"{name}-{str(dtype)[6:]}-{n_shards}")
-            write_hub_checkpoint(folder, CONFIGS[name], tokenizer_path, seed=len(made), dtype=dtype, n_shards=n_shards)
+            write_hub_checkpoint(folder, CONFIGS[name], tokenizer_path, seed=zlib.crc32(name.encode()), dtype=dtype, n_shards=n_shards)
             convert_hf_checkpoint(folder)
             made[key] = folder
         return made[key]

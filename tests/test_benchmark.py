@@ -137,9 +137,4 @@ def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
     tables = [block for block in out.split("### Mixtral benchmark:")[1:]]
     assert tables and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
                           for t in tables), out
-    try:
-        import quantize  # noqa: F401
-    except ImportError:  # int8 waits for quantize.py: reported, and the bf16 run still happens
-        assert result.returncode == 1 and "int8 run failed" in out and len(tables) == 1
-    else:
-        assert result.returncode == 0 and len(tables) == 2
+    assert result.returncode == 0 and len(tables) == 2

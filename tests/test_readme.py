@@ -21,7 +21,9 @@ def bash_blocks(section: str) -> list:
 @pytest.fixture(scope="module")
 def user_folder(hub, tmp_path_factory):
     """A fresh folder holding only links to the repo's scripts, with the stand-in hub serving the repo."""
-    hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), TINY, mixtral_tokenizer_path())
+    # One layer: the README's generate commands compile and run five 200-token samples each.
+    config = {**TINY, "num_hidden_layers": 1, "hidden_size": 128, "intermediate_size": 256}
+    hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), config, mixtral_tokenizer_path())
     hub.repos["mistralai/Mixtral-8x7B-v0.1"] = {"files": {f.name: f.read_bytes() for f in hub_files.iterdir()}}
     folder = tmp_path_factory.mktemp("user")
     for name in ("generate.py", "model.py", "quantize.py", "tp.py", "scripts"):
@@ -37,16 +39,19 @@ def run_bash(script: str, folder, hub, timeout=600):
                           text=True, timeout=timeout)
 
 
-def test_download_convert_and_generate_commands(user_folder, hub):
+def test_download_convert_generate_and_quantize_commands(user_folder, hub):
+    """One user session, in the README's order: each command needs what the one before wrote."""
     download, = bash_blocks("Downloading Weights")
     generate, = bash_blocks("Generate Text")
+    quantize, generate_int8 = bash_blocks("Quantization")
     assert "python scripts/download.py --repo_id $MODEL_REPO" in download
-    result = run_bash(download + generate, user_folder, hub)
+    assert "--mode int8" in quantize and "model_int8.pth" in generate_int8
+    result = run_bash(download + generate + quantize + generate_int8, user_folder, hub)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1"
-    assert (folder / "model.pth").is_file()
-    # Five timed samples after the compile warm-up, then the summary.
-    assert "Time for inference 5:" in result.stdout and "Average tokens/sec:" in result.stdout
+    assert (folder / "model.pth").is_file() and (folder / "model_int8.pth").is_file()
+    # Each generate command: five timed samples after the compile warm-up, then the summary.
+    assert result.stdout.count("Time for inference 5:") == 2 and result.stdout.count("Average tokens/sec:") == 2
 
 
 def test_demo_command(tmp_path, hub):

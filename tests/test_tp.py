@@ -208,3 +208,16 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales():
             sum_moe = sum_moe + m(x)
     torch.testing.assert_close(sum_attn, whole_attn)
     torch.testing.assert_close(sum_moe, whole_moe)
+
+
+def test_two_ranks_int8_greedy_text_matches_one_process_int8(checkpoint, tokenizer, tmp_path):
+    """An int8 checkpoint shards with its scales: 2 ranks print what one int8 process prints."""
+    import shutil
+    folder = tmp_path / "int8"
+    shutil.copytree(checkpoint, folder)
+    quantized = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", "--mode", "int8")
+    assert quantized.returncode == 0, quantized.stderr
+    (folder / "model.pth").unlink()
+    (folder / "model_int8.pth").rename(folder / "model.pth")  # run_two_ranks reads model.pth
+    tp = run_two_ranks(folder, "--temperature", "0")
+    assert text_of(tp) == one_process_text(folder, tokenizer, temperature=0)
