@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, load_checkpoint
 from quantize import is_quantized, replace_with_int8_modules
 from tp import apply_tp, broadcast_from_rank0, maybe_init_dist, rank_device
 
@@ -104,16 +104,10 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
     """Builds the model from config.json beside the checkpoint and loads its weights (mmapped).
     With a rank, keeps only that rank's tensor-parallel shard of them."""
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
-                        f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
-    config = read_config(checkpoint_path)
     try:
-        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # zip/pickle errors from a truncated or foreign file
-        raise UserError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); convert it again")
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{checkpoint_path} does not hold a state dict; convert it again")
+        config, state_dict = load_checkpoint(checkpoint_path)
+    except ValueError as e:
+        raise UserError(str(e))
     with torch.device("meta"):
         model = Transformer(config)
         if is_quantized(state_dict):  # told by the content, not the file name

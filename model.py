@@ -93,6 +93,23 @@ class ModelArgs:
         return cls(**transformer_configs[name])
 
 
+def load_checkpoint(checkpoint_path) -> tuple:
+    """(config, mmapped state dict) of a converted checkpoint: model.pth or model_int8.pth with
+    config.json beside it. Raises ValueError with a message fit for the user."""
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise ValueError(f"checkpoint {checkpoint_path} not found: download and convert it first "
+                         f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
+    config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
+    try:
+        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # zip/pickle errors from a truncated or foreign file
+        raise ValueError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); convert it again")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{checkpoint_path} does not hold a state dict; convert it again")
+    return config, state_dict
+
+
 # Published shapes, for building a model without a checkpoint (benchmarks). Loading a checkpoint
 # always reads its own config.json instead.
 transformer_configs = {

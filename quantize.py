@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, load_checkpoint
 
 
 class QuantizeError(Exception):
@@ -186,19 +186,10 @@ def scales_name(weight_name: str) -> str:
 
 def load_source(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
     """The config and the mmapped state dict of an unquantized checkpoint, checked against each other."""
-    if not checkpoint_path.is_file():
-        raise QuantizeError(f"checkpoint {checkpoint_path} not found: download and convert it first "
-                            f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
     try:
-        config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
+        config, source = load_checkpoint(checkpoint_path)
     except ValueError as e:
         raise QuantizeError(str(e))
-    try:
-        source = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # zip/pickle errors from a truncated or foreign file
-        raise QuantizeError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); convert it again")
-    if not isinstance(source, dict):
-        raise QuantizeError(f"{checkpoint_path} does not hold a state dict; convert it again")
     if is_quantized(source):
         raise QuantizeError(f"{checkpoint_path} is already quantized (it holds int8 weights); "
                             f"quantize the original model.pth instead")
