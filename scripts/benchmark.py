@@ -10,6 +10,7 @@
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile
 #   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
 import argparse
+import copy
 import datetime
 import gc
 import inspect
@@ -25,7 +26,8 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import PRECISIONS, UserError, active_weight_bytes, compile_steps, generate, load_model  # noqa: E402
+from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
+                      generate, load_model)
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
@@ -111,6 +113,38 @@ def quantize_int8_in_place(module: torch.nn.Module, config: ModelArgs) -> torch.
     if isinstance(module, Transformer) and not isinstance(module.output, WeightOnlyInt8Linear):
         module.output = int8_linear(module.output)
     return module
+
+
+def device_twin(model: Transformer, device: str) -> Transformer:
+    """The same weights on `device`, for --verify: the model whose compiled step is checked."""
+    return copy.deepcopy(model).to(device)
+
+
+@torch.no_grad()
+def verify_decode(device: str, int8: bool = False, steps: int = 6, seed: int = 0) -> float:
+    """--verify: the decode step compiled for `device` exactly as generate.py compiles it, against the
+    eager model on the CPU, both in float32, on the tiny shape. A fast path that is wrong on one device
+    only (CUDA graphs, the GPU's int8 expert path) shows up here before any speed is reported.
+    Returns the largest relative error of the logits over `steps` decoded positions."""
+    config = model_args("tiny")
+    reference = random_model(config, "cpu", torch.float32, int8=int8, seed=seed)
+    model = device_twin(reference, device)
+    reference.setup_caches(max_batch_size=1, max_seq_length=64)
+    model.setup_caches(max_batch_size=1, max_seq_length=64)
+    step = torch.compile(lambda x, pos: model(x, pos), fullgraph=True, options=decode_compile_options(device))
+    idx = torch.randint(0, config.vocab_size, (1, 4 + steps), generator=torch.Generator().manual_seed(seed))
+    reference(idx[:, :4], torch.arange(4))  # eager prefill on both, then one token at a time
+    model(idx[:, :4].to(device), torch.arange(4, device=device))
+    errors = []
+    for i in range(4, 4 + steps):
+        want = reference(idx[:, i:i + 1], torch.tensor([i], dtype=torch.int)).float()
+        got = step(idx[:, i:i + 1].to(device), torch.tensor([i], dtype=torch.int, device=device)).float().cpu()
+        errors.append(((got - want).norm() / want.norm()).item())
+    return max(errors)
+
+
+# float32 on both sides: kernels differ in summation order only (TF32 stays off for float32 matmuls).
+VERIFY_TOLERANCE = 1e-3
 
 
 def limit_tokens_per_s(bandwidth: float, weight_bytes: int) -> float:
@@ -495,6 +529,9 @@ def parse_args(argv=None):
                    help="bandwidth probe buffer in MiB (default 1024 on CPU, 4096 on GPU: far beyond any cache)")
     p.add_argument("--compare-hf", dest="compare_hf", action="store_true",
                    help="also run the checkpoint through transformers (hub-layout folder)")
+    p.add_argument("--verify", action="store_true",
+                   help="first check the compiled decode step on --device against eager float32 on the CPU "
+                        "(tiny shape; int8 with --int8); stop if they disagree")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write_checkpoint", type=Path, default=None, metavar="DIR",
                    help="only write --model's shape with random weights to DIR in the hub's layout (for "
@@ -535,6 +572,14 @@ def main(argv=None):
             path = write_checkpoint(args.model, args.n_layer, args.write_checkpoint, PRECISIONS[args.precision])
             print(f"wrote {path}; benchmark it with --checkpoint_path {path} --compare-hf")
             return
+        if args.verify:
+            error = verify_decode(args.device, int8=args.int8)
+            verdict = "agree" if error < VERIFY_TOLERANCE else "DISAGREE"
+            print(f"verify: compiled decode on {args.device} vs eager on cpu (tiny shape, float32"
+                  f"{', int8' if args.int8 else ''}): logits {verdict}, relative error {error:.2e}", flush=True)
+            if error >= VERIFY_TOLERANCE:
+                raise UserError(f"the compiled decode step on {args.device} disagrees with the eager model "
+                                f"(relative error {error:.2e}); not benchmarking a wrong result")
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -138,3 +138,29 @@ def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
     assert tables and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
                           for t in tables), out
     assert result.returncode == 0 and len(tables) == 2
+
+
+def test_verify_passes_for_the_compiled_int8_step_and_catches_a_wrong_one(capsys, monkeypatch):
+    """--verify compares the compiled decode step with the eager CPU model before any timing. On the CPU
+    both paths are ours and must agree; a device copy whose weights differ must be refused."""
+    import scripts.benchmark as benchmark
+    argv = ["--verify", "--model", "tiny", "--device", "cpu", "--int8", "--decode_prompts", "3",
+            "--max_new_tokens", "3", "--prefill_lengths", "--runs", "1", "--probe_mb", "8"]
+    benchmark.main(argv)
+    out = capsys.readouterr().out
+    assert re.search(r"verify: compiled decode on cpu vs eager on cpu \(tiny shape, float32, int8\): logits agree, "
+                     r"relative error \d\.\d\de-\d\d", out), out
+    assert "| this repo (compiled) | decode | 3 + 3 |" not in out  # --verify without --compile: eager rows
+
+    real_twin = benchmark.device_twin
+
+    def perturbed_twin(model, device):  # stands in for a device path that computes something else
+        twin = real_twin(model, device)
+        twin.layers[0].block_sparse_moe.gate.weight.data.mul_(-1)  # routes every token elsewhere
+        return twin
+    monkeypatch.setattr(benchmark, "device_twin", perturbed_twin)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the compiled decode step on cpu disagrees with the eager model"), err
