@@ -214,9 +214,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, Dh]
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, Dh]
+        if T == 1 and x.device.type == "cpu":
+            y = decode_attention(q, k, v, mask)  # [B, H, 1, Dh]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * Dh]
         return self.wo(y)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One new token's attention over the cache, written out so that torch.compile fuses it into the
+    decode step. On CPU the SDPA kernel cost ~0.4 ms per layer per token for this (cpu-bench: 3 of
+    30 ms); this runs in a fraction of that. On a GPU SDPA's kernels are kept.
+    q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] -> [B, H, T, Dh]"""
+    B, H, T, Dh = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, KV, H // KV * T, Dh).float()  # [B, KV, H/KV, Dh]: the query heads sharing each kv head
+    scores = (qg @ k.float().transpose(-1, -2)) * Dh ** -0.5  # [B, KV, H/KV, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    y = scores.softmax(dim=-1) @ v.float()  # [B, KV, H/KV, Dh]
+    return y.to(q.dtype).view(B, H, T, Dh)
 
 
 class MOEFeedForward(nn.Module):
