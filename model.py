@@ -3,6 +3,7 @@
 #
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,13 +298,51 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
     token_of_pair = order // K  # [N*K]
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
         0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
-    offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's group
     xs = x[token_of_pair]  # [N*K, D]
-    h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)) \
-        * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)  # [N*K, I]
-    ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [N*K, D]
+    if x.device.type == "cpu" and half_matmul_is_slow(x.dtype):
+        ys = experts_in_float32(xs, counts.tolist(), w1, w3, w2)  # on a CPU the host sync is free
+    else:
+        offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's group
+        h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)) \
+            * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)  # [N*K, I]
+        ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [N*K, D]
     ys = ys * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
+
+
+@functools.cache
+def half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """True on x86 CPUs without bf16 / fp16 matrix instructions (AVX512-BF16, AVX512-FP16, AMX):
+    there torch multiplies bf16 matrices ~3x slower than float32 ones (2-core AVX2 EPYC, an expert's
+    matmul over a 512-token prompt: 19 vs 54-68 GFLOP/s)."""
+    native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+    caps = torch.cpu.get_capabilities()
+    return dtype in native and caps.get("architecture") == "x86_64" and not any(caps.get(f) for f in native[dtype])
+
+
+# Below this many tokens an expert keeps its own dtype: converting its weights costs about as much as
+# that many rows of the slow half-precision matmul (measured on the same CPU).
+MIN_ROWS_TO_CONVERT = 8
+
+
+def experts_in_float32(xs: Tensor, counts: list, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """grouped_experts' matmuls where half-precision matmuls are slow: each busy expert's weights are
+    converted into one reused float32 buffer (one extra read of them, no new allocation per expert)
+    and multiplied in float32. xs: [N*K, D] sorted by expert, counts[e] rows each -> [N*K, D]."""
+    E, I, D = w1.shape
+    buffer = torch.empty(I * D, dtype=torch.float32, device=xs.device)  # one expert matrix at a time
+    ys = []
+    for e, xs_e in enumerate(xs.split(counts)):  # xs_e: [count_e, D]
+        if counts[e] == 0:
+            continue
+        if counts[e] < MIN_ROWS_TO_CONVERT:
+            ys.append(F.linear(F.silu(F.linear(xs_e, w1[e])) * F.linear(xs_e, w3[e]), w2[e]))
+            continue
+        x32 = xs_e.float()
+        x1 = F.silu(F.linear(x32, buffer.view(I, D).copy_(w1[e])))  # [count_e, I]
+        h = x1 * F.linear(x32, buffer.view(I, D).copy_(w3[e]))
+        ys.append(F.linear(h, buffer.view(D, I).copy_(w2[e])).to(xs.dtype))  # [count_e, D]
+    return torch.cat(ys)
 
 
 @grouped_experts.register_fake

@@ -3,6 +3,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, run_script
 from model import ModelArgs, Transformer, transformer_configs
@@ -46,6 +47,30 @@ def test_half_precisions_run_end_to_end_near_float32(checkpoint, dtype):
         step = ours(idx[:, -1:], torch.tensor([16]))
     assert out.dtype == dtype and torch.isfinite(step).all()
     assert relative_error(out, ref) < 5e-2
+
+
+@pytest.mark.parametrize("float32_path", [False, True])
+def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
+    """grouped_experts in bf16, with and without the float32 conversion taken on CPUs whose half-precision
+    matmuls are slow, against each token's experts computed one by one in float64. Expert 0 and 1 get
+    many tokens (converted), 2 and 3 a few (left in bf16): both branches run, sharing one buffer."""
+    import model
+    assert not model.half_matmul_is_slow(torch.float32)  # float32 models are never converted
+    monkeypatch.setattr(model, "half_matmul_is_slow", lambda dtype: float32_path)
+    g = torch.Generator().manual_seed(3)
+    E, I, D, N = 4, 48, 32, 20
+    w1, w3 = (torch.randn(E, I, D, generator=g) / D ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, D, I, generator=g) / I ** 0.5
+    x = torch.randn(N, D, generator=g)
+    experts = torch.stack([torch.zeros(N, dtype=torch.long), torch.tensor([1] * 15 + [2] * 3 + [3] * 2)], dim=1)
+    weights = torch.softmax(torch.randn(N, 2, generator=g), dim=-1)
+    bf16 = [t.to(torch.bfloat16) for t in (x, weights, w1, w3, w2)]
+    out = model.grouped_experts(bf16[0], experts, bf16[1], *bf16[2:])
+    x, weights, w1, w3, w2 = (t.double() for t in bf16)  # the same rounded inputs, exact arithmetic
+    ref = torch.stack([sum(weights[n, k] * w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n]))
+                           for k, e in enumerate(experts[n].tolist())) for n in range(N)])
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref) < 1e-2  # bf16 rounding of the output and of h
 
 
 def test_sliding_window_matches_transformers(tmp_path, tokenizer_path):
