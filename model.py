@@ -287,7 +287,7 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
 
     Gathering w1[experts] per token would copy N*K expert matrices (gigabytes for a long prompt);
     sorting the (token, expert) pairs by expert instead lets one grouped matmul read every expert's
-    weights in place. Group sizes stay on the device: no host sync.
+    weights in place. On a GPU the group sizes stay on the device: no host sync.
     A custom op, so torch.compile treats it as one opaque kernel: torch._grouped_mm runs any float
     dtype eagerly, but its tracing rule accepts bf16 only.
     """
