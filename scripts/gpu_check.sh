@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call (at most 8 minutes on one H100/H200): full-width Mixtral 8x7B with random weights at
-# batch 1, compiled with CUDA graphs, prompts of 5 and 512 tokens, 200 new tokens each:
+# One device call (at most 8 minutes on one H100/H200; about 6 on an H200, 2026-11-28): full-width
+# Mixtral 8x7B with random weights at batch 1, compiled with CUDA graphs, prompts of 5 and 512 tokens,
+# 200 new tokens each:
 #   1. int8 weights, all 32 layers;
 #   2. bf16 weights, as many layers as the free memory holds (32 on a 141 GB card, about 24 on 80 GB).
 # Each first checks its compiled decode step against the eager model on a tiny shape (--verify), then
