@@ -253,10 +253,7 @@ class MOEFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         x = x.reshape(-1, D)  # [N, D], N = B * T
-        # Softmax in float32 before top-k, then renormalise over the chosen K (as Mixtral was trained).
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # [N, E]
-        weights, experts = torch.topk(probs, self.num_activated_experts, dim=-1)  # [N, K]
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        weights, experts = route(self.gate, x, self.num_activated_experts)  # [N, K] each
         # A few tokens (decode) read at most as many experts one matrix-vector product at a time as a
         # grouped pass over all E would read; a prompt shares each expert among many tokens.
         if x.size(0) * self.num_activated_experts <= self.w1.size(0):
@@ -264,6 +261,14 @@ class MOEFeedForward(nn.Module):
         else:
             y = grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
         return y.view(B, T, D)
+
+
+def route(gate: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The router: (weights [N, K] in x's dtype, experts [N, K]) of each token x [N, D]. Softmax in
+    float32 before top-k, then renormalised over the chosen K, as Mixtral was trained."""
+    probs = F.softmax(gate(x).float(), dim=-1)  # [N, E]
+    weights, experts = torch.topk(probs, k, dim=-1)  # [N, K]
+    return (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), experts
 
 
 def decode_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:

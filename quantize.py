@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, load_checkpoint
+from model import ModelArgs, Transformer, load_checkpoint, route
 
 
 class QuantizeError(Exception):
@@ -94,10 +94,7 @@ class MOEFeedForwardInt8(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         x = x.reshape(-1, D)  # [N, D]
-        # Routing exactly as model.MOEFeedForward: float32 softmax, top-k, renormalised over the K.
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # [N, E]
-        weights, experts = torch.topk(probs, self.num_activated_experts, dim=-1)  # [N, K]
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        weights, experts = route(self.gate, x, self.num_activated_experts)  # as model.MOEFeedForward
         if T == 1 and x.device.type != "cpu":
             # Decoding on a GPU: no host sync, so that the step can be captured in a CUDA graph.
             y = self.chosen_experts(x, experts, weights)

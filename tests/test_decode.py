@@ -2,24 +2,17 @@
 one graph for every step (no recompiles per token), and no gathered copy of the experts in the kernels."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import load_ours, load_reference, relative_error
 from generate import decode_compile_options
-from model import MOEFeedForward, decode_experts, grouped_experts
-
-
-def route(moe: MOEFeedForward, x):
-    probs = F.softmax(moe.gate(x).float(), dim=-1)
-    weights, experts = torch.topk(probs, moe.num_activated_experts, dim=-1)
-    return (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), experts
+from model import decode_experts, grouped_experts, route
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_decode_experts_equals_grouped_experts(checkpoint, n_tokens):
     moe = load_ours(checkpoint).layers[0].block_sparse_moe
     x = torch.randn(n_tokens, moe.w1.shape[-1], generator=torch.Generator().manual_seed(0))
-    weights, experts = route(moe, x)
+    weights, experts = route(moe.gate, x, moe.num_activated_experts)
     with torch.no_grad():
         fast = decode_experts(x, experts, weights, moe.w1, moe.w3, moe.w2)
         ref = grouped_experts(x, experts, weights, moe.w1, moe.w3, moe.w2)
@@ -44,7 +37,7 @@ def test_compiled_decode_experts_reads_the_experts_in_place(checkpoint):
     from torch._inductor.utils import run_and_get_code
     moe = load_ours(checkpoint).layers[0].block_sparse_moe
     x = torch.randn(1, moe.w1.shape[-1], generator=torch.Generator().manual_seed(0))
-    weights, experts = route(moe, x)
+    weights, experts = route(moe.gate, x, moe.num_activated_experts)
     torch._dynamo.reset()
     fn = torch.compile(decode_experts, fullgraph=True, options=decode_compile_options("cpu"))
     with torch.no_grad():
