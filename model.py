@@ -286,6 +286,17 @@ def decode_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: 
     return (y * weights[..., None]).sum(dim=1)  # [N, D]
 
 
+def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, expert) pairs of experts [N, K] sorted by expert: order [N*K] (positions in
+    experts.flatten()), the token of each sorted pair [N*K], and each expert's count of pairs [E].
+    All stay on the device: no host sync."""
+    flat_experts = experts.flatten()  # [N*K]
+    order = flat_experts.argsort(stable=True)  # pairs sorted by expert
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+    return order, order // experts.size(1), counts
+
+
 @torch.library.custom_op("mixtral::grouped_experts", mutates_args=())
 def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     """Runs each expert once over the tokens routed to it. x: [N, D], experts/weights: [N, K] -> [N, D].
@@ -296,13 +307,7 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
     A custom op, so torch.compile treats it as one opaque kernel: torch._grouped_mm runs any float
     dtype eagerly, but its tracing rule accepts bf16 only.
     """
-    N, K = experts.shape
-    E = w1.shape[0]
-    flat_experts = experts.flatten()  # [N*K]
-    order = flat_experts.argsort(stable=True)  # pairs sorted by expert
-    token_of_pair = order // K  # [N*K]
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+    order, token_of_pair, counts = sort_by_expert(experts, w1.shape[0])
     xs = x[token_of_pair]  # [N*K, D]
     if x.device.type == "cpu" and half_matmul_is_slow(x.dtype):
         ys = experts_in_float32(xs, counts.tolist(), w1, w3, w2)  # on a CPU the host sync is free

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, load_checkpoint, route
+from model import ModelArgs, Transformer, load_checkpoint, route, sort_by_expert
 
 
 class QuantizeError(Exception):
@@ -131,15 +131,11 @@ def int8_grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor
                          w3: Tensor, w3_scales: Tensor, w2: Tensor, w2_scales: Tensor) -> Tensor:
     """Runs each expert once over the tokens routed to it, reading its int8 weights in place.
 
-    model.grouped_experts' sort by expert, then a loop over experts (a grouped matmul wants
+    model.sort_by_expert, then a loop over experts (a grouped matmul wants
     full-precision weights). Experts no token chose get zero rows: their weights are not read,
     so a decoded token reads only its K experts."""
-    N, K = experts.shape
-    E = w1.shape[0]
-    flat_experts = experts.flatten()  # [N*K]
-    order = flat_experts.argsort(stable=True)  # pairs sorted by expert
-    token_of_pair = order // K  # [N*K]
-    counts = torch.bincount(flat_experts, minlength=E).tolist()  # host sync
+    order, token_of_pair, counts = sort_by_expert(experts, w1.shape[0])
+    counts = counts.tolist()  # host sync
     xs = x[token_of_pair]  # [N*K, D]
     ys = []
     for e, xs_e in enumerate(xs.split(counts)):  # xs_e [count_e, D]
