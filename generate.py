@@ -90,6 +90,16 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
     return seq[:T + n]
 
 
+def synchronize(device: str):
+    """Waits for the device's queued work, so that a timer around it measures the work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def round_up(n: int, multiple: int = 256) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
 # ----------------------------------------------------------------------------- loading
 
 def read_config(checkpoint_path: Path) -> ModelArgs:
@@ -304,8 +314,7 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     prompt_ids = None if args.interactive else encode(args.prompt)  # checked before any work
     t0 = time.perf_counter()
     model = load_model(args.checkpoint_path, device, precision, rank, world_size)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     print(f"Time to load model: {time.perf_counter() - t0:.02f} seconds", file=sys.stderr)
     prefill_fn, decode_fn = compile_steps(args, device)
     eos_id = None if args.ignore_eos else tokenizer.eos_id()
@@ -315,15 +324,13 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
         # The cache only grows; rounding its length up lets compiled steps keep their shapes.
         needed = prompt_ids.size(0) + args.max_new_tokens
         with torch.device(device):
-            model.setup_caches(max_batch_size=1, max_seq_length=min(block_size, (needed + 255) // 256 * 256))
+            model.setup_caches(max_batch_size=1, max_seq_length=min(block_size, round_up(needed)))
         streamer = TextStreamer(tokenizer)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         seq = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        prefill_fn=prefill_fn, decode_fn=decode_fn, eos_id=eos_id, on_token=streamer)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter() - t
         streamer.finish(seq)
         return t, seq.size(0) - prompt_ids.size(0)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
-                      generate, load_model)
+                      generate, load_model, round_up, synchronize)
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
@@ -181,11 +181,6 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- measuring
 
-def synchronize(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def reset_peak_memory(device: str):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -325,10 +320,6 @@ def machine_name(device: str) -> str:
             pass
         hw = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     return f"{hw}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
-
-
-def round_up(n: int, multiple: int = 256) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 def run(args) -> list:
