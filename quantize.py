@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, load_checkpoint, route, sort_by_expert
+from model import ModelArgs, Transformer, TransformerBlock, load_checkpoint, route, sort_by_expert
 
 
 class QuantizeError(Exception):
@@ -165,6 +165,39 @@ def replace_with_int8_modules(model: Transformer) -> Transformer:
         layer.block_sparse_moe = MOEFeedForwardInt8(model.config)
     model.output = int8_like(model.output)
     return model
+
+
+def quantize_in_place(module: nn.Module, config: ModelArgs) -> nn.Module:
+    """What quantize_checkpoint does to a file, done to a model in memory (scripts/benchmark.py --int8):
+    quantizes a TransformerBlock (attention and experts) or a whole Transformer (every block not yet
+    done, and the output head) in place, with the same rounding and int8 modules."""
+    def quantized_linear(linear: nn.Linear) -> WeightOnlyInt8Linear:
+        with torch.device("meta"):
+            new = WeightOnlyInt8Linear(linear.in_features, linear.out_features)
+        new.weight, new.scales = quantize_rows(linear.weight.detach())
+        return new
+
+    def quantized_experts(moe) -> MOEFeedForwardInt8:
+        with torch.device("meta"):
+            new = MOEFeedForwardInt8(config)
+        new.gate = moe.gate  # the router stays in full precision
+        for name in ("w1", "w3", "w2"):
+            w = getattr(moe, name).detach()  # [E, out, in]: one scale per expert and output row
+            q, scales = quantize_rows(w.reshape(-1, w.shape[-1]))
+            setattr(new, name, q.view(w.shape))
+            setattr(new, f"{name}_scales", scales.view(w.shape[:2]))
+        return new
+
+    blocks = [module] if isinstance(module, TransformerBlock) else list(module.layers)
+    for block in blocks:
+        if isinstance(block.attention.wqkv, WeightOnlyInt8Linear):
+            continue
+        block.attention.wqkv = quantized_linear(block.attention.wqkv)
+        block.attention.wo = quantized_linear(block.attention.wo)
+        block.block_sparse_moe = quantized_experts(block.block_sparse_moe)
+    if isinstance(module, Transformer) and not isinstance(module.output, WeightOnlyInt8Linear):
+        module.output = quantized_linear(module.output)
+    return module
 
 
 def is_quantized(state_dict: dict) -> bool:

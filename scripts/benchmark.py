@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
                       generate, load_model, round_up, synchronize)
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
+from quantize import quantize_in_place  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
 # small enough for a laptop-class CPU: 0.79 B parameters, 0.46 GB of active bf16 weights per token.
@@ -74,45 +75,10 @@ def random_model(config: ModelArgs, device: str, precision: torch.dtype, int8: b
             else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
                 p.normal_(0.0, p.shape[-1] ** -0.5)
         if int8 and module in model.layers:  # quantized as soon as it exists
-            quantize_int8_in_place(module, config)
+            quantize_in_place(module, config)
     if int8:
-        quantize_int8_in_place(model, config)  # the output head; blocks already done are skipped
+        quantize_in_place(model, config)  # the output head; blocks already done are skipped
     return model.eval()
-
-
-def quantize_int8_in_place(module: torch.nn.Module, config: ModelArgs) -> torch.nn.Module:
-    """--int8: quantizes a TransformerBlock (attention and experts) or a whole Transformer (every block
-    and the output head) in place, with quantize.py's rounding and its int8 modules."""
-    from model import TransformerBlock
-    from quantize import MOEFeedForwardInt8, WeightOnlyInt8Linear, quantize_rows
-
-    def int8_linear(linear: torch.nn.Linear) -> WeightOnlyInt8Linear:
-        with torch.device("meta"):
-            new = WeightOnlyInt8Linear(linear.in_features, linear.out_features)
-        new.weight, new.scales = quantize_rows(linear.weight.detach())
-        return new
-
-    def int8_experts(moe) -> MOEFeedForwardInt8:
-        with torch.device("meta"):
-            new = MOEFeedForwardInt8(config)
-        new.gate = moe.gate  # the router stays in full precision
-        for name in ("w1", "w3", "w2"):
-            w = getattr(moe, name).detach()  # [E, out, in]: one scale per expert and output row
-            q, scales = quantize_rows(w.reshape(-1, w.shape[-1]))
-            setattr(new, name, q.view(w.shape))
-            setattr(new, f"{name}_scales", scales.view(w.shape[:2]))
-        return new
-
-    blocks = [module] if isinstance(module, TransformerBlock) else list(module.layers)
-    for block in blocks:
-        if isinstance(block.attention.wqkv, WeightOnlyInt8Linear):
-            continue
-        block.attention.wqkv = int8_linear(block.attention.wqkv)
-        block.attention.wo = int8_linear(block.attention.wo)
-        block.block_sparse_moe = int8_experts(block.block_sparse_moe)
-    if isinstance(module, Transformer) and not isinstance(module.output, WeightOnlyInt8Linear):
-        module.output = int8_linear(module.output)
-    return module
 
 
 def device_twin(model: Transformer, device: str) -> Transformer:
@@ -329,7 +295,7 @@ def run(args) -> list:
     if args.checkpoint_path is not None:
         model = load_model(args.checkpoint_path, device, precision)
         if args.int8:
-            quantize_int8_in_place(model, model.config)
+            quantize_in_place(model, model.config)
         name = str(args.checkpoint_path)
     else:
         model = random_model(model_args(args.model, args.n_layer), device, precision, int8=args.int8, seed=args.seed)
