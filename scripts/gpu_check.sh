@@ -24,6 +24,10 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   layers=1
   limit=300
 else
+  if ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "error: no CUDA GPU visible to $PY; run this on the GPU machine, or GPU_CHECK_TINY=1 for the CPU rehearsal" >&2
+    exit 1
+  fi
   shape=(--model Mixtral-8x7B-v0.1 --device cuda)
   lengths=(--decode_prompts 5 512 --max_new_tokens 200 --prefill_lengths 512 --runs 3)
   compile=(--compile --verify)

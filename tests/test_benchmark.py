@@ -164,3 +164,13 @@ def test_verify_passes_for_the_compiled_int8_step_and_catches_a_wrong_one(capsys
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the compiled decode step on cpu disagrees with the eager model"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_without_a_gpu_is_one_line_error():
+    import subprocess
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no CUDA GPU visible") and result.stderr.count("\n") == 1, result.stderr
+    assert "==" not in result.stdout  # no run was started
