@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from formats import detect_format, formatted_model
+from kernels import cpu as cpu_kernels
 from model import ModelArgs, Transformer, load_checkpoint
-from quantize import is_quantized, replace_with_int8_modules
 from tp import apply_tp, broadcast_from_rank0, maybe_init_dist, rank_device
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -119,9 +120,7 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
     except ValueError as e:
         raise UserError(str(e))
     with torch.device("meta"):
-        model = Transformer(config)
-        if is_quantized(state_dict):  # told by the content, not the file name
-            replace_with_int8_modules(model)
+        model = formatted_model(config, detect_format(state_dict))  # told by the content, not the file name
     try:
         model.load_state_dict(state_dict, assign=True)
     except RuntimeError as e:
@@ -134,6 +133,8 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
             apply_tp(model, rank, world_size)
         except ValueError as e:
             raise UserError(str(e))
+    if device == "cpu":
+        cpu_kernels.available()  # built now, once, or one line saying why PyTorch's kernels are used
     # Module.to(dtype) casts floating-point tensors only: int8 weights stay int8.
     return model.to(device=device, dtype=precision).eval()
 

@@ -157,13 +157,12 @@ class Transformer(nn.Module):
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
-        weight = self.output.weight
-        # int8 checkpoints keep int8 weights: the activations' dtype is that of the scales.
-        dtype = getattr(self.output, "scales", weight).dtype
+        # The norms are never quantized: their dtype is the activations' in every weight format.
+        weight = self.norm.weight
         for layer in self.layers:
             # The layer's own head count: under tensor parallelism a rank caches only its kv heads.
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
-                                               self.config.head_dim, dtype).to(weight.device)
+                                               self.config.head_dim, weight.dtype).to(weight.device)
         cos, sin = precompute_rope(max_seq_length, self.config.head_dim, self.config.rope_base)
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
@@ -254,13 +253,16 @@ class MOEFeedForward(nn.Module):
         B, T, D = x.shape
         x = x.reshape(-1, D)  # [N, D], N = B * T
         weights, experts = route(self.gate, x, self.num_activated_experts)  # [N, K] each
+        return self.run_experts(x, experts, weights).view(B, T, D)
+
+    def run_experts(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        """Each token's K experts, weighted: x [N, D] -> [N, D]. (formats.py stores the experts in other
+        weight formats, with faster kernels, and overrides this; the routing above stays.)"""
         # A few tokens (decode) read at most as many experts one matrix-vector product at a time as a
         # grouped pass over all E would read; a prompt shares each expert among many tokens.
         if x.size(0) * self.num_activated_experts <= self.w1.size(0):
-            y = decode_experts(x, experts, weights, self.w1, self.w3, self.w2)
-        else:
-            y = grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
-        return y.view(B, T, D)
+            return decode_experts(x, experts, weights, self.w1, self.w3, self.w2)
+        return grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
 
 
 def route(gate: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import _functional_collectives as funcol
 
-from model import Attention, MOEFeedForward, ModelArgs, Transformer
+from formats import FormattedWeights, MOEFeedForward, stored_name
+from model import Attention, ModelArgs, Transformer
 
 
 def maybe_init_dist(device: str) -> Optional[int]:
@@ -55,35 +56,35 @@ def check_divisible(config: ModelArgs, world_size: int):
                              f"{size}) to be a multiple of {world_size}; use a world size that divides it")
 
 
-def _shard(t: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's contiguous 1/N of t along dim, copied out: from an mmapped checkpoint only the
+def _chunk(t: torch.Tensor, axis: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous 1/N of t along axis, copied out: from an mmapped checkpoint only the
     pages of that slice are read, and nothing keeps the whole tensor alive."""
-    return t.chunk(world_size, dim)[rank].clone(memory_format=torch.contiguous_format)
+    return t.chunk(world_size, axis)[rank].clone(memory_format=torch.contiguous_format)
 
 
-def _replace(module: nn.Module, name: str, tensor: torch.Tensor):
-    """Puts tensor where module.<name> was: a parameter stays a parameter, a buffer (int8) a buffer."""
-    old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
-    setattr(module, name, tensor)
+def _slice_weight(module: FormattedWeights, name: str, axis: int, take):
+    """Replaces weight `name` of module (axis -2: its output rows, -1: its input columns) by
+    take(tensor, axis), and each companion tensor of its format (int8 scales) by its matching slice."""
+    for key in module.keys:
+        companion_axis = axis if not key else module.format.companion_axis(key, axis)
+        if companion_axis is not None:
+            attribute = stored_name(name, key)
+            setattr(module, attribute, take(getattr(module, attribute), companion_axis))
 
 
 @torch.no_grad()
 def shard_attention(attn: Attention, rank: int, world_size: int):
     """Rank r holds query heads [r*H/N, (r+1)*H/N) and the key/value heads they read,
     [r*KV/N, (r+1)*KV/N) (the same GQA grouping, since H/N = (KV/N) * H/KV): those rows of each of
-    wqkv's q, k and v blocks (and of its int8 scales), and the matching input columns of wo. Its wo
-    output is a partial sum over its heads; wo's int8 scales are per output row and stay whole."""
+    wqkv's q, k and v blocks (and of its scales), and the matching input columns of wo. Its wo
+    output is a partial sum over its heads; wo's per-row scales stay whole."""
     q_size, kv_size = attn.n_head * attn.head_dim, attn.n_local_heads * attn.head_dim
 
-    def own_rows(t):  # [(H + 2*KV) * Dh, ...] -> [(H + 2*KV) / N * Dh, ...], still [q | k | v]
-        return torch.cat([part.chunk(world_size)[rank] for part in t.split([q_size, kv_size, kv_size])])
+    def own_rows(t, axis):  # (H + 2*KV) * Dh rows -> (H + 2*KV) / N * Dh rows, still [q | k | v]
+        return torch.cat([_chunk(part, axis, rank, world_size) for part in t.split([q_size, kv_size, kv_size], axis)], axis)
 
-    _replace(attn.wqkv, "weight", own_rows(attn.wqkv.weight))
-    if hasattr(attn.wqkv, "scales"):
-        _replace(attn.wqkv, "scales", own_rows(attn.wqkv.scales))
-    _replace(attn.wo, "weight", _shard(attn.wo.weight, 1, rank, world_size))  # [D, H*Dh] -> [D, H/N * Dh]
+    _slice_weight(attn.wqkv, "weight", -2, own_rows)
+    _slice_weight(attn.wo, "weight", -1, lambda t, axis: _chunk(t, axis, rank, world_size))  # [D, H*Dh] -> [D, H/N * Dh]
     # The forward splits q/k/v and sizes the KV cache by these counts.
     attn.n_head //= world_size
     attn.n_local_heads //= world_size
@@ -92,14 +93,12 @@ def shard_attention(attn: Attention, rank: int, world_size: int):
 @torch.no_grad()
 def shard_experts(moe: MOEFeedForward, rank: int, world_size: int):
     """Rank r holds rows [r*I/N, (r+1)*I/N) of every expert's intermediate dimension: those rows of
-    w1 and w3 (and their int8 scales) and the matching input columns of w2. SwiGLU acts row by row
-    of I, so the output is a partial sum over its rows; w2's int8 scales are per output row and stay
-    whole. The router stays whole: every rank sends each token to the same experts."""
-    for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):  # w1/w3 [E, I, D] -> [E, I/N, D]; w2 [E, D, I] -> [E, D, I/N]
-        _replace(moe, name, _shard(getattr(moe, name), dim, rank, world_size))
-    for name in ("w1_scales", "w3_scales"):  # int8 only: [E, I] -> [E, I/N]
-        if hasattr(moe, name):
-            _replace(moe, name, _shard(getattr(moe, name), 1, rank, world_size))
+    w1 and w3 (and their scales) and the matching input columns of w2. SwiGLU acts row by row of I,
+    so the output is a partial sum over its rows; w2's per-row scales stay whole. The router stays
+    whole: every rank sends each token to the same experts."""
+    take = lambda t, axis: _chunk(t, axis, rank, world_size)  # noqa: E731
+    for name, axis in (("w1", -2), ("w3", -2), ("w2", -1)):  # w1/w3 [E, I, D] -> [E, I/N, D]; w2 [E, D, I] -> [E, D, I/N]
+        _slice_weight(moe, name, axis, take)
 
 
 def all_reduce_output(module: nn.Module):
@@ -109,8 +108,9 @@ def all_reduce_output(module: nn.Module):
 
 
 def apply_tp(model: Transformer, rank: int, world_size: int):
-    """Shards model in place for this rank: call it on the mmapped weights, before moving the
-    model to its device, so that each rank only ever reads and holds its own slices."""
+    """Shards model (built by formats.formatted_model, in any weight format) in place for this rank:
+    call it on the mmapped weights, before moving the model to its device, so that each rank only
+    ever reads and holds its own slices."""
     check_divisible(model.config, world_size)
     for layer in model.layers:
         shard_attention(layer.attention, rank, world_size)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
                       generate, load_model, round_up, synchronize)
 from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
-from quantize import quantize_in_place  # noqa: E402
+from formats import FORMATS, quantize_module  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
 # small enough for a laptop-class CPU: 0.79 B parameters, 0.46 GB of active bf16 weights per token.
@@ -59,9 +59,10 @@ def model_args(name: str, n_layer: Optional[int] = None) -> ModelArgs:
 @torch.no_grad()
 def random_model(config: ModelArgs, device: str, precision: torch.dtype, int8: bool = False,
                  seed: int = 0) -> Transformer:
-    """Random weights made in place on the device, one block at a time (no checkpoint, no download).
-    With int8 each block is quantized as soon as it exists, so the full-precision model never has to
-    fit in memory at once."""
+    """Random weights made in place on the device, one block at a time (no checkpoint, no download),
+    then stored in the weight format generate.py would load (formats.py). Each block is converted as
+    soon as it exists, so that the full-precision model never has to fit in memory next to an int8 one."""
+    fmt = FORMATS["int8" if int8 else "full precision"]
     with torch.device("meta"):
         model = Transformer(config).to(precision)
     torch.manual_seed(seed)
@@ -74,10 +75,9 @@ def random_model(config: ModelArgs, device: str, precision: torch.dtype, int8: b
                 p.normal_(0.0, 1.0)
             else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
                 p.normal_(0.0, p.shape[-1] ** -0.5)
-        if int8 and module in model.layers:  # quantized as soon as it exists
-            quantize_in_place(module, config)
-    if int8:
-        quantize_in_place(model, config)  # the output head; blocks already done are skipped
+        if module in model.layers:
+            quantize_module(module, config, fmt)
+    quantize_module(model, config, fmt)  # the output head; blocks already done are kept
     return model.eval()
 
 
@@ -295,7 +295,7 @@ def run(args) -> list:
     if args.checkpoint_path is not None:
         model = load_model(args.checkpoint_path, device, precision)
         if args.int8:
-            quantize_in_place(model, model.config)
+            quantize_module(model, model.config, FORMATS["int8"])
         name = str(args.checkpoint_path)
     else:
         model = random_model(model_args(args.model, args.n_layer), device, precision, int8=args.int8, seed=args.seed)

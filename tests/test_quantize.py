@@ -9,9 +9,11 @@ import torch
 
 from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, run_script
 
+import formats
 import quantize
+from formats import FORMATS, int8_grouped_experts
 from generate import load_model
-from quantize import MOEFeedForwardInt8, WeightOnlyInt8Linear, int8_grouped_experts, quantize_checkpoint
+from quantize import quantize_checkpoint
 
 # Which tensors must be int8, written out here rather than taken from quantize.py.
 QUANTIZED_SUFFIXES = (".attention.wqkv.weight", ".attention.wo.weight", ".block_sparse_moe.w1",
@@ -97,10 +99,11 @@ def test_every_linear_and_expert_is_int8_with_per_row_scales(make_checkpoint, tm
 def test_router_gate_is_untouched_in_the_int8_model(checkpoint, int8_path):
     ours, ours_int8 = load_ours(checkpoint), load_model(int8_path, "cpu", torch.float32)
     for layer, layer8 in zip(ours.layers, ours_int8.layers):
-        assert isinstance(layer8.block_sparse_moe, MOEFeedForwardInt8)
-        assert isinstance(layer8.attention.wqkv, WeightOnlyInt8Linear)
+        assert isinstance(layer8.block_sparse_moe, formats.MOEFeedForward)
+        assert layer8.block_sparse_moe.format is FORMATS["int8"] and layer8.block_sparse_moe.w1.dtype == torch.int8
+        assert isinstance(layer8.attention.wqkv, formats.Linear) and layer8.attention.wqkv.weight.dtype == torch.int8
         assert torch.equal(layer8.block_sparse_moe.gate.weight, layer.block_sparse_moe.gate.weight)
-    assert isinstance(ours_int8.output, WeightOnlyInt8Linear)
+    assert isinstance(ours_int8.output, formats.Linear) and ours_int8.output.weight.dtype == torch.int8
 
 
 def test_int8_is_recognised_by_content_not_name(int8_path, tmp_path):
@@ -161,7 +164,7 @@ def test_int8_logits_within_3_percent_of_unquantized(make_checkpoint, name):
 
 
 def test_gpu_decoding_path_matches_grouped_experts(int8_path):
-    """chosen_experts (the decoding path off CPU, no host sync) agrees with the grouped path."""
+    """Int8.decode_experts (the decoding path off CPU, no host sync) agrees with the grouped path."""
     moe = load_model(int8_path, "cpu", torch.float32).layers[0].block_sparse_moe
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, moe.w1.shape[-1], generator=g)
@@ -169,7 +172,8 @@ def test_gpu_decoding_path_matches_grouped_experts(int8_path):
     weights = torch.softmax(torch.randn(3, 2, generator=g), dim=-1)
     grouped = int8_grouped_experts(x, experts, weights, moe.w1, moe.w1_scales, moe.w3, moe.w3_scales,
                                    moe.w2, moe.w2_scales)
-    assert relative_error(moe.chosen_experts(x, experts, weights), grouped) < 1e-5
+    w1, w3, w2 = (moe.weight_tensors(name) for name in ("w1", "w3", "w2"))
+    assert relative_error(FORMATS["int8"].decode_experts(x, experts, weights, w1, w3, w2), grouped) < 1e-5
 
 
 # ----------------------------------------------------------------------------- generate.py CLI
@@ -311,8 +315,8 @@ def test_failure_while_writing_leaves_no_file(checkpoint, tmp_path, monkeypatch)
             raise OSError(28, "No space left on device")
         return original(w)
 
-    original = quantize.quantize_rows
-    monkeypatch.setattr(quantize, "quantize_rows", disk_full_at_fifth_chunk)
+    original = FORMATS["int8"].quantize
+    monkeypatch.setattr(FORMATS["int8"], "quantize", disk_full_at_fifth_chunk)
     message = cli_error(["--checkpoint_path", tmp_path / "ckpt" / "model.pth"])
     assert message.startswith("error: could not write") and "No space left on device" in message
     assert len(calls) == 5  # it failed part-way through

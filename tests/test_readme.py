@@ -26,7 +26,7 @@ def user_folder(hub, tmp_path_factory):
     hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), config, mixtral_tokenizer_path())
     hub.repos["mistralai/Mixtral-8x7B-v0.1"] = {"files": {f.name: f.read_bytes() for f in hub_files.iterdir()}}
     folder = tmp_path_factory.mktemp("user")
-    for name in ("generate.py", "model.py", "quantize.py", "tp.py", "scripts"):
+    for name in ("generate.py", "model.py", "formats.py", "quantize.py", "tp.py", "kernels", "scripts"):
         if (REPO / name).exists():
             (folder / name).symlink_to(REPO / name)
     return folder

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, load_ours, load_reference, run_script
+from formats import FORMATS, quantize_module
 from generate import generate
 from model import ModelArgs, Transformer
 from tp import check_divisible, shard_attention, shard_experts
@@ -153,10 +154,11 @@ def test_check_divisible_names_the_dimension(dim, n_head, n_local_heads, interme
         check_divisible(config, 2)
 
 
-def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales():
+@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales(fmt):
     """Without any process group: each rank's attention and MoE output, summed over ranks, is the
-    unsharded output (what the all-reduce computes), and int8 scales (the names agreed with the
-    quantization branch) are sliced with their rows."""
+    unsharded output (what the all-reduce computes), and int8 scales (one per output row) are sliced
+    with their rows and kept whole where the input columns are sliced."""
     torch.manual_seed(0)
     config = ModelArgs(n_layer=1, dim=32, n_head=4, n_local_heads=2, head_dim=8, intermediate_size=48,
                        num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
@@ -164,16 +166,14 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    quantize_module(model, config, FORMATS[fmt])  # the modules generate.py loads
     attn, moe = model.layers[0].attention, model.layers[0].block_sparse_moe
-    q, kv, E, I, D = 4 * 8, 2 * 8, 4, 48, 32
-    # Stand-ins for int8 scales: distinct values, so a wrong slice shows.
-    attn.wqkv.register_buffer("scales", torch.arange(q + 2 * kv, dtype=torch.float32))
-    attn.wo.register_buffer("scales", torch.arange(D, dtype=torch.float32))
-    for name, rows in (("w1_scales", I), ("w3_scales", I), ("w2_scales", D)):
-        moe.register_buffer(name, torch.arange(E * rows, dtype=torch.float32).view(E, rows))
+    q, kv, I = 4 * 8, 2 * 8, 48
+    int8 = fmt == "int8"
+    assert (attn.wqkv.weight.dtype == torch.int8) == int8 and hasattr(moe, "w2_scales") == int8
 
     shards = [copy.deepcopy(model) for _ in range(2)]  # before setup_caches, as in generate.py
-    x = torch.randn(1, 5, D)
+    x = torch.randn(1, 5, 32)
     pos = torch.arange(5)
     model.setup_caches(1, 16)
     cos, sin, mask = model.rope_cos[pos], model.rope_sin[pos], pos[:, None] >= torch.arange(16)[None, :]
@@ -190,17 +190,18 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales():
         k_rows = q + torch.arange(rank * kv // 2, (rank + 1) * kv // 2)
         rows = torch.cat([q_rows, k_rows, k_rows + kv])
         assert torch.equal(a.wqkv.weight, attn.wqkv.weight[rows])
-        assert torch.equal(a.wqkv.scales, attn.wqkv.scales[rows])
         cols = torch.arange(rank * q // 2, (rank + 1) * q // 2)
         assert torch.equal(a.wo.weight, attn.wo.weight[:, cols])
-        assert torch.equal(a.wo.scales, attn.wo.scales)  # per output row: whole
         i_rows = torch.arange(rank * I // 2, (rank + 1) * I // 2)
         assert torch.equal(m.w1, moe.w1[:, i_rows]) and torch.equal(m.w3, moe.w3[:, i_rows])
         assert torch.equal(m.w2, moe.w2[:, :, i_rows])
-        assert torch.equal(m.w1_scales, moe.w1_scales[:, i_rows]) and torch.equal(m.w3_scales, moe.w3_scales[:, i_rows])
-        assert torch.equal(m.w2_scales, moe.w2_scales)
+        if int8:
+            assert torch.equal(a.wqkv.scales, attn.wqkv.scales[rows])
+            assert torch.equal(a.wo.scales, attn.wo.scales)  # per output row: whole
+            assert torch.equal(m.w1_scales, moe.w1_scales[:, i_rows])
+            assert torch.equal(m.w3_scales, moe.w3_scales[:, i_rows])
+            assert torch.equal(m.w2_scales, moe.w2_scales)
         assert torch.equal(m.gate.weight, moe.gate.weight)  # the router: whole
-        assert isinstance(m.w1, torch.nn.Parameter) and "scales" in dict(a.wqkv.named_buffers())
         shard.setup_caches(1, 16)  # sized by the rank's own kv heads
         assert shard.layers[0].attention.kv_cache.k_cache.shape == (1, 1, 16, 8)
         with torch.no_grad():

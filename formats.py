@@ -1,0 +1,301 @@
+# Weight formats: how the model's big matrices are stored, quantized, sliced across ranks and multiplied.
+#
+# model.py is the readable reference, in full precision. At run time the same Transformer holds its
+# linear layers (attention wqkv and wo, the output head) and its experts in one weight format:
+#   FullPrecision  the checkpoint's tensors as they are (bfloat16, float16 or float32)
+#   Int8           symmetric int8, one scale per output row (per expert and row for the experts)
+# A format is one class: the tensors that store a weight matrix [..., out, in] (its layout in a
+# checkpoint), how a full-precision matrix is quantized into them and read back, which of them a
+# tensor-parallel rank slices along which axis, and which kernel multiplies them on which device.
+# Routing (model.route) and the choice of kernel (linear, run_experts) are written once, below, for all.
+#
+# The kernels: on CPU, for the few tokens of a decode step, kernels/cpu.cpp (each weight read once, at
+# memory speed); elsewhere, and for prompts (compute-bound), PyTorch's.
+#
+# Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import model as reference
+from kernels import cpu as cpu_kernels
+from model import ModelArgs, Transformer
+
+# Up to this many tokens a step is memory-bound and the CPU kernels win; beyond it (prompts) the
+# arithmetic dominates and PyTorch's matrix multiplications are faster.
+CPU_KERNEL_MAX_TOKENS = 8
+
+
+def stored_name(weight: str, key: str) -> str:
+    """The module attribute (and checkpoint name) of a weight's tensor: key '' is the weight itself;
+    'weight' + 'scales' -> 'scales', 'w1' + 'scales' -> 'w1_scales'."""
+    if not key:
+        return weight
+    return key if weight == "weight" else f"{weight}_{key}"
+
+
+class FullPrecision:
+    """The weights as they are."""
+    name = "full precision"
+
+    def layout(self, shape: tuple, dtype: torch.dtype) -> dict:
+        """{key: (shape, dtype)} of the tensors that store one weight of this shape and dtype."""
+        return {"": (shape, dtype)}
+
+    def quantize(self, w: Tensor) -> dict:
+        return {"": w}
+
+    def dequantize(self, t: dict) -> Tensor:
+        return t[""]
+
+    def companion_axis(self, key: str, axis: int) -> Optional[int]:
+        """The axis of companion tensor `key` that follows the weight's `axis` (-2 out, -1 in), or None
+        when the companion is whole on every rank."""
+        raise KeyError(key)
+
+    # PyTorch: the reference computations of model.py.
+    def linear(self, x: Tensor, t: dict) -> Tensor:
+        return F.linear(x, t[""])
+
+    def decode_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
+        return reference.decode_experts(x, experts, weights, w1[""], w3[""], w2[""])
+
+    def grouped_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
+        return reference.grouped_experts(x, experts, weights, w1[""], w3[""], w2[""])
+
+    # kernels/cpu.cpp
+    def cpu_linear(self, x: Tensor, t: dict) -> Tensor:
+        return torch.ops.mixtral_cpu.linear(x, t[""], None)
+
+    def cpu_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
+        return torch.ops.mixtral_cpu.moe(x, experts, weights, w1[""], w3[""], w2[""], None, None, None)
+
+
+class Int8(FullPrecision):
+    """Symmetric int8 with one scale per output row: w ~= q * scales[..., None], |q| <= 127. Scales are
+    stored in the full-precision dtype (loading casts them to --precision like any weight)."""
+    name = "int8"
+
+    def layout(self, shape, dtype):
+        return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
+
+    def quantize(self, w):
+        w32 = w.float()
+        # Round the scales to the dtype they are stored in first, and quantize with the rounded
+        # values: then q * stored scale is within half a step of w, whatever that dtype.
+        scales = (w32.abs().amax(dim=-1) / 127).to(w.dtype)
+        s = scales.float()[..., None]
+        q = torch.where(s > 0, w32 / s, 0.0).round().clamp(-127, 127).to(torch.int8)  # all-zero rows stay 0
+        return {"": q, "scales": scales}
+
+    def dequantize(self, t):
+        return t[""].to(t["scales"].dtype) * t["scales"][..., None]
+
+    def companion_axis(self, key, axis):
+        return -1 if axis == -2 else None  # one scale per output row: sliced with the rows, whole otherwise
+
+    def linear(self, x, t):
+        """On CPU, torch's int8 kernel (vectorized for bf16 on x86; x and scales share the model's
+        dtype). Elsewhere gpt-fast's (x @ w.to(dtype).T) * s, which torch.compile fuses into one kernel
+        reading int8."""
+        weight, scales = t[""], t["scales"]
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
+            return y.view(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight.to(x.dtype)) * scales
+
+    def decode_experts(self, x, experts, weights, w1, w3, w2):
+        """model.decode_experts with int8 weights: (indexed, converted weights) @ (column vector), which
+        torch.compile lowers to reductions that load the chosen int8 rows and convert them as they
+        multiply, with no host sync and no gathered copy."""
+        xe = x[:, None, :, None]  # [N, 1, D, 1]
+        x1 = (w1[""][experts].to(x.dtype) @ xe).squeeze(-1) * w1["scales"][experts]  # [N, K, I]
+        x3 = (w3[""][experts].to(x.dtype) @ xe).squeeze(-1) * w3["scales"][experts]
+        h = (F.silu(x1) * x3)[..., None]  # [N, K, I, 1]
+        y = (w2[""][experts].to(x.dtype) @ h).squeeze(-1) * w2["scales"][experts]  # [N, K, D]
+        return (y * weights[..., None]).sum(dim=1)  # [N, D]
+
+    def grouped_experts(self, x, experts, weights, w1, w3, w2):
+        return int8_grouped_experts(x, experts, weights, w1[""], w1["scales"], w3[""], w3["scales"], w2[""], w2["scales"])
+
+    def cpu_linear(self, x, t):
+        return torch.ops.mixtral_cpu.linear(x, t[""], t["scales"])
+
+    def cpu_experts(self, x, experts, weights, w1, w3, w2):
+        return torch.ops.mixtral_cpu.moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
+                                         w2["scales"])
+
+
+FORMATS = {"full precision": FullPrecision(), "int8": Int8()}
+
+
+def detect_format(state_dict: dict):
+    """The format a checkpoint is stored in, told by its content, not its file name."""
+    if any(t.dtype == torch.int8 for t in state_dict.values()):
+        return FORMATS["int8"]
+    return FORMATS["full precision"]
+
+
+# ----------------------------------------------------------------------------- the choice of kernel
+
+def use_cpu_kernels(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() <= CPU_KERNEL_MAX_TOKENS * x.shape[-1] and cpu_kernels.available()
+
+
+def linear(fmt: FullPrecision, x: Tensor, t: dict) -> Tensor:
+    """x [..., in] times the weight stored in t: [..., out]."""
+    if use_cpu_kernels(x):
+        return fmt.cpu_linear(x.reshape(-1, x.shape[-1]), t).view(*x.shape[:-1], -1)
+    return fmt.linear(x, t)
+
+
+def run_experts(fmt: FullPrecision, x: Tensor, experts: Tensor, weights: Tensor, w1: dict, w3: dict, w2: dict) -> Tensor:
+    """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
+    if use_cpu_kernels(x):
+        return fmt.cpu_experts(x, experts, weights, w1, w3, w2)
+    # A few tokens read at most as many experts one matrix-vector product at a time (no host sync, so
+    # a GPU step stays one CUDA graph) as a grouped pass over all E would; a prompt shares each expert
+    # among many tokens.
+    if x.size(0) * experts.size(1) <= w1[""].size(0):
+        return fmt.decode_experts(x, experts, weights, w1, w3, w2)
+    return fmt.grouped_experts(x, experts, weights, w1, w3, w2)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class FormattedWeights(nn.Module):
+    """A module whose weights are stored in a format: each weight's tensors are buffers named by
+    stored_name (buffers, not parameters: int8 cannot require grad, and nothing trains here)."""
+
+    def add_weight(self, name: str, fmt: FullPrecision, shape: tuple, dtype: torch.dtype):
+        self.format = fmt
+        layout = fmt.layout(shape, dtype)
+        self.keys = tuple(layout)
+        self.weight_names = getattr(self, "weight_names", ()) + (name,)
+        for key, (shape_, dtype_) in layout.items():
+            self.register_buffer(stored_name(name, key), torch.empty(shape_, dtype=dtype_))
+
+    def weight_tensors(self, name: str) -> dict:
+        return {key: getattr(self, stored_name(name, key)) for key in self.keys}
+
+
+class Linear(FormattedWeights):
+    """nn.Linear without bias, its weight [out, in] stored in a format."""
+
+    def __init__(self, fmt: FullPrecision, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.add_weight("weight", fmt, (out_features, in_features), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(self.format, x, self.weight_tensors("weight"))
+
+
+class MOEFeedForward(reference.MOEFeedForward, FormattedWeights):
+    """model.MOEFeedForward (its router and routing) with the experts stored in a format."""
+
+    def __init__(self, fmt: FullPrecision, config: ModelArgs, dtype: torch.dtype = torch.float32):
+        nn.Module.__init__(self)
+        E, I, D = config.num_experts, config.intermediate_size, config.dim
+        self.gate = nn.Linear(D, E, bias=False, dtype=dtype)  # the router stays in full precision
+        for name, shape in (("w1", (E, I, D)), ("w3", (E, I, D)), ("w2", (E, D, I))):
+            self.add_weight(name, fmt, shape, dtype)
+        self.num_activated_experts = config.num_activated_experts
+
+    def run_experts(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        w1, w3, w2 = (self.weight_tensors(name) for name in ("w1", "w3", "w2"))
+        return run_experts(self.format, x, experts, weights, w1, w3, w2)
+
+
+def formatted_model(config: ModelArgs, fmt: FullPrecision, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer with its linear layers and experts in `fmt`. Tensors are made on the current
+    default device: inside `with torch.device("meta")` they cost nothing until loaded with
+    load_state_dict(assign=True)."""
+    model = Transformer(config)
+    for layer in model.layers:
+        attention = layer.attention
+        attention.wqkv = Linear(fmt, attention.wqkv.in_features, attention.wqkv.out_features, dtype)
+        attention.wo = Linear(fmt, attention.wo.in_features, attention.wo.out_features, dtype)
+        layer.block_sparse_moe = MOEFeedForward(fmt, config, dtype)
+    model.output = Linear(fmt, config.dim, config.vocab_size, dtype)
+    return model
+
+
+def stored_weights(config: ModelArgs, fmt: FullPrecision) -> dict:
+    """Each weight that `fmt` stores its own way: its full-precision checkpoint name -> {key: name of
+    the tensor that stores that part}, e.g. 'output.weight' -> {'': 'output.weight', 'scales': 'output.scales'}."""
+    with torch.device("meta"):
+        model = formatted_model(config, fmt)
+    return {f"{prefix}.{weight}": {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys}
+            for prefix, module in model.named_modules() if isinstance(module, FormattedWeights)
+            for weight in module.weight_names}
+
+
+@torch.no_grad()
+def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) -> nn.Module:
+    """What quantize.py does to a checkpoint, done to a model in memory (scripts/benchmark.py --int8):
+    the TransformerBlock or whole Transformer `module`, in full precision (model.py's own modules or
+    FullPrecision ones), gets its linear layers and experts stored in `fmt`, in place."""
+    def converted(old: nn.Module, names: tuple, new: FormattedWeights) -> FormattedWeights:
+        for name in names:
+            w = getattr(old, name).detach()
+            for key, t in fmt.quantize(w).items():
+                setattr(new, stored_name(name, key), t)
+        return new
+
+    def linear_in(old):
+        if isinstance(old, Linear) and old.format is fmt:
+            return old
+        with torch.device("meta"):
+            new = Linear(fmt, old.in_features, old.out_features, old.weight.dtype)
+        return converted(old, ("weight",), new)
+
+    def experts_in(old):
+        if isinstance(old, MOEFeedForward) and old.format is fmt:
+            return old
+        with torch.device("meta"):
+            new = MOEFeedForward(fmt, config, old.w1.dtype)
+        new.gate = old.gate
+        return converted(old, ("w1", "w3", "w2"), new)
+
+    blocks = list(module.layers) if isinstance(module, Transformer) else [module]
+    for block in blocks:
+        block.attention.wqkv = linear_in(block.attention.wqkv)
+        block.attention.wo = linear_in(block.attention.wo)
+        block.block_sparse_moe = experts_in(block.block_sparse_moe)
+    if isinstance(module, Transformer):
+        module.output = linear_in(module.output)
+    return module
+
+
+# ----------------------------------------------------------------------------- int8 prefill
+
+# A custom op is opaque to torch.compile: its body runs as ordinary eager code inside a compiled graph
+# (also under --compile_prefill), so it may read the group sizes on the host and take each expert's
+# weights as a view. That costs nothing on CPU and one sync per layer on a GPU (fine for prefill).
+@torch.library.custom_op("mixtral::int8_grouped_experts", mutates_args=())
+def int8_grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w1_scales: Tensor,
+                         w3: Tensor, w3_scales: Tensor, w2: Tensor, w2_scales: Tensor) -> Tensor:
+    """Runs each expert once over the tokens routed to it, reading its int8 weights in place.
+    model.sort_by_expert, then a loop over the experts that some token chose: the others are not read."""
+    order, token_of_pair, counts = reference.sort_by_expert(experts, w1.shape[0])
+    counts = counts.tolist()  # host sync
+    xs = x[token_of_pair]  # [N*K, D]
+    int8 = FORMATS["int8"]
+    ys = []
+    for e, xs_e in enumerate(xs.split(counts)):  # xs_e [count_e, D]
+        if counts[e] == 0:
+            continue
+        h = F.silu(int8.linear(xs_e, {"": w1[e], "scales": w1_scales[e]})) \
+            * int8.linear(xs_e, {"": w3[e], "scales": w3_scales[e]})  # [count_e, I]
+        ys.append(int8.linear(h, {"": w2[e], "scales": w2_scales[e]}))  # [count_e, D]
+    ys = torch.cat(ys) * weights.flatten()[order, None]  # [N*K, D]
+    return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
+
+
+@int8_grouped_experts.register_fake
+def _(x, experts, weights, w1, w1_scales, w3, w3_scales, w2, w2_scales):
+    return torch.empty_like(x)

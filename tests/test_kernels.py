@@ -1,0 +1,151 @@
+"""kernels/cpu.cpp against independent float64 computations (every weight dtype, shapes that are not
+multiples of the kernels' tiles, one and several tokens); inside the compiled decode step (one graph,
+no recompiles, the eager tokens); and generation without them."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, load_ours, run_script
+from formats import FORMATS, formatted_model
+from generate import decode_compile_options
+from kernels import cpu as cpu_kernels
+
+# Half a unit in the last place, relative: the rounding of one result to the output dtype.
+HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# D, I and the row counts are odd, below and above the kernels' tiles (4 rows, 8 columns, 64 rows a task).
+D, I, E, VOCAB = 37, 77, 4, 131
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built():
+    assert cpu_kernels.available(), "the CPU kernels must build here (a C++ compiler and ninja are installed)"
+
+
+def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
+    """w in format fmt, its full precision (and the int8 scales) in dtype."""
+    return FORMATS[fmt].quantize(w.to(dtype))
+
+
+def exact(fmt: str, t: dict) -> torch.Tensor:
+    """The weights the kernel must multiply, in float64, computed here from the stored tensors."""
+    if fmt == "int8":
+        return t[""].double() * t["scales"].double()[..., None]
+    return t[""].double()
+
+
+def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, dtype):
+    """Each value within half a unit of the output dtype of the float64 value, plus float32 summation
+    error (a few units of 2^-24 of the largest value)."""
+    err = (got.double() - want).abs()
+    bound = HALF_ULP[dtype] * want.abs() + 1e-5 * want.abs().max()
+    assert (err <= bound).all(), (err - bound).max()
+
+
+@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_linear_matches_float64(fmt, dtype, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, D, generator=g).to(dtype)
+    t = stored(fmt, torch.randn(VOCAB, D, generator=g) / D ** 0.5, dtype)
+    got = FORMATS[fmt].cpu_linear(x, t)
+    assert got.dtype == dtype and got.shape == (tokens, VOCAB)
+    assert_within_rounding(got, x.double() @ exact(fmt, t).T, dtype)
+
+
+def experts_float64(x, experts, weights, w1, w3, w2):
+    """Each token's chosen experts, one at a time, in float64."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.size(0)):
+        for e, weight in zip(experts[n].tolist(), weights[n].double()):
+            xn = x[n].double()
+            y[n] += weight * (w2[e] @ (F.silu(w1[e] @ xn) * (w3[e] @ xn)))
+    return y
+
+
+@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]]])
+def test_moe_matches_float64(fmt, dtype, experts):
+    """One token, and three tokens of which two share expert 2 (read once for both)."""
+    g = torch.Generator().manual_seed(len(experts))
+    experts = torch.tensor(experts)
+    x = torch.randn(experts.size(0), D, generator=g).to(dtype)
+    weights = torch.softmax(torch.randn(experts.shape, generator=g), dim=-1).to(dtype)
+    w1, w3 = (stored(fmt, torch.randn(E, I, D, generator=g) / D ** 0.5, dtype) for _ in range(2))
+    w2 = stored(fmt, torch.randn(E, D, I, generator=g) / I ** 0.5, dtype)
+    got = FORMATS[fmt].cpu_experts(x, experts, weights, w1, w3, w2)
+    assert got.dtype == dtype and got.shape == x.shape
+    want = experts_float64(x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2))
+    assert_within_rounding(got, want, dtype)
+
+
+def test_bad_arguments_are_refused_not_misread():
+    x = torch.randn(1, D)
+    with pytest.raises(RuntimeError, match="need scales"):
+        torch.ops.mixtral_cpu.linear(x, torch.zeros(VOCAB, D, dtype=torch.int8), None)
+    with pytest.raises(RuntimeError, match="out of range"):
+        t = stored("full precision", torch.randn(E, I, D), torch.float32)
+        t2 = stored("full precision", torch.randn(E, D, I), torch.float32)
+        FORMATS["full precision"].cpu_experts(x, torch.tensor([[0, E]]), torch.ones(1, 2), t, t, t2)
+
+
+@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+def test_compiled_decode_calls_the_kernels_in_one_graph(checkpoint, fmt):
+    """generate.py's compiled decode step: one graph whose code calls the kernels for every linear layer
+    and MoE, the eager step's logits, and no recompilation from one position to the next."""
+    from torch._inductor.utils import run_and_get_code
+    from formats import quantize_module
+    model = load_ours(checkpoint)
+    quantize_module(model, model.config, FORMATS[fmt])
+    model.setup_caches(max_batch_size=1, max_seq_length=64)
+    idx = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, pos: model(x, pos), fullgraph=True, options=decode_compile_options("cpu"))
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        eager = [model(idx[:, i:i + 1], torch.tensor([i])) for i in range(4)]  # fills the cache, and the reference
+        model.setup_caches(max_batch_size=1, max_seq_length=64)
+        for layer in model.layers:
+            layer.attention.kv_cache.k_cache.zero_(), layer.attention.kv_cache.v_cache.zero_()
+        compiled, (code, *_) = run_and_get_code(step, idx[:, :1], torch.tensor([0]))
+        compiled = [compiled] + [step(idx[:, i:i + 1], torch.tensor([i])) for i in range(1, 4)]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    n_layer = model.config.n_layer
+    assert len(re.findall(r"mixtral_cpu\.moe\.default\(", code)) == n_layer, code
+    assert len(re.findall(r"mixtral_cpu\.linear\.default\(", code)) == 2 * n_layer + 1  # wqkv, wo; the head
+
+
+def test_generation_without_the_kernels_says_so_in_one_line(checkpoint):
+    """MIXTRAL_NO_CPU_KERNELS stands in for a machine without a compiler: the same greedy text, on
+    PyTorch's kernels, and one line on stderr saying so."""
+    args = ("--checkpoint_path", checkpoint / "model.pth", "--prompt", "Hello, my name is", "--max_new_tokens", "6",
+            "--num_samples", "1", "--temperature", "0", "--precision", "float32", "--device", "cpu")
+    without = run_script(REPO / "generate.py", *args, env={"MIXTRAL_NO_CPU_KERNELS": "1", "OMP_NUM_THREADS": "1"})
+    assert without.returncode == 0, without.stderr
+    notes = [line for line in without.stderr.splitlines() if "kernel" in line]
+    assert notes == ["note: CPU kernels turned off by MIXTRAL_NO_CPU_KERNELS; using PyTorch's kernels instead "
+                     "(slower decoding)"], without.stderr
+    with_kernels = run_script(REPO / "generate.py", *args, env={"OMP_NUM_THREADS": "1"})
+    assert "kernel" not in with_kernels.stderr
+    text = without.stdout.split("\nTime for inference 1:")[0]
+    assert text == with_kernels.stdout.split("\nTime for inference 1:")[0] and text.startswith("Hello, my name is")
+
+
+def test_formatted_model_stores_each_format_in_its_layout():
+    """The checkpoint names and dtypes each format stores, written out here rather than taken from
+    formats.py: the weight itself, and for int8 the int8 weight and one scale per output row."""
+    from model import ModelArgs
+    config = ModelArgs(n_layer=1, dim=8, n_head=2, n_local_heads=1, head_dim=4, intermediate_size=12,
+                       num_experts=2, vocab_size=16, block_size=16)
+    with torch.device("meta"):
+        full = formatted_model(config, FORMATS["full precision"], torch.bfloat16).state_dict()
+        int8 = formatted_model(config, FORMATS["int8"], torch.bfloat16).state_dict()
+    prefix = "layers.0.block_sparse_moe."
+    assert full[prefix + "w2"].dtype == torch.bfloat16 and prefix + "w2_scales" not in full
+    assert int8[prefix + "w2"].dtype == torch.int8 and int8[prefix + "w2_scales"].shape == (2, 8)
+    assert int8["output.weight"].dtype == torch.int8 and int8["output.scales"].shape == (16,)
+    assert set(int8) - set(full) == {prefix + f"w{i}_scales" for i in (1, 2, 3)} | {
+        "layers.0.attention.wqkv.scales", "layers.0.attention.wo.scales", "output.scales"}
