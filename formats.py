@@ -48,8 +48,9 @@ class FullPrecision:
     def quantize(self, w: Tensor) -> dict:
         return {"": w}
 
-    def dequantize(self, t: dict) -> Tensor:
-        return t[""]
+    def dequantize(self, t: dict, dtype: torch.dtype) -> Tensor:
+        """The weight in full precision, computed in dtype."""
+        return t[""].to(dtype)
 
     def companion_axis(self, key: str, axis: int) -> Optional[int]:
         """The axis of companion tensor `key` that follows the weight's `axis` (-2 out, -1 in), or None
@@ -91,21 +92,26 @@ class Int8(FullPrecision):
         q = torch.where(s > 0, w32 / s, 0.0).round().clamp(-127, 127).to(torch.int8)  # all-zero rows stay 0
         return {"": q, "scales": scales}
 
-    def dequantize(self, t):
-        return t[""].to(t["scales"].dtype) * t["scales"][..., None]
+    def dequantize(self, t, dtype):
+        if t[""].device.type == "cpu" and cpu_kernels.available():
+            return torch.ops.mixtral_cpu.dequantize_int8(t[""], t["scales"], dtype)  # one pass, not three
+        return t[""].to(dtype) * t["scales"].to(dtype)[..., None]
 
     def companion_axis(self, key, axis):
         return -1 if axis == -2 else None  # one scale per output row: sliced with the rows, whole otherwise
 
     def linear(self, x, t):
-        """On CPU, torch's int8 kernel (vectorized for bf16 on x86; x and scales share the model's
-        dtype). Elsewhere gpt-fast's (x @ w.to(dtype).T) * s, which torch.compile fuses into one kernel
-        reading int8."""
+        """On a GPU, gpt-fast's (x @ w.to(dtype).T) * s, which torch.compile fuses into one kernel reading
+        int8. On a CPU, a prompt's tokens share a full-precision copy of the weights (compute-bound);
+        the few tokens of a decode step without the CPU kernels take torch's int8 kernel."""
         weight, scales = t[""], t["scales"]
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
-            return y.view(*x.shape[:-1], weight.shape[0])
-        return F.linear(x, weight.to(x.dtype)) * scales
+        if x.device.type != "cpu":
+            return F.linear(x, weight.to(x.dtype)) * scales
+        if x.numel() > CPU_KERNEL_MAX_TOKENS * x.shape[-1]:
+            dtype = matmul_dtype(x)
+            return F.linear(x.to(dtype), self.dequantize(t, dtype)).to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     def decode_experts(self, x, experts, weights, w1, w3, w2):
         """model.decode_experts with int8 weights: (indexed, converted weights) @ (column vector), which
@@ -119,7 +125,7 @@ class Int8(FullPrecision):
         return (y * weights[..., None]).sum(dim=1)  # [N, D]
 
     def grouped_experts(self, x, experts, weights, w1, w3, w2):
-        return int8_grouped_experts(x, experts, weights, w1[""], w1["scales"], w3[""], w3["scales"], w2[""], w2["scales"])
+        return dequantized_experts(x, experts, weights, self.name, *(list(w.values()) for w in (w1, w3, w2)))
 
     def cpu_linear(self, x, t):
         return torch.ops.mixtral_cpu.linear(x, t[""], t["scales"])
@@ -200,7 +206,8 @@ class MOEFeedForward(reference.MOEFeedForward, FormattedWeights):
     def __init__(self, fmt: FullPrecision, config: ModelArgs, dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)
         E, I, D = config.num_experts, config.intermediate_size, config.dim
-        self.gate = nn.Linear(D, E, bias=False, dtype=dtype)  # the router stays in full precision
+        # The router stays in full precision in every format: its few weights decide which experts run.
+        self.gate = Linear(FORMATS["full precision"], D, E, dtype)
         for name, shape in (("w1", (E, I, D)), ("w3", (E, I, D)), ("w2", (E, D, I))):
             self.add_weight(name, fmt, shape, dtype)
         self.num_activated_experts = config.num_activated_experts
@@ -230,7 +237,7 @@ def stored_weights(config: ModelArgs, fmt: FullPrecision) -> dict:
     with torch.device("meta"):
         model = formatted_model(config, fmt)
     return {f"{prefix}.{weight}": {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys}
-            for prefix, module in model.named_modules() if isinstance(module, FormattedWeights)
+            for prefix, module in model.named_modules() if isinstance(module, FormattedWeights) and module.format is fmt
             for weight in module.weight_names}
 
 
@@ -239,27 +246,27 @@ def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) ->
     """What quantize.py does to a checkpoint, done to a model in memory (scripts/benchmark.py --int8):
     the TransformerBlock or whole Transformer `module`, in full precision (model.py's own modules or
     FullPrecision ones), gets its linear layers and experts stored in `fmt`, in place."""
-    def converted(old: nn.Module, names: tuple, new: FormattedWeights) -> FormattedWeights:
+    def converted(old: nn.Module, names: tuple, new: FormattedWeights, fmt: FullPrecision) -> FormattedWeights:
         for name in names:
             w = getattr(old, name).detach()
             for key, t in fmt.quantize(w).items():
                 setattr(new, stored_name(name, key), t)
         return new
 
-    def linear_in(old):
+    def linear_in(old, fmt=fmt):
         if isinstance(old, Linear) and old.format is fmt:
             return old
         with torch.device("meta"):
             new = Linear(fmt, old.in_features, old.out_features, old.weight.dtype)
-        return converted(old, ("weight",), new)
+        return converted(old, ("weight",), new, fmt)
 
     def experts_in(old):
         if isinstance(old, MOEFeedForward) and old.format is fmt:
             return old
         with torch.device("meta"):
             new = MOEFeedForward(fmt, config, old.w1.dtype)
-        new.gate = old.gate
-        return converted(old, ("w1", "w3", "w2"), new)
+        new.gate = linear_in(old.gate, FORMATS["full precision"])
+        return converted(old, ("w1", "w3", "w2"), new, fmt)
 
     blocks = list(module.layers) if isinstance(module, Transformer) else [module]
     for block in blocks:
@@ -271,31 +278,41 @@ def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) ->
     return module
 
 
-# ----------------------------------------------------------------------------- int8 prefill
+# ----------------------------------------------------------------------------- prompts, quantized
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a prompt's matmuls run in: x's, but float32 on CPUs that multiply half precision slowly."""
+    return torch.float32 if x.device.type == "cpu" and reference.half_matmul_is_slow(x.dtype) else x.dtype
+
 
 # A custom op is opaque to torch.compile: its body runs as ordinary eager code inside a compiled graph
 # (also under --compile_prefill), so it may read the group sizes on the host and take each expert's
 # weights as a view. That costs nothing on CPU and one sync per layer on a GPU (fine for prefill).
-@torch.library.custom_op("mixtral::int8_grouped_experts", mutates_args=())
-def int8_grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w1_scales: Tensor,
-                         w3: Tensor, w3_scales: Tensor, w2: Tensor, w2_scales: Tensor) -> Tensor:
-    """Runs each expert once over the tokens routed to it, reading its int8 weights in place.
-    model.sort_by_expert, then a loop over the experts that some token chose: the others are not read."""
-    order, token_of_pair, counts = reference.sort_by_expert(experts, w1.shape[0])
+@torch.library.custom_op("mixtral::dequantized_experts", mutates_args=())
+def dequantized_experts(x: Tensor, experts: Tensor, weights: Tensor, format_name: str, w1: list[Tensor],
+                        w3: list[Tensor], w2: list[Tensor]) -> Tensor:
+    """model.grouped_experts for quantized formats: each expert that some token chose runs once over its
+    tokens, its weights dequantized one matrix at a time (a prompt's matmuls are compute-bound: one
+    pass of conversion is cheap next to them). w1/w3/w2: the format's tensors in its layout's order."""
+    fmt = FORMATS[format_name]
+    keys = list(fmt.layout((1, 1), x.dtype))
+    order, token_of_pair, counts = reference.sort_by_expert(experts, w1[0].shape[0])
     counts = counts.tolist()  # host sync
-    xs = x[token_of_pair]  # [N*K, D]
-    int8 = FORMATS["int8"]
+    dtype = matmul_dtype(x)
+    xs = x[token_of_pair].to(dtype)  # [N*K, D]
+
+    def weight(w: list, e: int) -> Tensor:
+        return fmt.dequantize({key: t[e] for key, t in zip(keys, w)}, dtype)
+
     ys = []
     for e, xs_e in enumerate(xs.split(counts)):  # xs_e [count_e, D]
-        if counts[e] == 0:
-            continue
-        h = F.silu(int8.linear(xs_e, {"": w1[e], "scales": w1_scales[e]})) \
-            * int8.linear(xs_e, {"": w3[e], "scales": w3_scales[e]})  # [count_e, I]
-        ys.append(int8.linear(h, {"": w2[e], "scales": w2_scales[e]}))  # [count_e, D]
-    ys = torch.cat(ys) * weights.flatten()[order, None]  # [N*K, D]
+        if counts[e]:  # each dequantized matrix is freed as soon as its matmul returns
+            h = F.silu(F.linear(xs_e, weight(w1, e))) * F.linear(xs_e, weight(w3, e))  # [count_e, I]
+            ys.append(F.linear(h, weight(w2, e)))  # [count_e, D]
+    ys = torch.cat(ys).to(x.dtype) * weights.flatten()[order, None]  # [N*K, D]
     return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
 
 
-@int8_grouped_experts.register_fake
-def _(x, experts, weights, w1, w1_scales, w3, w3_scales, w2, w2_scales):
+@dequantized_experts.register_fake
+def _(x, experts, weights, format_name, w1, w3, w2):
     return torch.empty_like(x)

@@ -11,6 +11,7 @@
 //   linear(x [M, K], weight [N, K], scales [N]?) -> [M, N]          y = x @ (weight * scales).T
 //   moe(x [T, D], experts [T, Kx], weights [T, Kx], w1 [E, I, D], w3 [E, I, D], w2 [E, D, I],
 //       w1_scales [E, I]?, w3_scales [E, I]?, w2_scales [E, D]?) -> [T, D]
+//   dequantize_int8(q [..., C], scales [...], dtype) -> [..., C]    q * scales, for prompts
 // moe reads each chosen expert in place, once per call however many tokens chose it, with w1 and w3 in
 // one pass and silu(w1 x) * (w3 x) computed as the rows come in. Weights are float32, bf16, fp16 or
 // int8 (with float scales per output row); activations any of the three float types.
@@ -25,6 +26,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -55,6 +57,17 @@ inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
+// One core alone keeps too few cache misses in flight to stream at the memory's speed: it waits on
+// latency. Asking for the weights a few KB ahead, into L2 (whose queue of misses is deeper than L1's),
+// lets far more reads overlap; the hardware prefetcher also stops at every 4 KB page, this does not.
+// The distance and the L2 hint measured best on rows of 1024 to 4096 values (see the README's table).
+constexpr int kPrefetchBytes = 4096;
+
+template <typename W>
+inline void prefetch_ahead(const W* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1);
+}
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -62,46 +75,139 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[r * MC + m] = dot(rows[r], x + m * K) over K values, for R rows and MC vectors (float32).
+// out[r * MC + m] = dot(rows[r], x + m * K) over K values, for R rows and MC vectors (float32). U
+// independent accumulators per (row, vector) pair keep R * MC * U >= 4 multiply-adds in flight.
 template <typename W, int R, int MC>
 inline void dot_tile(const W* const* rows, const float* x, int64_t K, float* out) {
-  __m256 acc[R][MC];
+  constexpr int U = R * MC >= 4 ? 1 : 4 / (R * MC);
+  __m256 acc[R][MC][U];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int m = 0; m < MC; ++m)
+      for (int u = 0; u < U; ++u) acc[r][m][u] = _mm256_setzero_ps();
   int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + k);
+    for (int u = 0; u < U; ++u) {
+      __m256 xv[MC];
+      for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k + 8 * u);
+      for (int r = 0; r < R; ++r) {
+        __m256 w = load8(rows[r] + k + 8 * u);
+        for (int m = 0; m < MC; ++m) acc[r][m][u] = _mm256_fmadd_ps(w, xv[m], acc[r][m][u]);
+      }
+    }
+  }
   for (; k + 8 <= K; k += 8) {
-    __m256 xv[MC];
-    for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int r = 0; r < R; ++r) {
       __m256 w = load8(rows[r] + k);
-      for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_fmadd_ps(w, xv[m], acc[r][m]);
+      for (int m = 0; m < MC; ++m) acc[r][m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), acc[r][m][0]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) {
-      float s = horizontal_sum(acc[r][m]);
+      __m256 a = acc[r][m][0];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[r][m][u]);
+      float s = horizontal_sum(a);
       for (int64_t j = k; j < K; ++j) s += to_float(rows[r][j]) * x[m * K + j];
       out[r * MC + m] = s;
     }
 }
 
-// dots[r * M + m] = dot(rows[r], x[m]) for R rows and any M vectors, two vectors at a time: the rows'
-// tile stays in L1 while the vectors pass, so the weights come from memory once.
+// Activation vectors, M of K values each: float32, and for int8 weights also int16 in blocks of 64
+// values with one float scale per block (x ~= q * scale, |q| <= 32767). int8 weights times int16
+// activations multiply and add pairs in one instruction (vpmaddwd) where widening each int8 to float
+// took three; the activations lose less to it than to their own bf16 rounding.
+constexpr int64_t kBlock = 64;
+
+struct Vectors {
+  const float* f;
+  const int16_t* q;
+  const float* scale;
+  int64_t K, blocks;
+  Vectors at(int64_t m) const { return {f + m * K, q ? q + m * K : nullptr, scale ? scale + m * blocks : nullptr, K, blocks}; }
+};
+
+struct VectorStore {  // owns what a Vectors view points to
+  std::vector<int16_t> q;
+  std::vector<float> scale;
+  Vectors view;
+};
+
+VectorStore make_vectors(const float* x, int64_t M, int64_t K, bool quantize) {
+  VectorStore v;
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  v.view = {x, nullptr, nullptr, K, blocks};
+  if (!quantize) return v;
+  v.q.resize(M * K), v.scale.resize(M * blocks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * K + k]));
+      const float scale = amax / 32767.0f, inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      v.scale[m * blocks + b] = scale;
+      for (int64_t k = k0; k < k1; ++k) v.q[m * K + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] * inverse));
+    }
+  v.view.q = v.q.data(), v.view.scale = v.scale.data();
+  return v;
+}
+
+// dot_tile for int8 rows and int16 vectors: exact integer sums within a block (64 products of at most
+// 127 * 32767 fit an int32 lane many times over), then scaled and added in float32.
+template <int R, int MC>
+inline void dot_tile_int8(const int8_t* const* rows, const Vectors& x, float* out) {
+  const int64_t K = x.K, full_blocks = K / kBlock;
+  __m256 acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < full_blocks; ++b) {
+    const int64_t k0 = b * kBlock;
+    for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + k0);
+    __m256i sums[R][MC];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MC; ++m) sums[r][m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k0 + kBlock; k += 16) {
+      __m256i xv[MC];
+      for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + k));
+      for (int r = 0; r < R; ++r) {
+        __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k)));
+        for (int m = 0; m < MC; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], _mm256_madd_epi16(w, xv[m]));
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      const __m256 scale = _mm256_set1_ps(x.scale[m * x.blocks + b]);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][m]), scale, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) {
+      float s = horizontal_sum(acc[r][m]);
+      for (int64_t k = full_blocks * kBlock; k < K; ++k)
+        s += float(rows[r][k]) * float(x.q[m * K + k]) * x.scale[m * x.blocks + k / kBlock];
+      out[r * MC + m] = s;
+    }
+}
+
+// dots[r * M + m] = dot(rows[r], x[m]) for R rows and any M vectors, two vectors at a time: the rows
+// stay in L1 while the vectors pass, so the weights come from memory once.
 template <typename W, int R>
-inline void dot_rows(const W* const* rows, const float* x, int64_t M, int64_t K, float* dots) {
+inline void dot_rows(const W* const* rows, const Vectors& x, int64_t M, float* dots) {
   float out[R * 2];
   for (int64_t m = 0; m < M; m += 2) {
-    if (M - m >= 2) {
-      dot_tile<W, R, 2>(rows, x + m * K, K, out);
-      for (int r = 0; r < R; ++r) dots[r * M + m] = out[r * 2], dots[r * M + m + 1] = out[r * 2 + 1];
+    const int MC = M - m >= 2 ? 2 : 1;
+    if constexpr (std::is_same_v<W, int8_t>) {
+      if (MC == 2) dot_tile_int8<R, 2>(rows, x.at(m), out);
+      else dot_tile_int8<R, 1>(rows, x.at(m), out);
     } else {
-      dot_tile<W, R, 1>(rows, x + m * K, K, out);
-      for (int r = 0; r < R; ++r) dots[r * M + m] = out[r];
+      if (MC == 2) dot_tile<W, R, 2>(rows, x.f + m * x.K, x.K, out);
+      else dot_tile<W, R, 1>(rows, x.f + m * x.K, x.K, out);
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < MC; ++c) dots[r * M + m + c] = out[r * MC + c];
   }
 }
 
-constexpr int64_t kRowsPerTile = 4;
+// Vectors one pass over a row takes (the rest take another pass, the row then in L1).
+constexpr int64_t kMaxVectors = 64;
 // Rows a thread takes at a time: large enough that scheduling costs nothing, small enough that two
 // threads split a 1024-row matrix evenly.
 constexpr int64_t kRowsPerTask = 64;
@@ -114,30 +220,20 @@ Tensor as_float(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // ---------------------------------------------------------------------------- linear
 
-// y[m, n] = scale[n] * dot(w[n], x[m]) for rows n in [n0, n1).
+// y[m, n] = scale[n] * dot(w[n], x[m]) for rows n in [n0, n1). One row at a time: the rows lie one after
+// another in memory, so a thread reads one sequential stream, which the hardware prefetcher follows
+// best (tiles of several rows measured slower on rows of 1024 values).
 template <typename W>
-void linear_rows(const W* w, const float* scales, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+void linear_rows(const W* w, const float* scales, const Vectors& x, int64_t M, int64_t K, int64_t n0, int64_t n1,
                  float* y, int64_t N) {
-  float dots[kRowsPerTile * 64];
-  int64_t n = n0;
-  for (; n < n1; n += kRowsPerTile) {
-    int64_t R = std::min(kRowsPerTile, n1 - n);
-    for (int64_t m0 = 0; m0 < M; m0 += 64) {  // 64 vectors at most per pass: dots stays on the stack
-      int64_t Mc = std::min<int64_t>(64, M - m0);
-      const float* xc = x + m0 * K;
-      if (R == kRowsPerTile) {
-        const W* rows[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
-        dot_rows<W, 4>(rows, xc, Mc, K, dots);
-      } else {
-        for (int64_t r = 0; r < R; ++r) {
-          const W* row[1] = {w + (n + r) * K};
-          dot_rows<W, 1>(row, xc, Mc, K, dots + r * Mc);
-        }
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        float s = scales ? scales[n + r] : 1.0f;
-        for (int64_t m = 0; m < Mc; ++m) y[(m0 + m) * N + n + r] = dots[r * Mc + m] * s;
-      }
+  float dots[kMaxVectors];
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row[1] = {w + n * K};
+    const float s = scales ? scales[n] : 1.0f;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxVectors) {
+      const int64_t Mc = std::min(kMaxVectors, M - m0);
+      dot_rows<W, 1>(row, x.at(m0), Mc, dots);
+      for (int64_t m = 0; m < Mc; ++m) y[(m0 + m) * N + n] = dots[m] * s;
     }
   }
 }
@@ -173,9 +269,10 @@ Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>
   dispatch_weight_type(weight, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const W* w = static_cast<const W*>(weight.data_ptr());
+    const VectorStore xv = make_vectors(float_data(xf), M, K, std::is_same_v<W, int8_t>);
     const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      linear_rows<W>(w, s, float_data(xf), M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), float_data(y), N);
+      linear_rows<W>(w, s, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), float_data(y), N);
     });
   });
   return y.to(x.scalar_type());
@@ -221,8 +318,10 @@ void moe_experts(const Groups& g, const float* x, const float* pair_weight, cons
   // Each group's tokens side by side, so that an expert's rows meet all of its tokens in one pass.
   std::vector<float> xg(P * D), h(P * I);
   for (int64_t q = 0; q < P; ++q) std::copy(x + g.token[q] * D, x + (g.token[q] + 1) * D, xg.begin() + q * D);
+  constexpr bool quantize = std::is_same_v<W, int8_t>;
+  const VectorStore xv = make_vectors(xg.data(), P, D, quantize);
 
-  // w1 and w3 together: for a tile of 2 rows of each, h = silu(w1 x) * (w3 x) over the group's tokens.
+  // w1 and w3 together, row by row: h = silu(w1 x) * (w3 x) over the group's tokens.
   const int64_t tiles_per_expert = (I + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, G * tiles_per_expert, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dots;
@@ -231,51 +330,32 @@ void moe_experts(const Groups& g, const float* x, const float* pair_weight, cons
       const int64_t q0 = g.start[grp], M = g.start[grp + 1] - q0;
       const W* e1 = w1 + e * I * D;
       const W* e3 = w3 + e * I * D;
-      const float* xm = xg.data() + q0 * D;
-      dots.resize(4 * M);
+      dots.resize(2 * M);
       const int64_t i1 = std::min(I, (t % tiles_per_expert + 1) * kRowsPerTask);
-      for (int64_t i = (t % tiles_per_expert) * kRowsPerTask; i < i1; i += 2) {
-        const int64_t R = std::min<int64_t>(2, i1 - i);
-        if (R == 2) {
-          const W* rows[4] = {e1 + i * D, e1 + (i + 1) * D, e3 + i * D, e3 + (i + 1) * D};
-          dot_rows<W, 4>(rows, xm, M, D, dots.data());
-        } else {
-          const W* rows[2] = {e1 + i * D, e3 + i * D};
-          dot_rows<W, 2>(rows, xm, M, D, dots.data());
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const float a1 = s1 ? s1[e * I + i + r] : 1.0f, a3 = s3 ? s3[e * I + i + r] : 1.0f;
-          for (int64_t m = 0; m < M; ++m)
-            h[(q0 + m) * I + i + r] = silu(dots[r * M + m] * a1) * (dots[(R + r) * M + m] * a3);
-        }
+      for (int64_t i = (t % tiles_per_expert) * kRowsPerTask; i < i1; ++i) {
+        const W* rows[2] = {e1 + i * D, e3 + i * D};
+        dot_rows<W, 2>(rows, xv.view.at(q0), M, dots.data());
+        const float a1 = s1 ? s1[e * I + i] : 1.0f, a3 = s3 ? s3[e * I + i] : 1.0f;
+        for (int64_t m = 0; m < M; ++m) h[(q0 + m) * I + i] = silu(dots[m] * a1) * (dots[M + m] * a3);
       }
     }
   });
 
   // w2: each thread owns a range of output rows d and adds every pair's contribution to them.
+  const VectorStore hv = make_vectors(h.data(), P, I, quantize);
   const int64_t tasks = (D + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dots;
     for (int64_t grp = 0; grp < G; ++grp) {
       const int64_t e = g.expert_of[grp], q0 = g.start[grp], M = g.start[grp + 1] - q0;
       const W* e2 = w2 + e * D * I;
-      dots.resize(kRowsPerTile * M);
-      for (int64_t d = t0 * kRowsPerTask; d < std::min(D, t1 * kRowsPerTask); d += kRowsPerTile) {
-        const int64_t R = std::min(kRowsPerTile, D - d);
-        if (R == kRowsPerTile) {
-          const W* rows[4] = {e2 + d * I, e2 + (d + 1) * I, e2 + (d + 2) * I, e2 + (d + 3) * I};
-          dot_rows<W, 4>(rows, h.data() + q0 * I, M, I, dots.data());
-        } else {
-          for (int64_t r = 0; r < R; ++r) {
-            const W* row[1] = {e2 + (d + r) * I};
-            dot_rows<W, 1>(row, h.data() + q0 * I, M, I, dots.data() + r * M);
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const float a2 = s2 ? s2[e * D + d + r] : 1.0f;
-          for (int64_t m = 0; m < M; ++m)
-            y[g.token[q0 + m] * D + d + r] += pair_weight[g.slot[q0 + m]] * a2 * dots[r * M + m];
-        }
+      dots.resize(M);
+      for (int64_t d = t0 * kRowsPerTask; d < std::min(D, t1 * kRowsPerTask); ++d) {
+        const W* row[1] = {e2 + d * I};
+        dot_rows<W, 1>(row, hv.view.at(q0), M, dots.data());
+        const float a2 = s2 ? s2[e * D + d] : 1.0f;
+        for (int64_t m = 0; m < M; ++m)
+          y[g.token[q0 + m] * D + d] += pair_weight[g.slot[q0 + m]] * a2 * dots[m];
       }
     }
   });
@@ -312,15 +392,66 @@ Tensor moe(const Tensor& x, const Tensor& experts, const Tensor& weights, const 
   return y.to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------- dequantization
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+inline void store8(c10::BFloat16* p, __m256 v) {
+  // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the top 16 bits.
+  __m256i i = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  i = _mm256_srli_epi32(_mm256_add_epi32(i, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(i, i), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// out[r, c] = q[r, c] * scales[r], in one pass over q: a prompt multiplies full-precision copies of its
+// int8 weights, made one matrix at a time.
+Tensor dequantize_int8(const Tensor& q, const Tensor& scales, at::ScalarType dtype) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() >= 1,
+              "mixtral_cpu.dequantize_int8: contiguous int8 weights expected");
+  TORCH_CHECK(scales.numel() * q.size(-1) == q.numel(), "mixtral_cpu.dequantize_int8: one scale per row expected, got ",
+              scales.sizes(), " for weights ", q.sizes());
+  const int64_t C = q.size(-1), rows = scales.numel();
+  Tensor sf = as_float(scales);
+  Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  const int8_t* src = q.data_ptr<int8_t>();
+  const float* s = float_data(sf);
+  auto run = [&](auto* dst) {
+    using T = std::remove_pointer_t<decltype(dst)>;
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const __m256 scale = _mm256_set1_ps(s[r]);
+        int64_t c = 0;
+        for (; c + 8 <= C; c += 8) store8(dst + r * C + c, _mm256_mul_ps(load8(src + r * C + c), scale));
+        for (; c < C; ++c) dst[r * C + c] = static_cast<T>(float(src[r * C + c]) * s[r]);
+      }
+    });
+  };
+  switch (dtype) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "mixtral_cpu.dequantize_int8: no output dtype ", dtype);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
   m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor? w1_scales, "
         "Tensor? w3_scales, Tensor? w2_scales) -> Tensor");
+  m.def("dequantize_int8(Tensor q, Tensor scales, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("moe", &moe);
+  m.impl("dequantize_int8", &dequantize_int8);
 }

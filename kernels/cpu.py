@@ -22,9 +22,12 @@ REQUIRED_FEATURES = ("avx2", "fma3", "f16c")
 _status = {}  # "available": the answer, once found
 
 
+# The answer does not change within a process: torch.compile calls this at tracing time (building the
+# kernels then if need be) and keeps the result as a constant, instead of tracing the build.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """True once the ops are loaded (built on the first call). Otherwise prints why, once per process,
-    and returns False. After the first call it is a dictionary look-up that torch.compile traces."""
+    and returns False."""
     if "available" not in _status:
         reason = why_unavailable()
         if reason is not None:
@@ -63,3 +66,4 @@ def build():
     # What torch.compile needs to know of each op: its output's shape and dtype.
     torch.library.register_fake("mixtral_cpu::linear", lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("mixtral_cpu::moe", lambda x, *_: torch.empty_like(x))
+    torch.library.register_fake("mixtral_cpu::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))

@@ -35,6 +35,20 @@ def exact(fmt: str, t: dict) -> torch.Tensor:
     return t[""].double()
 
 
+def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] in float64 as the int8 kernels take it: int16 in blocks of 64 values, each block
+    scaled by its largest magnitude / 32767 and rounded to nearest (written here from the kernel's
+    description, not from its code). Other formats take x as it is."""
+    x = x.double()
+    if fmt != "int8":
+        return x
+    K = x.shape[-1]
+    blocks = F.pad(x, (0, -K % 64)).unflatten(-1, (-1, 64))  # [..., K/64, 64]
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 32767
+    q = torch.where(scale > 0, blocks / scale, 0.0).round()
+    return (q * scale).flatten(-2)[..., :K]
+
+
 def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, dtype):
     """Each value within half a unit of the output dtype of the float64 value, plus float32 summation
     error (a few units of 2^-24 of the largest value)."""
@@ -52,16 +66,17 @@ def test_linear_matches_float64(fmt, dtype, tokens):
     t = stored(fmt, torch.randn(VOCAB, D, generator=g) / D ** 0.5, dtype)
     got = FORMATS[fmt].cpu_linear(x, t)
     assert got.dtype == dtype and got.shape == (tokens, VOCAB)
-    assert_within_rounding(got, x.double() @ exact(fmt, t).T, dtype)
+    assert_within_rounding(got, activations(fmt, x) @ exact(fmt, t).T, dtype)
 
 
-def experts_float64(x, experts, weights, w1, w3, w2):
-    """Each token's chosen experts, one at a time, in float64."""
+def experts_float64(fmt, x, experts, weights, w1, w3, w2):
+    """Each token's chosen experts, one at a time, in float64 (the activations as the kernel takes them)."""
     y = torch.zeros(x.shape, dtype=torch.float64)
     for n in range(x.size(0)):
         for e, weight in zip(experts[n].tolist(), weights[n].double()):
-            xn = x[n].double()
-            y[n] += weight * (w2[e] @ (F.silu(w1[e] @ xn) * (w3[e] @ xn)))
+            xn = activations(fmt, x[n])
+            h = F.silu(w1[e] @ xn) * (w3[e] @ xn)
+            y[n] += weight * (w2[e] @ activations(fmt, h.float()))  # the kernel holds h in float32
     return y
 
 
@@ -78,7 +93,7 @@ def test_moe_matches_float64(fmt, dtype, experts):
     w2 = stored(fmt, torch.randn(E, D, I, generator=g) / I ** 0.5, dtype)
     got = FORMATS[fmt].cpu_experts(x, experts, weights, w1, w3, w2)
     assert got.dtype == dtype and got.shape == x.shape
-    want = experts_float64(x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2))
+    want = experts_float64(fmt, x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2))
     assert_within_rounding(got, want, dtype)
 
 
@@ -114,8 +129,9 @@ def test_compiled_decode_calls_the_kernels_in_one_graph(checkpoint, fmt):
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     n_layer = model.config.n_layer
-    assert len(re.findall(r"mixtral_cpu\.moe\.default\(", code)) == n_layer, code
-    assert len(re.findall(r"mixtral_cpu\.linear\.default\(", code)) == 2 * n_layer + 1  # wqkv, wo; the head
+    calls = re.findall(r'aoti_torch_call_dispatcher\("mixtral_cpu::(\w+)"', code)  # the C++ wrapper's op calls
+    assert calls.count("moe") == n_layer, code
+    assert calls.count("linear") == 3 * n_layer + 1  # wqkv, wo and the router of each layer; the head
 
 
 def test_generation_without_the_kernels_says_so_in_one_line(checkpoint):
@@ -149,3 +165,14 @@ def test_formatted_model_stores_each_format_in_its_layout():
     assert int8["output.weight"].dtype == torch.int8 and int8["output.scales"].shape == (16,)
     assert set(int8) - set(full) == {prefix + f"w{i}_scales" for i in (1, 2, 3)} | {
         "layers.0.attention.wqkv.scales", "layers.0.attention.wo.scales", "output.scales"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_int8_rounds_each_weight_once(dtype):
+    """A prompt's full-precision copy of int8 weights: q * scale computed exactly, then rounded once to
+    dtype (float64 here, where q * scale is exact), for rows of a length that is not a multiple of 8."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (3, 37, 53), dtype=torch.int8, generator=g)
+    scales = torch.rand(3, 37, generator=g).to(dtype)
+    got = torch.ops.mixtral_cpu.dequantize_int8(q, scales, dtype)
+    assert torch.equal(got, (q.double() * scales.double()[..., None]).to(dtype))

@@ -11,7 +11,7 @@ from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, r
 
 import formats
 import quantize
-from formats import FORMATS, int8_grouped_experts
+from formats import FORMATS, dequantized_experts
 from generate import load_model
 from quantize import quantize_checkpoint
 
@@ -170,9 +170,9 @@ def test_gpu_decoding_path_matches_grouped_experts(int8_path):
     x = torch.randn(3, moe.w1.shape[-1], generator=g)
     experts = torch.stack([torch.randperm(moe.w1.shape[0], generator=g)[:2] for _ in range(3)])
     weights = torch.softmax(torch.randn(3, 2, generator=g), dim=-1)
-    grouped = int8_grouped_experts(x, experts, weights, moe.w1, moe.w1_scales, moe.w3, moe.w3_scales,
-                                   moe.w2, moe.w2_scales)
     w1, w3, w2 = (moe.weight_tensors(name) for name in ("w1", "w3", "w2"))
+    grouped = dequantized_experts(x, experts, weights, "int8", [moe.w1, moe.w1_scales], [moe.w3, moe.w3_scales],
+                                  [moe.w2, moe.w2_scales])
     assert relative_error(FORMATS["int8"].decode_experts(x, experts, weights, w1, w3, w2), grouped) < 1e-5
 
 

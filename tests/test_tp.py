@@ -207,8 +207,12 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales(fmt):
         with torch.no_grad():
             sum_attn = sum_attn + a(x, pos, cos, sin, mask)
             sum_moe = sum_moe + m(x)
-    torch.testing.assert_close(sum_attn, whole_attn)
-    torch.testing.assert_close(sum_moe, whole_moe)
+    # The int8 kernels round activations to int16 in blocks of 64 values (2^-15 of a block's largest
+    # value); a rank's half of the heads or of I starts blocks of its own, so its rounding differs from
+    # the whole layer's by about that much. Full precision sums to float32 rounding.
+    tolerance = dict(rtol=1e-3, atol=1e-4) if int8 else {}
+    torch.testing.assert_close(sum_attn, whole_attn, **tolerance)
+    torch.testing.assert_close(sum_moe, whole_moe, **tolerance)
 
 
 def test_two_ranks_int8_greedy_text_matches_one_process_int8(checkpoint, tokenizer, tmp_path):
