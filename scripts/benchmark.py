@@ -123,6 +123,34 @@ def fraction_of_limit(tokens_per_s: float, weight_bytes: int, bandwidth: float) 
     return tokens_per_s / limit_tokens_per_s(bandwidth, weight_bytes)
 
 
+def prefill_flops(c: ModelArgs, length: int) -> float:
+    """Floating-point operations (2 per multiply-add) of one forward over a prompt of `length` tokens:
+    each token through wqkv, wo, the router, its K experts and the output head, and causal attention
+    (query i meets i keys, in q @ k.T and in scores @ v)."""
+    weights_per_token = c.n_layer * (c.dim * (c.n_head + 2 * c.n_local_heads) * c.head_dim + c.n_head * c.head_dim * c.dim
+                                     + c.dim * c.num_experts
+                                     + c.num_activated_experts * 3 * c.dim * c.intermediate_size) + c.dim * c.vocab_size
+    attention = c.n_layer * c.n_head * 2 * (2 * c.head_dim) * length * (length + 1) / 2
+    return 2.0 * weights_per_token * length + attention
+
+
+@torch.no_grad()
+def matmul_gflops(device: str, c: ModelArgs, tokens: int = 512, rounds: int = 3) -> float:
+    """The float32 rate of a prompt-sized matmul, [tokens, D] @ [D, I], best of `rounds`: what prefill's
+    GFLOP/s is compared with."""
+    a = torch.randn(tokens, c.dim, device=device)
+    b = torch.randn(c.dim, c.intermediate_size, device=device)
+    a @ b  # warm-up
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return 2 * tokens * c.dim * c.intermediate_size / min(times) / 1e9
+
+
 def write_checkpoint(name: str, n_layer: Optional[int], folder: Path, precision: torch.dtype) -> Path:
     """A named shape with random weights in the hub's layout (so that --compare-hf can load it with
     transformers), converted to model.pth beside it. Returns the model.pth path."""
@@ -214,6 +242,7 @@ class Row:
     tokens_per_s: list = field(default_factory=list)
     fractions: list = field(default_factory=list)  # of the bandwidth limit, per round (decode only)
     gb_per_s: Optional[float] = None
+    gflop_per_s: Optional[float] = None  # prefill only
     peak_gb: Optional[float] = None
     speedups: list = field(default_factory=list)  # this repo / this row, per alternating round
 
@@ -347,6 +376,7 @@ def run(args) -> list:
                 return prefill_fn(model, idx, torch.arange(length, device=device), 0.8, 200)
             row = prefill_rounds(ours, length, args.runs, device, config.vocab_size,
                                  "this repo" + (" (compiled)" if args.compile_prefill else ""), generator)
+            row.gflop_per_s = row.median_tps / length * prefill_flops(config, length) / 1e9
             rows.append(row)
             print(f"prefill {length}: {row.median_tps:.1f} tokens/s", flush=True)
 
@@ -361,7 +391,8 @@ def run(args) -> list:
         bandwidth.measure()
     bw_read, bw_copy = statistics.median(bandwidth.read), statistics.median(bandwidth.copy)
     bw = max(bw_read, bw_copy)
-    print_table(args, name, kind, rows, weight_bytes, total_bytes, bandwidth.read, bw_read, bw_copy, bw, compile_s)
+    matmul = matmul_gflops(device, config) if args.prefill_lengths else None
+    print_table(args, name, kind, rows, weight_bytes, total_bytes, bandwidth.read, bw_read, bw_copy, bw, compile_s, matmul)
     return rows
 
 
@@ -436,7 +467,8 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw_read, bw_copy, bw, compile_s):
+def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw_read, bw_copy, bw, compile_s,
+                matmul_gflop_per_s=None):
     limit = limit_tokens_per_s(bw, weight_bytes)
     print()
     print(f"### Mixtral benchmark: {name}, {kind}, batch 1")
@@ -448,15 +480,19 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
     compiled = ("decode" if args.compile else "none") + (" + prefill" if args.compile_prefill else "")
     warm = f"{compile_s:.1f} s" if compile_s is not None else "-"
     print(f"- weights {total_bytes / 1e9:.2f} GB; compiled: {compiled}; decode warm-up (incl. compile) {warm}")
+    if matmul_gflop_per_s is not None:
+        print(f"- float32 matmul of one expert over 512 tokens ([512, D] @ [D, I]), same run: "
+              f"{matmul_gflop_per_s:.1f} GFLOP/s, to compare prefill's GFLOP/s with")
     print(f"- medians of {args.runs} runs after warm-up")
     print()
-    print("| engine | phase | tokens | tokens/s | GB/s | % of limit | peak memory GB |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| engine | phase | tokens | tokens/s | GB/s | GFLOP/s | % of limit | peak memory GB |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         gbs = fmt(row.gb_per_s) if row.gb_per_s is not None else "-"
+        gflops = fmt(row.gflop_per_s) if row.gflop_per_s is not None else "-"
         frac = fmt(100 * statistics.median(row.fractions)) if row.fractions else "-"
         peak = f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-"
-        print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {gbs} | {frac} | {peak} |")
+        print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {gbs} | {gflops} | {frac} | {peak} |")
     for row in rows:
         if row.speedups:
             print(f"\nprefill {row.tokens}: this repo / transformers = {statistics.median(row.speedups):.2f}x "

@@ -8,10 +8,11 @@ import torch
 from conftest import REPO, run_script
 from generate import active_weight_bytes
 from model import ModelArgs, Transformer
-from scripts.benchmark import BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, random_model
+from scripts.benchmark import (BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, prefill_flops,
+                               random_model)
 
 SCRIPT = REPO / "scripts" / "benchmark.py"
-COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB/s", "% of limit", "peak memory GB"]
+COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB/s", "GFLOP/s", "% of limit", "peak memory GB"]
 
 
 def active_bytes_by_formula(c: ModelArgs, bytes_per_weight: int) -> int:
@@ -50,6 +51,21 @@ def test_n_layer_override_and_unknown_names():
     from generate import UserError
     with pytest.raises(UserError, match="unknown model"):
         model_args("no-such-model")
+
+
+@pytest.mark.parametrize("name", ["cpu-bench", "Mixtral-8x7B-v0.1"])
+def test_prefill_flops_count_the_weights_each_token_multiplies(name):
+    """2 flops per weight a token multiplies, counted here from the model's own tensors (K of E experts;
+    not the embedding, which is a look-up, nor the norms), plus causal attention: 2 x 2 x Dh per query
+    and key it meets, in q @ k.T and in scores @ v."""
+    config = model_args(name)
+    tensors = meta_model(config, torch.bfloat16).state_dict()
+    multiplied = sum(t.numel() * (config.num_activated_experts / config.num_experts if ".block_sparse_moe.w" in n else 1)
+                     for n, t in tensors.items() if t.dim() >= 2 and not n.startswith("tok_embeddings"))
+    T = 512
+    pairs = T * (T + 1) // 2  # (query, key) pairs under the causal mask
+    attention = config.n_layer * config.n_head * pairs * 4 * config.head_dim
+    assert prefill_flops(config, T) == pytest.approx(2 * multiplied * T + attention, rel=1e-12)
 
 
 def test_limit_and_fraction():
@@ -93,9 +109,12 @@ def test_benchmark_runs_end_to_end_on_a_tiny_shape():
     assert [(r[0], r[1], r[2]) for r in rows] == [("this repo", "decode", "3 + 6"), ("this repo", "decode", "9 + 6"),
                                                   ("this repo", "prefill", "16"), ("this repo", "prefill", "40")]
     for r in rows:
-        assert number(r[3]) > 0 and number(r[6]) > 0  # tokens/s, peak memory
+        assert number(r[3]) > 0 and number(r[7]) > 0  # tokens/s, peak memory
         if r[1] == "decode":
-            assert number(r[4]) > 0 and number(r[5]) > 0  # GB/s, % of limit
+            assert number(r[4]) > 0 and number(r[6]) > 0 and r[5] == "-"  # GB/s, % of limit
+        else:
+            assert number(r[5]) > 0 and r[4] == r[6] == "-"  # GFLOP/s
+    assert re.search(r"float32 matmul .* same run: [\d.]+ GFLOP/s", out)
     assert "AMD" in out or "Intel" in out or "cores" in out  # the machine is named
     assert f"torch {torch.__version__}" in out
     bw = re.search(r"read ([\d.]+) GB/s, copy ([\d.]+) GB/s; limit = [\d.]+ GB/s / ([\d.e-]+) GB per token", out)
