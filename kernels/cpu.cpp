@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -214,9 +213,41 @@ constexpr int64_t kRowsPerTask = 64;
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-float* float_data(const Tensor& t) { return t.data_ptr<float>(); }
+// A float32, bf16 or fp16 tensor's values read (and written) as float32 where they are used: converting
+// whole tensors with torch ops cost a dozen small ops per call, a tenth of an int8 decode step.
+struct Floats {
+  void* data = nullptr;
+  at::ScalarType type = at::kFloat;
 
-Tensor as_float(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+  Floats() = default;
+  explicit Floats(const Tensor& t) : data(t.data_ptr()), type(t.scalar_type()) {
+    TORCH_CHECK(t.is_contiguous(), "mixtral_cpu: contiguous tensors expected");
+    TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+                "mixtral_cpu: float32, bfloat16 or float16 expected, got ", type);
+  }
+  explicit Floats(const c10::optional<Tensor>& t) { if (t) *this = Floats(*t); }
+  bool present() const { return data != nullptr; }
+
+  float operator[](int64_t i) const {
+    switch (type) {
+      case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]);
+      case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+  void set(int64_t i, float v) const {
+    switch (type) {
+      case at::kBFloat16: static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(v); break;
+      case at::kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(v); break;
+      default: static_cast<float*>(data)[i] = v;
+    }
+  }
+  std::vector<float> to_vector(int64_t n) const {
+    std::vector<float> v(n);
+    for (int64_t i = 0; i < n; ++i) v[i] = (*this)[i];
+    return v;
+  }
+};
 
 // ---------------------------------------------------------------------------- linear
 
@@ -224,16 +255,16 @@ Tensor as_float(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 // another in memory, so a thread reads one sequential stream, which the hardware prefetcher follows
 // best (tiles of several rows measured slower on rows of 1024 values).
 template <typename W>
-void linear_rows(const W* w, const float* scales, const Vectors& x, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                 float* y, int64_t N) {
+void linear_rows(const W* w, const Floats& scales, const Vectors& x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                 const Floats& y, int64_t N) {
   float dots[kMaxVectors];
   for (int64_t n = n0; n < n1; ++n) {
     const W* row[1] = {w + n * K};
-    const float s = scales ? scales[n] : 1.0f;
+    const float s = scales.present() ? scales[n] : 1.0f;
     for (int64_t m0 = 0; m0 < M; m0 += kMaxVectors) {
       const int64_t Mc = std::min(kMaxVectors, M - m0);
       dot_rows<W, 1>(row, x.at(m0), Mc, dots);
-      for (int64_t m = 0; m < Mc; ++m) y[(m0 + m) * N + n] = dots[m] * s;
+      for (int64_t m = 0; m < Mc; ++m) y.set((m0 + m) * N + n, dots[m] * s);
     }
   }
 }
@@ -262,20 +293,20 @@ Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>
   TORCH_CHECK(weight.is_contiguous(), "mixtral_cpu.linear: weight must be contiguous");
   check_scales(scales, weight, {weight.size(0)});
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  Tensor xf = as_float(x);
-  Tensor sf = scales ? as_float(*scales) : Tensor();
-  Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* s = scales ? float_data(sf) : nullptr;
+  const std::vector<float> xf = Floats(x.contiguous()).to_vector(M * K);
+  const Floats s(scales);
+  Tensor y = at::empty({M, N}, x.options());
+  const Floats out(y);
   dispatch_weight_type(weight, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const W* w = static_cast<const W*>(weight.data_ptr());
-    const VectorStore xv = make_vectors(float_data(xf), M, K, std::is_same_v<W, int8_t>);
+    const VectorStore xv = make_vectors(xf.data(), M, K, std::is_same_v<W, int8_t>);
     const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      linear_rows<W>(w, s, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), float_data(y), N);
+      linear_rows<W>(w, s, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), out, N);
     });
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 
 // ---------------------------------------------------------------------------- mixture of experts
@@ -286,7 +317,8 @@ struct Groups {
 };
 
 Groups group_by_expert(const Tensor& experts, int64_t E) {
-  Tensor ex = experts.to(at::kLong).contiguous();
+  TORCH_CHECK(experts.scalar_type() == at::kLong && experts.is_contiguous(), "mixtral_cpu.moe: int64 expert ids expected");
+  const Tensor& ex = experts;
   const int64_t* e = ex.data_ptr<int64_t>();
   const int64_t P = ex.numel(), Kx = ex.size(1);
   std::vector<int64_t> count(E, 0);
@@ -312,8 +344,8 @@ Groups group_by_expert(const Tensor& experts, int64_t E) {
 }
 
 template <typename W>
-void moe_experts(const Groups& g, const float* x, const float* pair_weight, const W* w1, const W* w3, const W* w2,
-                 const float* s1, const float* s3, const float* s2, int64_t D, int64_t I, float* y) {
+void moe_experts(const Groups& g, const float* x, const Floats& pair_weight, const W* w1, const W* w3, const W* w2,
+                 const Floats& s1, const Floats& s3, const Floats& s2, int64_t D, int64_t I, float* y) {
   const int64_t G = g.expert_of.size(), P = g.token.size();
   // Each group's tokens side by side, so that an expert's rows meet all of its tokens in one pass.
   std::vector<float> xg(P * D), h(P * I);
@@ -335,7 +367,7 @@ void moe_experts(const Groups& g, const float* x, const float* pair_weight, cons
       for (int64_t i = (t % tiles_per_expert) * kRowsPerTask; i < i1; ++i) {
         const W* rows[2] = {e1 + i * D, e3 + i * D};
         dot_rows<W, 2>(rows, xv.view.at(q0), M, dots.data());
-        const float a1 = s1 ? s1[e * I + i] : 1.0f, a3 = s3 ? s3[e * I + i] : 1.0f;
+        const float a1 = s1.present() ? s1[e * I + i] : 1.0f, a3 = s3.present() ? s3[e * I + i] : 1.0f;
         for (int64_t m = 0; m < M; ++m) h[(q0 + m) * I + i] = silu(dots[m] * a1) * (dots[M + m] * a3);
       }
     }
@@ -353,7 +385,7 @@ void moe_experts(const Groups& g, const float* x, const float* pair_weight, cons
       for (int64_t d = t0 * kRowsPerTask; d < std::min(D, t1 * kRowsPerTask); ++d) {
         const W* row[1] = {e2 + d * I};
         dot_rows<W, 1>(row, hv.view.at(q0), M, dots.data());
-        const float a2 = s2 ? s2[e * D + d] : 1.0f;
+        const float a2 = s2.present() ? s2[e * D + d] : 1.0f;
         for (int64_t m = 0; m < M; ++m)
           y[g.token[q0 + m] * D + d] += pair_weight[g.slot[q0 + m]] * a2 * dots[m];
       }
@@ -377,19 +409,20 @@ Tensor moe(const Tensor& x, const Tensor& experts, const Tensor& weights, const 
   check_scales(w1_scales, w1, {E, I});
   check_scales(w3_scales, w3, {E, I});
   check_scales(w2_scales, w2, {E, D});
-  Tensor xf = as_float(x), pw = as_float(weights);
-  Tensor s1 = w1_scales ? as_float(*w1_scales) : Tensor(), s3 = w3_scales ? as_float(*w3_scales) : Tensor(),
-         s2 = w2_scales ? as_float(*w2_scales) : Tensor();
-  Tensor y = at::zeros({x.size(0), D}, x.options().dtype(at::kFloat));
+  const int64_t T = x.size(0);
+  const std::vector<float> xf = Floats(x.contiguous()).to_vector(T * D);
+  std::vector<float> yf(T * D, 0.0f);
   const Groups g = group_by_expert(experts, E);
   dispatch_weight_type(w1, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    moe_experts<W>(g, float_data(xf), float_data(pw), static_cast<const W*>(w1.data_ptr()),
-                   static_cast<const W*>(w3.data_ptr()), static_cast<const W*>(w2.data_ptr()),
-                   w1_scales ? float_data(s1) : nullptr, w3_scales ? float_data(s3) : nullptr,
-                   w2_scales ? float_data(s2) : nullptr, D, I, float_data(y));
+    moe_experts<W>(g, xf.data(), Floats(weights.contiguous()), static_cast<const W*>(w1.data_ptr()),
+                   static_cast<const W*>(w3.data_ptr()), static_cast<const W*>(w2.data_ptr()), Floats(w1_scales),
+                   Floats(w3_scales), Floats(w2_scales), D, I, yf.data());
   });
-  return y.to(x.scalar_type());
+  Tensor y = at::empty({T, D}, x.options());
+  const Floats out(y);
+  for (int64_t i = 0; i < T * D; ++i) out.set(i, yf[i]);
+  return y;
 }
 
 // ---------------------------------------------------------------------------- dequantization
@@ -417,10 +450,9 @@ Tensor dequantize_int8(const Tensor& q, const Tensor& scales, at::ScalarType dty
   TORCH_CHECK(scales.numel() * q.size(-1) == q.numel(), "mixtral_cpu.dequantize_int8: one scale per row expected, got ",
               scales.sizes(), " for weights ", q.sizes());
   const int64_t C = q.size(-1), rows = scales.numel();
-  Tensor sf = as_float(scales);
+  const std::vector<float> s = Floats(scales.contiguous()).to_vector(rows);
   Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   const int8_t* src = q.data_ptr<int8_t>();
-  const float* s = float_data(sf);
   auto run = [&](auto* dst) {
     using T = std::remove_pointer_t<decltype(dst)>;
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
