@@ -103,11 +103,12 @@ class Int8(FullPrecision):
     def linear(self, x, t):
         """On a GPU, gpt-fast's (x @ w.to(dtype).T) * s, which torch.compile fuses into one kernel reading
         int8. On a CPU, a prompt's tokens share a full-precision copy of the weights (compute-bound);
-        the few tokens of a decode step without the CPU kernels take torch's int8 kernel."""
+        the few tokens of a decode step without the CPU kernels take torch's int8 kernel, except where
+        the input width is not a multiple of 16: there torch 2.13's bf16 path returned inf and nan."""
         weight, scales = t[""], t["scales"]
         if x.device.type != "cpu":
             return F.linear(x, weight.to(x.dtype)) * scales
-        if x.numel() > CPU_KERNEL_MAX_TOKENS * x.shape[-1]:
+        if x.numel() > CPU_KERNEL_MAX_TOKENS * x.shape[-1] or x.shape[-1] % 16:
             dtype = matmul_dtype(x)
             return F.linear(x.to(dtype), self.dequantize(t, dtype)).to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats import FORMATS  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
-from scripts.benchmark import Bandwidth, machine_name  # noqa: E402
+from scripts.benchmark import Bandwidth, fmt, machine_name  # noqa: E402
 
 
 def candidates(rows: int, cols: int, copies: int) -> dict:
@@ -28,11 +28,10 @@ def candidates(rows: int, cols: int, copies: int) -> dict:
     bf16 = [w.to(torch.bfloat16) for w in full]
     int8 = [FORMATS["int8"].quantize(w) for w in bf16]
     x = torch.randn(1, cols, generator=g).to(torch.bfloat16)
-    found = {
-        "torch F.linear, bf16": (rows * cols * 2, [lambda w=w: F.linear(x, w) for w in bf16]),
-        "torch _weight_int8pack_mm": (rows * cols, [lambda t=t: torch.ops.aten._weight_int8pack_mm(x, t[""], t["scales"])
-                                                    for t in int8]),
-    }
+    found = {"torch F.linear, bf16": (rows * cols * 2, [lambda w=w: F.linear(x, w) for w in bf16])}
+    if cols % 16 == 0:  # otherwise its bf16 path returns inf and nan, or crashes (torch 2.13)
+        found["torch _weight_int8pack_mm"] = (rows * cols, [
+            lambda t=t: torch.ops.aten._weight_int8pack_mm(x, t[""], t["scales"]) for t in int8])
     with warnings.catch_warnings():  # torch marks fbgemm's Python-side quantization deprecated
         warnings.simplefilter("ignore")
         try:
@@ -79,7 +78,7 @@ def main(argv=None):
                 rates.append(nbytes * len(calls) / (time.perf_counter() - t))
             rate = statistics.median(rates)
             weights = rate / (2 if "bf16" in name else 1)
-            print(f"| {name} | {rate / 1e9:.1f} | {weights / 1e9:.1f} |", flush=True)
+            print(f"| {name} | {fmt(rate / 1e9)} | {fmt(weights / 1e9)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -193,3 +193,16 @@ def test_gpu_check_without_a_gpu_is_one_line_error():
     assert result.returncode == 1
     assert result.stderr.startswith("error: no CUDA GPU visible") and result.stderr.count("\n") == 1, result.stderr
     assert "==" not in result.stdout  # no run was started
+
+
+def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys):
+    """scripts/bench_kernels.py, in this process, on a shape that is quick to cycle through."""
+    from scripts.bench_kernels import main
+    main(["--rows", "67", "--cols", "80", "--mb", "1", "--runs", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    header, rows = parse_table(out)
+    assert header == ["kernel", "GB/s of weights", "G weights/s"]
+    names = [r[0] for r in rows]
+    assert {"torch F.linear, bf16", "kernels/cpu.cpp, bf16", "kernels/cpu.cpp, int8"} <= set(names), names
+    for r in rows:
+        assert number(r[1]) > 0 and number(r[2]) == pytest.approx(number(r[1]) / (2 if "bf16" in r[0] else 1), rel=0.02)

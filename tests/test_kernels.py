@@ -176,3 +176,18 @@ def test_dequantize_int8_rounds_each_weight_once(dtype):
     scales = torch.rand(3, 37, generator=g).to(dtype)
     got = torch.ops.mixtral_cpu.dequantize_int8(q, scales, dtype)
     assert torch.equal(got, (q.double() * scales.double()[..., None]).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [40, 64])
+def test_int8_linear_without_the_kernels_matches_float64(dtype, width):
+    """The path a machine without the CPU kernels decodes on (Int8.linear: torch's int8 kernel where it is
+    right, a dequantized copy where torch 2.13 returned inf and nan: widths that are not multiples of 16)."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(2, width, generator=g).to(dtype)
+    t = stored("int8", torch.randn(VOCAB, width, generator=g) / width ** 0.5, dtype)
+    got = FORMATS["int8"].linear(x, t)
+    want = x.double() @ exact("int8", t).T
+    assert torch.isfinite(got).all()
+    # torch's kernel rounds to dtype along the way: a few units of dtype's rounding, not float32's.
+    assert ((got.double() - want).norm() / want.norm()).item() < 8 * HALF_ULP[dtype] + 1e-6
