@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class UserError(ValueError):
+    """Bad input (a flag, a file, a config): raised where the fault is found, printed by each script's
+    main as one line, with a non-zero exit; never a traceback."""
+
+
 @dataclass
 class ModelArgs:
     block_size: int = 32768  # longest sequence the rotary table and the cache may hold
@@ -36,23 +41,23 @@ class ModelArgs:
         for name in ("n_layer", "n_head", "dim", "intermediate_size", "n_local_heads", "head_dim",
                      "vocab_size", "num_experts", "num_activated_experts", "block_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
         if self.n_head % self.n_local_heads:
-            raise ValueError(f"config: {self.n_head} attention heads are not a multiple of "
+            raise UserError(f"config: {self.n_head} attention heads are not a multiple of "
                              f"{self.n_local_heads} key/value heads")
         if self.num_activated_experts > self.num_experts:
-            raise ValueError(f"config: {self.num_activated_experts} experts per token but only "
+            raise UserError(f"config: {self.num_activated_experts} experts per token but only "
                              f"{self.num_experts} experts")
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Reads a Hugging Face Mixtral config.json (transformers 4 or 5 spelling)."""
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config: hidden_act {cfg['hidden_act']!r} is not supported (Mixtral uses silu)")
+            raise UserError(f"config: hidden_act {cfg['hidden_act']!r} is not supported (Mixtral uses silu)")
         # transformers 4 writes rope_theta at the top level, transformers 5 inside rope_parameters.
         rope = cfg.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"config: rope_type {rope['rope_type']!r} is not supported")
+            raise UserError(f"config: rope_type {rope['rope_type']!r} is not supported")
         rope_base = rope.get("rope_theta", cfg.get("rope_theta", 1e6))
         try:
             n_head = cfg["num_attention_heads"]
@@ -73,41 +78,41 @@ class ModelArgs:
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             )
         except KeyError as e:
-            raise ValueError(f"config: required key {e.args[0]!r} is missing") from None
+            raise UserError(f"config: required key {e.args[0]!r} is missing") from None
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
         try:
             cfg = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ValueError(f"{path} not found: the checkpoint folder needs the model's config.json") from None
+            raise UserError(f"{path} not found: the checkpoint folder needs the model's config.json") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+            raise UserError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(cfg, dict):
-            raise ValueError(f"{path} is not a JSON object")
+            raise UserError(f"{path} is not a JSON object")
         return cls.from_hf_config(cfg)
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in transformer_configs:
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(transformer_configs)}")
+            raise UserError(f"unknown model {name!r}; known: {', '.join(transformer_configs)}")
         return cls(**transformer_configs[name])
 
 
 def load_checkpoint(checkpoint_path) -> tuple:
     """(config, mmapped state dict) of a converted checkpoint: model.pth or model_int8.pth with
-    config.json beside it. Raises ValueError with a message fit for the user."""
+    config.json beside it. Raises UserError with a message fit for the user."""
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
-        raise ValueError(f"checkpoint {checkpoint_path} not found: download and convert it first "
+        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
                          f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
     config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
     try:
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # zip/pickle errors from a truncated or foreign file
-        raise ValueError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); convert it again")
+        raise UserError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); convert it again")
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{checkpoint_path} does not hold a state dict; convert it again")
+        raise UserError(f"{checkpoint_path} does not hold a state dict; convert it again")
     return config, state_dict
 
 
@@ -153,7 +158,7 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocates the KV cache once, in the model's own dtype, and the rotary table."""
         if max_seq_length > self.config.block_size:
-            raise ValueError(f"{max_seq_length} tokens exceed the model's context of {self.config.block_size}")
+            raise UserError(f"{max_seq_length} tokens exceed the model's context of {self.config.block_size}")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
@@ -224,8 +229,8 @@ class Attention(nn.Module):
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """One new token's attention over the cache, written out so that torch.compile fuses it into the
-    decode step. On CPU the SDPA kernel cost ~0.4 ms per layer per token for this (cpu-bench: 3 of
-    30 ms); this runs in a fraction of that. On a GPU SDPA's kernels are kept.
+    decode step. On CPU the SDPA kernel's fixed cost per call was a tenth of a cpu-bench token for
+    this small product; written out it costs a fraction of that. On a GPU SDPA's kernels are kept.
     q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] -> [B, H, T, Dh]"""
     B, H, T, Dh = q.shape
     KV = k.shape[1]
@@ -325,8 +330,8 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
 @functools.cache
 def half_matmul_is_slow(dtype: torch.dtype) -> bool:
     """True on x86 CPUs without bf16 / fp16 matrix instructions (AVX512-BF16, AVX512-FP16, AMX):
-    there torch multiplies bf16 matrices ~3x slower than float32 ones (2-core AVX2 EPYC, an expert's
-    matmul over a 512-token prompt: 19 vs 54-68 GFLOP/s)."""
+    there torch multiplies bf16 matrices about three times slower than float32 ones (the README's
+    CPU figures)."""
     native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
     caps = torch.cpu.get_capabilities()
     return dtype in native and caps.get("architecture") == "x86_64" and not any(caps.get(f) for f in native[dtype])

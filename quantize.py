@@ -24,35 +24,28 @@ from torch import Tensor
 from tqdm import tqdm
 
 from formats import FORMATS, detect_format, stored_weights
-from model import ModelArgs, Transformer, load_checkpoint
+from model import ModelArgs, Transformer, UserError, load_checkpoint
 
 QUANTIZED_FORMATS = [name for name in FORMATS if name != "full precision"]
 
 
-class QuantizeError(Exception):
-    """Bad input: reported as one line and a non-zero exit, never a traceback."""
-
-
 def load_source(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
     """The config and the mmapped state dict of an unquantized checkpoint, checked against each other."""
-    try:
-        config, source = load_checkpoint(checkpoint_path)
-    except ValueError as e:
-        raise QuantizeError(str(e))
+    config, source = load_checkpoint(checkpoint_path)
     fmt = detect_format(source)
     if fmt is not FORMATS["full precision"]:
-        raise QuantizeError(f"{checkpoint_path} is already quantized (it holds {fmt.name} weights); "
+        raise UserError(f"{checkpoint_path} is already quantized (it holds {fmt.name} weights); "
                             f"quantize the original model.pth instead")
     with torch.device("meta"):
         expected = Transformer(config).state_dict()
     unexpected = [name for name in source if name not in expected]
     if unexpected:
-        raise QuantizeError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: "
+        raise UserError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: "
                             f"{unexpected[0]} is not part of the model")
     for name, t in expected.items():
         if name not in source or source[name].shape != t.shape:
             found = tuple(source[name].shape) if name in source else "nothing"
-            raise QuantizeError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: "
+            raise UserError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: "
                                 f"{name} should be {tuple(t.shape)}, found {found}")
     return config, source
 
@@ -75,7 +68,7 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8") -> Path:
     filled in place. Neither checkpoint is ever held in memory. The file is written under a
     temporary name and renamed when complete, so an interrupted run leaves nothing behind."""
     if mode not in QUANTIZED_FORMATS:
-        raise QuantizeError(f"unknown mode {mode!r}: choose one of {', '.join(QUANTIZED_FORMATS)}")
+        raise UserError(f"unknown mode {mode!r}: choose one of {', '.join(QUANTIZED_FORMATS)}")
     fmt = FORMATS[mode]
     checkpoint_path = Path(checkpoint_path)
     config, source = load_source(checkpoint_path)
@@ -116,7 +109,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         output = quantize_checkpoint(args.checkpoint_path, args.mode)
-    except QuantizeError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions
         sys.exit(f"error: could not write beside {args.checkpoint_path}: {e.strerror or e}")

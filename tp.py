@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.distributed import _functional_collectives as funcol
 
 from formats import FormattedWeights, MOEFeedForward, stored_name
-from model import Attention, ModelArgs, Transformer
+from model import Attention, ModelArgs, Transformer, UserError
 
 
 def maybe_init_dist(device: str) -> Optional[int]:
@@ -52,7 +52,7 @@ def check_divisible(config: ModelArgs, world_size: int):
                                 ("n_local_heads", "num_key_value_heads", config.n_local_heads),
                                 ("intermediate_size", "intermediate_size", config.intermediate_size)):
         if size % world_size:
-            raise ValueError(f"tensor parallelism over {world_size} ranks needs {name} ({hf_name} in config.json, "
+            raise UserError(f"tensor parallelism over {world_size} ranks needs {name} ({hf_name} in config.json, "
                              f"{size}) to be a multiple of {world_size}; use a world size that divides it")
 
 

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (PRECISIONS, UserError, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
-                      generate, load_model, round_up, synchronize)
-from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
 from formats import FORMATS, quantize_module  # noqa: E402
+from generate import (PRECISIONS, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
+                      generate, load_model, round_up, synchronize)
+from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
 # small enough for a laptop-class CPU: 0.79 B parameters, 0.46 GB of active bf16 weights per token.

@@ -12,11 +12,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs  # noqa: E402
-
-
-class ConversionError(Exception):
-    pass
+from model import ModelArgs, UserError  # noqa: E402
 
 
 def hub_tensor_shapes(config: ModelArgs) -> dict:
@@ -50,42 +46,39 @@ def find_weight_files(checkpoint_dir: Path) -> dict:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConversionError(f"{index} is not a valid safetensors index ({e!r}); download it again")
+            raise UserError(f"{index} is not a valid safetensors index ({e!r}); download it again")
         return {name: checkpoint_dir / shard for name, shard in weight_map.items()}
     single = checkpoint_dir / "model.safetensors"
     if single.is_file():
         with open_shard(single) as f:
             return {name: single for name in f.keys()}
-    raise ConversionError(f"no model.safetensors.index.json or model.safetensors in {checkpoint_dir}: "
+    raise UserError(f"no model.safetensors.index.json or model.safetensors in {checkpoint_dir}: "
                           f"run scripts/download.py --repo_id <repo> first")
 
 
 def open_shard(path: Path):
     if not path.is_file():
-        raise ConversionError(f"shard {path} listed in the index is missing; download the checkpoint again")
+        raise UserError(f"shard {path} listed in the index is missing; download the checkpoint again")
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for bad headers and short files
-        raise ConversionError(f"{path} is not a readable safetensors file ({e}); download it again")
+        raise UserError(f"{path} is not a readable safetensors file ({e}); download it again")
 
 
 def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") -> Path:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise ConversionError(f"{checkpoint_dir} is not a folder: download the checkpoint first")
-    try:
-        config = ModelArgs.from_json(checkpoint_dir / "config.json")
-    except ValueError as e:
-        raise ConversionError(str(e))
+        raise UserError(f"{checkpoint_dir} is not a folder: download the checkpoint first")
+    config = ModelArgs.from_json(checkpoint_dir / "config.json")
     expected = hub_tensor_shapes(config)
     files = find_weight_files(checkpoint_dir)
     missing = [n for n in expected if n not in files]
     if missing:
-        raise ConversionError(f"tensor {missing[0]} is missing from the checkpoint "
+        raise UserError(f"tensor {missing[0]} is missing from the checkpoint "
                               f"({len(missing)} missing): config.json does not fit these weights")
     unexpected = [n for n in files if n not in expected]
     if unexpected:
-        raise ConversionError(f"tensor {unexpected[0]} is not part of the model config.json describes "
+        raise UserError(f"tensor {unexpected[0]} is not part of the model config.json describes "
                               f"({len(unexpected)} unexpected): config.json does not fit these weights")
 
     def read(name: str) -> torch.Tensor:
@@ -95,9 +88,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
             try:
                 tensor = shard.get_tensor(name)
             except Exception as e:
-                raise ConversionError(f"could not read {name} from {files[name]} ({e}); the file may be truncated")
+                raise UserError(f"could not read {name} from {files[name]} ({e}); the file may be truncated")
         if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+            raise UserError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                                   f"{expected[name]}: config.json does not fit these weights")
         return tensor
 
@@ -139,7 +132,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         output = convert_hf_checkpoint(args.checkpoint_dir)
-    except ConversionError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions
         sys.exit(f"error: could not write into {args.checkpoint_dir}: {e.strerror or e}")

@@ -48,7 +48,7 @@ def test_cpu_bench_shape_is_the_one_the_targets_are_stated_for():
 def test_n_layer_override_and_unknown_names():
     assert model_args("Mixtral-8x7B-v0.1", 16).n_layer == 16
     assert model_args("cpu-bench").n_layer == BENCH_SHAPES["cpu-bench"]["n_layer"]
-    from generate import UserError
+    from model import UserError
     with pytest.raises(UserError, match="unknown model"):
         model_args("no-such-model")
 
