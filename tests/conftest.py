@@ -95,6 +95,21 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def fails_cleanly(main, argv, capsys, *words) -> str:
+    """A script's main(argv), in this process (bad input needs no new interpreter): it must exit
+    non-zero with one line on stderr, starting with 'error:' and naming each of words. Returns it."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    code = exit_.value.code
+    err = capsys.readouterr().err + (f"{code}\n" if isinstance(code, str) else "")  # sys.exit("...") prints on exit
+    assert code not in (0, None), err
+    lines = [line for line in err.splitlines() if line.strip() and "converting layers" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def run_script(*args, timeout=600, env=None, stdin=None, cwd=REPO):
     """Runs a repo script as a user would, in a fresh process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import load_ours, load_reference, run_script
+import generate as generate_script
+from conftest import fails_cleanly, load_ours, load_reference, run_script
 from generate import active_weight_bytes, generate
 
 PROMPT = "Hello, my name is"
@@ -25,9 +26,12 @@ def printed_text(stdout: str, sample: int = 1) -> str:
     return stdout.split(f"\nTime for inference {sample}:")[0].split("\n==========")[0]
 
 
+def generate_argv(folder, *extra, prompt=PROMPT) -> list:
+    return ["--checkpoint_path", folder / "model.pth", "--device", "cpu", "--prompt", prompt, *extra]
+
+
 def run_generate(folder, *extra, prompt=PROMPT, **kwargs):
-    return run_script("generate.py", "--checkpoint_path", folder / "model.pth", "--device", "cpu",
-                      "--prompt", prompt, *extra, **kwargs)
+    return run_script("generate.py", *generate_argv(folder, *extra, prompt=prompt), **kwargs)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
@@ -102,15 +106,6 @@ def test_profile_writes_a_chrome_trace(checkpoint, tmp_path):
     assert "traceEvents" in json.loads((tmp_path / "trace.json").read_text())
 
 
-def assert_fails_cleanly(result, *words):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def break_folder(checkpoint, tmp_path, case):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint, folder)
@@ -137,8 +132,9 @@ def break_folder(checkpoint, tmp_path, case):
     ("config_misfit", ["config.json"]),
     ("missing_config", ["config.json"]),
 ])
-def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words):
-    assert_fails_cleanly(run_generate(break_folder(checkpoint, tmp_path, case), "--max_new_tokens", "4"), *words)
+def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words, capsys):
+    folder = break_folder(checkpoint, tmp_path, case)
+    fails_cleanly(generate_script.main, generate_argv(folder, "--max_new_tokens", "4"), capsys, *words)
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -148,11 +144,13 @@ def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words):
     (["--device", "cuda"], ["CUDA"]),
     (["--max_new_tokens", "2100"], ["context", "2048"]),
 ])
-def test_bad_flags(checkpoint, flags, words):
-    assert_fails_cleanly(run_generate(checkpoint, *flags), *words)
+def test_bad_flags(checkpoint, flags, words, capsys):
+    fails_cleanly(generate_script.main, generate_argv(checkpoint, *flags), capsys, *words)
 
 
-def test_prompt_past_the_context_fails_before_any_work(checkpoint):
-    result = run_generate(checkpoint, "--max_new_tokens", "8", prompt="word " * 2100)
-    assert_fails_cleanly(result, "prompt", "context")
-    assert "Time for inference" not in result.stdout
+def test_prompt_past_the_context_fails_before_any_work(checkpoint, capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr(generate_script, "load_model", lambda *args: loads.append(args))
+    fails_cleanly(generate_script.main, generate_argv(checkpoint, "--max_new_tokens", "8", prompt="word " * 2100), capsys,
+                  "prompt", "context")
+    assert loads == []  # refused before loading the model
