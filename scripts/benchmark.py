@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats import FORMATS, quantize_module  # noqa: E402
 from generate import (PRECISIONS, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
-                      generate, load_model, round_up, synchronize)
+                      generate, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
@@ -174,30 +174,6 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- measuring
-
-def reset_peak_memory(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one.
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_gb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9  # kB
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
 
 class Bandwidth:
     """Memory bandwidth of the device, from a buffer far larger than any cache: a full read (sum) and a
