@@ -10,7 +10,6 @@
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile
 #   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
 import argparse
-import copy
 import datetime
 import gc
 import inspect
@@ -30,6 +29,7 @@ from formats import FORMATS, quantize_module  # noqa: E402
 from generate import (PRECISIONS, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
                       generate, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
+from scripts.make_tiny_checkpoint import write_random_checkpoint  # noqa: E402
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
 # small enough for a laptop-class CPU: 0.79 B parameters, 0.46 GB of active bf16 weights per token.
@@ -81,38 +81,6 @@ def random_model(config: ModelArgs, device: str, precision: torch.dtype, int8: b
     return model.eval()
 
 
-def device_twin(model: Transformer, device: str) -> Transformer:
-    """The same weights on `device`, for --verify: the model whose compiled step is checked."""
-    return copy.deepcopy(model).to(device)
-
-
-@torch.no_grad()
-def verify_decode(device: str, int8: bool = False, steps: int = 6, seed: int = 0) -> float:
-    """--verify: the decode step compiled for `device` exactly as generate.py compiles it, against the
-    eager model on the CPU, both in float32, on the tiny shape. A fast path that is wrong on one device
-    only (CUDA graphs, the GPU's int8 expert path) shows up here before any speed is reported.
-    Returns the largest relative error of the logits over `steps` decoded positions."""
-    config = model_args("tiny")
-    reference = random_model(config, "cpu", torch.float32, int8=int8, seed=seed)
-    model = device_twin(reference, device)
-    reference.setup_caches(max_batch_size=1, max_seq_length=64)
-    model.setup_caches(max_batch_size=1, max_seq_length=64)
-    step = torch.compile(lambda x, pos: model(x, pos), fullgraph=True, options=decode_compile_options(device))
-    idx = torch.randint(0, config.vocab_size, (1, 4 + steps), generator=torch.Generator().manual_seed(seed))
-    reference(idx[:, :4], torch.arange(4))  # eager prefill on both, then one token at a time
-    model(idx[:, :4].to(device), torch.arange(4, device=device))
-    errors = []
-    for i in range(4, 4 + steps):
-        want = reference(idx[:, i:i + 1], torch.tensor([i], dtype=torch.int)).float()
-        got = step(idx[:, i:i + 1].to(device), torch.tensor([i], dtype=torch.int, device=device)).float().cpu()
-        errors.append(((got - want).norm() / want.norm()).item())
-    return max(errors)
-
-
-# float32 on both sides: kernels differ in summation order only (TF32 stays off for float32 matmuls).
-VERIFY_TOLERANCE = 1e-3
-
-
 def limit_tokens_per_s(bandwidth: float, weight_bytes: int) -> float:
     """The memory-bandwidth limit of batch-1 decode: every active weight byte read once per token."""
     return bandwidth / weight_bytes
@@ -149,24 +117,6 @@ def matmul_gflops(device: str, c: ModelArgs, tokens: int = 512, rounds: int = 3)
         synchronize(device)
         times.append(time.perf_counter() - t)
     return 2 * tokens * c.dim * c.intermediate_size / min(times) / 1e9
-
-
-def write_checkpoint(name: str, n_layer: Optional[int], folder: Path, precision: torch.dtype) -> Path:
-    """A named shape with random weights in the hub's layout (so that --compare-hf can load it with
-    transformers), converted to model.pth beside it. Returns the model.pth path."""
-    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
-    from scripts.make_tiny_checkpoint import train_demo_tokenizer, write_hub_checkpoint
-    c = model_args(name, n_layer)
-    hf_config = dict(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
-                     num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads, head_dim=c.head_dim,
-                     num_local_experts=c.num_experts, num_experts_per_tok=c.num_activated_experts,
-                     vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rope_theta=c.rope_base,
-                     rms_norm_eps=c.norm_eps)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_demo_tokenizer(folder / "demo-tokenizer.model", vocab_size=1000)  # only shipped, never used
-    write_hub_checkpoint(folder, hf_config, tokenizer, dtype=precision, n_shards=2)
-    (folder / "demo-tokenizer.model").unlink()
-    return convert_hf_checkpoint(folder)
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
@@ -227,16 +177,27 @@ class Row:
         return statistics.median(self.tokens_per_s)
 
 
-def decode_rounds(model, prefill_fn, decode_fn, prompt_len: int, new_tokens: int, runs: int, device: str,
-                  bandwidth: Bandwidth, weight_bytes: int, engine: str, generator: torch.Generator) -> Row:
-    """Decode tokens/s at batch 1 through generate(): the time from the first new token (prefill done)
-    to the last, over new_tokens - 1 decode steps. Each round is preceded by a bandwidth probe."""
-    vocab = model.config.vocab_size
+def decode_rounds(decode_seconds, prompt_len: int, new_tokens: int, runs: int, device: str, bandwidth: Bandwidth,
+                  weight_bytes: int, engine: str, vocab: int, generator: torch.Generator) -> Row:
+    """Decode tokens/s at batch 1. decode_seconds(prompt [T] int) runs the prompt and new_tokens - 1
+    decode steps after it, and returns the seconds those steps took (prefill excluded). Each round is
+    preceded by a bandwidth probe, for its fraction of the limit."""
     row = Row(engine, "decode", f"{prompt_len} + {new_tokens}")
     for r in range(runs):
         bw = bandwidth.measure()
         reset_peak_memory(device)
         prompt = torch.randint(0, vocab, (prompt_len,), generator=generator).to(device=device, dtype=torch.int)
+        tps = (new_tokens - 1) / decode_seconds(prompt)
+        row.tokens_per_s.append(tps)
+        row.fractions.append(fraction_of_limit(tps, weight_bytes, bw))
+        row.peak_gb = max(row.peak_gb or 0.0, peak_memory_gb(device))
+    row.gb_per_s = row.median_tps * weight_bytes / 1e9
+    return row
+
+
+def generate_decode_seconds(model, prefill_fn, decode_fn, new_tokens: int, device: str):
+    """decode_rounds' timer for this repo: generate(), timed from its first new token (prefill done)."""
+    def decode_seconds(prompt):
         marks = []
 
         def on_token(seq):
@@ -247,12 +208,8 @@ def decode_rounds(model, prefill_fn, decode_fn, prompt_len: int, new_tokens: int
         generate(model, prompt, new_tokens, temperature=0.8, top_k=200, prefill_fn=prefill_fn, decode_fn=decode_fn,
                  on_token=on_token)
         synchronize(device)
-        tps = (new_tokens - 1) / (time.perf_counter() - marks[0])
-        row.tokens_per_s.append(tps)
-        row.fractions.append(fraction_of_limit(tps, weight_bytes, bw))
-        row.peak_gb = max(row.peak_gb or 0.0, peak_memory_gb(device))
-    row.gb_per_s = row.median_tps * weight_bytes / 1e9
-    return row
+        return time.perf_counter() - marks[0]
+    return decode_seconds
 
 
 @torch.no_grad()
@@ -337,8 +294,9 @@ def run(args) -> list:
         synchronize(device)
         if compile_s is None:
             compile_s = time.perf_counter() - t
-        row = decode_rounds(model, prefill_fn, decode_fn, prompt_len, args.max_new_tokens, args.runs, device,
-                            bandwidth, weight_bytes, engine, generator)
+        row = decode_rounds(generate_decode_seconds(model, prefill_fn, decode_fn, args.max_new_tokens, device),
+                            prompt_len, args.max_new_tokens, args.runs, device, bandwidth, weight_bytes, engine,
+                            config.vocab_size, generator)
         rows.append(row)
         print(f"decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
 
@@ -409,25 +367,21 @@ def compare_hf(args, device, precision, bandwidth, weight_bytes, generator, ours
               f"{statistics.median(length / t for t in times['ours']):.1f} tokens/s", flush=True)
     del ours
     gc.collect()
-    for prompt_len in args.decode_prompts:
-        row = Row(impl, "decode", f"{prompt_len} + {args.max_new_tokens}")
-        for r in range(args.runs):
-            bw = bandwidth.measure()
-            reset_peak_memory(device)
-            idx = torch.randint(0, vocab, (1, prompt_len), generator=generator).to(device)
-            out = model(idx, use_cache=True)  # its own (dynamic) KV cache
+
+    def hf_decode_seconds(prompt):  # greedy, with its own (dynamic) KV cache
+        out = model(prompt[None].long(), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(args.max_new_tokens - 1):
+            out = model(token, **{cache_arg: getattr(out, cache_arg)}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            synchronize(device)
-            t = time.perf_counter()
-            for _ in range(args.max_new_tokens - 1):
-                out = model(token, **{cache_arg: getattr(out, cache_arg)}, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-            synchronize(device)
-            tps = (args.max_new_tokens - 1) / (time.perf_counter() - t)
-            row.tokens_per_s.append(tps)
-            row.fractions.append(fraction_of_limit(tps, weight_bytes, bw))
-            row.peak_gb = max(row.peak_gb or 0.0, peak_memory_gb(device))
-        row.gb_per_s = row.median_tps * weight_bytes / 1e9
+        synchronize(device)
+        return time.perf_counter() - t
+
+    for prompt_len in args.decode_prompts:
+        row = decode_rounds(hf_decode_seconds, prompt_len, args.max_new_tokens, args.runs, device, bandwidth,
+                            weight_bytes, impl, vocab, generator)
         rows.append(row)
         print(f"transformers decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
     return rows
@@ -538,17 +492,13 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.write_checkpoint is not None:
-            path = write_checkpoint(args.model, args.n_layer, args.write_checkpoint, PRECISIONS[args.precision])
+            path = write_random_checkpoint(args.write_checkpoint, model_args(args.model, args.n_layer),
+                                           PRECISIONS[args.precision])
             print(f"wrote {path}; benchmark it with --checkpoint_path {path} --compare-hf")
             return
         if args.verify:
-            error = verify_decode(args.device, int8=args.int8)
-            verdict = "agree" if error < VERIFY_TOLERANCE else "DISAGREE"
-            print(f"verify: compiled decode on {args.device} vs eager on cpu (tiny shape, float32"
-                  f"{', int8' if args.int8 else ''}): logits {verdict}, relative error {error:.2e}", flush=True)
-            if error >= VERIFY_TOLERANCE:
-                raise UserError(f"the compiled decode step on {args.device} disagrees with the eager model "
-                                f"(relative error {error:.2e}); not benchmarking a wrong result")
+            from scripts import verify_decode  # it builds its models with this file's random_model
+            verify_decode.check(args.device, int8=args.int8)
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

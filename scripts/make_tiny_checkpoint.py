@@ -105,6 +105,27 @@ def train_demo_tokenizer(out_path: Path, vocab_size: int) -> Path:
     return out_path
 
 
+def hub_config(c: ModelArgs) -> dict:
+    """The config.json entries that describe c (beside MIXTRAL_CONFIG's): ModelArgs.from_hf_config backwards."""
+    return dict(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads, head_dim=c.head_dim,
+                num_local_experts=c.num_experts, num_experts_per_tok=c.num_activated_experts,
+                vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rope_theta=c.rope_base,
+                rms_norm_eps=c.norm_eps)
+
+
+def write_random_checkpoint(folder: Path, config: ModelArgs, dtype: torch.dtype) -> Path:
+    """Any shape (scripts/benchmark.py's named ones) with random weights in the hub's layout, so that
+    transformers can load it too, converted to model.pth beside it. Returns the model.pth path."""
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # a tokenizer the folder ships; benchmarks never read it
+        tokenizer = train_demo_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=1000)
+        write_hub_checkpoint(folder, hub_config(config), tokenizer, dtype=dtype, n_shards=2)
+    return convert_hf_checkpoint(folder)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write a small random-weight Mixtral checkpoint in the hub's layout.")
     parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/tiny-mixtral"))

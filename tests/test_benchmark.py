@@ -171,13 +171,14 @@ def test_verify_passes_for_the_compiled_int8_step_and_catches_a_wrong_one(capsys
                      r"relative error \d\.\d\de-\d\d", out), out
     assert "| this repo (compiled) | decode | 3 + 3 |" not in out  # --verify without --compile: eager rows
 
-    real_twin = benchmark.device_twin
+    import scripts.verify_decode as verify_decode
+    real_twin = verify_decode.device_twin
 
     def perturbed_twin(model, device):  # stands in for a device path that computes something else
         twin = real_twin(model, device)
         twin.layers[0].block_sparse_moe.gate.weight.data.mul_(-1)  # routes every token elsewhere
         return twin
-    monkeypatch.setattr(benchmark, "device_twin", perturbed_twin)
+    monkeypatch.setattr(verify_decode, "device_twin", perturbed_twin)
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(argv)
     assert exit_info.value.code == 1
@@ -206,3 +207,17 @@ def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys):
     assert {"torch F.linear, bf16", "kernels/cpu.cpp, bf16", "kernels/cpu.cpp, int8"} <= set(names), names
     for r in rows:
         assert number(r[1]) > 0 and number(r[2]) == pytest.approx(number(r[1]) / (2 if "bf16" in r[0] else 1), rel=0.02)
+
+
+def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, capsys):
+    """--write_checkpoint: the hub-layout folder's config.json describes the named shape, and the
+    converted model.pth loads (this repo) beside safetensors that transformers loads."""
+    from scripts.benchmark import main
+    from model import ModelArgs
+    main(["--write_checkpoint", str(tmp_path), "--model", "tiny", "--precision", "float32"])
+    assert f"wrote {tmp_path / 'model.pth'}" in capsys.readouterr().out
+    assert ModelArgs.from_json(tmp_path / "config.json") == model_args("tiny")
+    from conftest import load_reference
+    from generate import load_model
+    ours, ref = load_model(tmp_path / "model.pth", "cpu", torch.float32), load_reference(tmp_path)
+    torch.testing.assert_close(ours.output.weight, ref.lm_head.weight)
