@@ -21,7 +21,7 @@ QUANTIZED_SUFFIXES = (".attention.wqkv.weight", ".attention.wo.weight", ".block_
 
 
 # One thread, here and in the scripts run: on a shared 2-core machine a second OpenMP thread that
-# is descheduled stalls every op (decoding measured 30-50x slower), and these models are small.
+# is descheduled stalls every op (decoding measured an order of magnitude slower), and these models are small.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
