@@ -25,13 +25,14 @@ def run_two_ranks(folder, *flags):
     return result
 
 
-def one_process_text(folder, tokenizer, temperature: float, top_k=None, seed: int = 1234, prompt=PROMPT) -> str:
+def one_process_text(folder, tokenizer, temperature: float, top_k=None, seed: int = 1234, prompt=PROMPT,
+                     max_new_tokens: int = 24) -> str:
     """What generate.py prints in a single process, run here: same loader, same seeding, same loop
     (a subprocess would spend most of its time importing torch)."""
     ids = torch.tensor([tokenizer.bos_id()] + tokenizer.encode(prompt), dtype=torch.int)
     model = load_ours(folder)
     torch.manual_seed(seed)
-    seq = generate(model, ids, 24, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id())
+    seq = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id())
     return tokenizer.decode(seq.tolist())
 
 
@@ -70,6 +71,21 @@ def test_two_ranks_greedy_text_matches_one_process_and_transformers(checkpoint, 
     # Only rank 0 printed: the text and each timing line once.
     assert tp.stdout.count(expected) == 1 and tp.stdout.count("Average tokens/sec") == 1
     assert tp.stderr.count("Time to load model") == 1
+
+
+def test_two_ranks_build_the_cpu_kernels_once_between_them(checkpoint, tokenizer, tmp_path):
+    """With an empty extension cache, both ranks start at once: one compiles kernels/cpu.cpp while the
+    other waits on the cache's lock, then both load the same library and decode with it."""
+    cache = tmp_path / "torch_extensions"
+    result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
+                        "--prompt", PROMPT, "--max_new_tokens", "8", "--num_samples", "1", "--precision", "float32",
+                        "--temperature", "0", env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "kernels" not in result.stderr  # rank 0 had them (a failed build says so in a line)
+    # One compilation: ninja logs each object it builds, and a second, racing build would log it again.
+    log, = cache.rglob(".ninja_log")
+    assert [line.split()[3] for line in log.read_text().splitlines()[1:]] == ["cpu.o", "mixtral_cpu_kernels.so"]
+    assert text_of(result) == one_process_text(checkpoint, tokenizer, temperature=0, max_new_tokens=8)
 
 
 def test_two_ranks_sample_the_same_tokens_as_one_process(checkpoint, tokenizer):
