@@ -205,7 +205,7 @@ class MOEFeedForward(reference.MOEFeedForward, FormattedWeights):
     """model.MOEFeedForward (its router and routing) with the experts stored in a format."""
 
     def __init__(self, fmt: FullPrecision, config: ModelArgs, dtype: torch.dtype = torch.float32):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not model.MOEFeedForward's: it would make full-precision parameters
         E, I, D = config.num_experts, config.intermediate_size, config.dim
         # The router stays in full precision in every format: its few weights decide which experts run.
         self.gate = Linear(FORMATS["full precision"], D, E, dtype)
