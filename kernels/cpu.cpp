@@ -114,7 +114,8 @@ inline void dot_tile(const W* const* rows, const float* x, int64_t K, float* out
 // Activation vectors, M of K values each: float32, and for int8 weights also int16 in blocks of 64
 // values with one float scale per block (x ~= q * scale, |q| <= 32767). int8 weights times int16
 // activations multiply and add pairs in one instruction (vpmaddwd) where widening each int8 to float
-// took three; the activations lose less to it than to their own bf16 rounding.
+// took three. The step, 2^-15 of a block's largest value, is finer than bf16's rounding for values
+// down to 1/128 of that largest one.
 constexpr int64_t kBlock = 64;
 
 struct Vectors {
