@@ -108,7 +108,7 @@ class Int8(FullPrecision):
         weight, scales = t[""], t["scales"]
         if x.device.type != "cpu":
             return F.linear(x, weight.to(x.dtype)) * scales
-        if x.numel() > CPU_KERNEL_MAX_TOKENS * x.shape[-1] or x.shape[-1] % 16:
+        if not few_tokens(x) or x.shape[-1] % 16:
             dtype = matmul_dtype(x)
             return F.linear(x.to(dtype), self.dequantize(t, dtype)).to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
@@ -148,8 +148,13 @@ def detect_format(state_dict: dict):
 
 # ----------------------------------------------------------------------------- the choice of kernel
 
+def few_tokens(x: Tensor) -> bool:
+    """x [..., D] holds at most CPU_KERNEL_MAX_TOKENS tokens: a memory-bound step."""
+    return x.numel() <= CPU_KERNEL_MAX_TOKENS * x.shape[-1]
+
+
 def use_cpu_kernels(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() <= CPU_KERNEL_MAX_TOKENS * x.shape[-1] and cpu_kernels.available()
+    return x.device.type == "cpu" and few_tokens(x) and cpu_kernels.available()
 
 
 def linear(fmt: FullPrecision, x: Tensor, t: dict) -> Tensor:
@@ -163,10 +168,7 @@ def run_experts(fmt: FullPrecision, x: Tensor, experts: Tensor, weights: Tensor,
     """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
     if use_cpu_kernels(x):
         return fmt.cpu_experts(x, experts, weights, w1, w3, w2)
-    # A few tokens read at most as many experts one matrix-vector product at a time (no host sync, so
-    # a GPU step stays one CUDA graph) as a grouped pass over all E would; a prompt shares each expert
-    # among many tokens.
-    if x.size(0) * experts.size(1) <= w1[""].size(0):
+    if reference.few_enough_to_decode(experts, w1[""].size(0)):  # no host sync: a GPU step stays one CUDA graph
         return fmt.decode_experts(x, experts, weights, w1, w3, w2)
     return fmt.grouped_experts(x, experts, weights, w1, w3, w2)
 

@@ -263,11 +263,16 @@ class MOEFeedForward(nn.Module):
     def run_experts(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         """Each token's K experts, weighted: x [N, D] -> [N, D]. (formats.py stores the experts in other
         weight formats, with faster kernels, and overrides this; the routing above stays.)"""
-        # A few tokens (decode) read at most as many experts one matrix-vector product at a time as a
-        # grouped pass over all E would read; a prompt shares each expert among many tokens.
-        if x.size(0) * self.num_activated_experts <= self.w1.size(0):
+        if few_enough_to_decode(experts, self.w1.size(0)):
             return decode_experts(x, experts, weights, self.w1, self.w3, self.w2)
         return grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
+
+
+def few_enough_to_decode(experts: Tensor, num_experts: int) -> bool:
+    """Whether decode_experts suits these (token, expert) pairs [N, K]: a few tokens (decode) read at most
+    as many experts one matrix-vector product at a time as a grouped pass over all E would read; a
+    prompt shares each expert among many tokens, and grouped_experts reads each expert once for them."""
+    return experts.numel() <= num_experts
 
 
 def route(gate: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:

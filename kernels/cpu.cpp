@@ -2,10 +2,11 @@
 // once and the arithmetic must keep up with memory. PyTorch's own kernels do not on AVX2 CPUs: bf16
 // F.linear converts more slowly than memory delivers, and its int8 kernels are slower still.
 //
-// One primitive does all the work: a tile of 4 weight rows times up to 2 activation vectors, the weights
-// widened to float32 eight at a time in registers (bf16: a shift; fp16: F16C; int8: sign-extend and
-// convert) and multiplied into float32 accumulators. The 4 rows share each load of the activations, and
-// 4 to 8 independent accumulators hide the latency of the fused multiply-adds.
+// One primitive does all the work: a tile of 1 or 2 weight rows times up to 2 activation vectors. Float
+// weights are widened to float32 eight at a time in registers (bf16: a shift; fp16: F16C) and multiplied
+// into float32 accumulators, several per row so that the fused multiply-adds' latency stays hidden; int8
+// weights meet int16 activations (see Vectors below). Each thread streams its rows in order, prefetching
+// ahead.
 //
 // Ops (torch.ops.mixtral_cpu.*), built and registered by kernels/cpu.py:
 //   linear(x [M, K], weight [N, K], scales [N]?) -> [M, N]          y = x @ (weight * scales).T
@@ -54,7 +55,6 @@ inline __m256 load8(const int8_t* p) {
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
-inline float to_float(int8_t v) { return static_cast<float>(v); }
 
 // One core alone keeps too few cache misses in flight to stream at the memory's speed: it waits on
 // latency. Asking for the weights a few KB ahead, into L2 (whose queue of misses is deeper than L1's),

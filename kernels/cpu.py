@@ -1,6 +1,6 @@
-# Builds kernels/cpu.cpp on first use and registers its ops as torch.ops.mixtral_cpu.linear and
-# torch.ops.mixtral_cpu.moe, with fake implementations so that torch.compile(fullgraph=True) keeps the
-# decode step one graph around them.
+# Builds kernels/cpu.cpp on first use and registers its ops (torch.ops.mixtral_cpu.linear, .moe and
+# .dequantize_int8), with fake implementations so that torch.compile(fullgraph=True) keeps the decode
+# step one graph around them.
 #
 # The build (torch.utils.cpp_extension, ninja) is cached under ~/.cache/torch_extensions (or
 # TORCH_EXTENSIONS_DIR): later runs load it in a fraction of a second. Ranks under torchrun share that

@@ -77,7 +77,7 @@ def main(argv=None):
                     call()
                 rates.append(nbytes * len(calls) / (time.perf_counter() - t))
             rate = statistics.median(rates)
-            weights = rate / (2 if "bf16" in name else 1)
+            weights = rate * args.rows * args.cols / nbytes
             print(f"| {name} | {fmt(rate / 1e9)} | {fmt(weights / 1e9)} |", flush=True)
 
 
