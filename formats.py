@@ -4,6 +4,7 @@
 # linear layers (attention wqkv and wo, the output head) and its experts in one weight format:
 #   FullPrecision  the checkpoint's tensors as they are (bfloat16, float16 or float32)
 #   Int8           symmetric int8, one scale per output row (per expert and row for the experts)
+#   Int4           symmetric 4-bit, one scale per group of 32, 64 or 128 inputs of a row, two values a byte
 # A format is one class: the tensors that store a weight matrix [..., out, in] (its layout in a
 # checkpoint), how a full-precision matrix is quantized into them and read back, which of them a
 # tensor-parallel rank slices along which axis, and which kernel multiplies them on which device.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 import model as reference
 from kernels import cpu as cpu_kernels
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, UserError
 
 # Up to this many tokens a step is memory-bound and the CPU kernels win; beyond it (prompts) the
 # arithmetic dominates and PyTorch's matrix multiplications are faster.
@@ -56,6 +57,10 @@ class FullPrecision:
         """The axis of companion tensor `key` that follows the weight's `axis` (-2 out, -1 in), or None
         when the companion is whole on every rank."""
         raise KeyError(key)
+
+    def split_problem(self, inputs: int) -> Optional[str]:
+        """Why a tensor-parallel rank cannot hold `inputs` consecutive inputs of a row, or None."""
+        return None
 
     # PyTorch: the reference computations of model.py.
     def linear(self, x: Tensor, t: dict) -> Tensor:
@@ -93,7 +98,7 @@ class Int8(FullPrecision):
         return {"": q, "scales": scales}
 
     def dequantize(self, t, dtype):
-        if t[""].device.type == "cpu" and cpu_kernels.available():
+        if use_cpu_dequantize(t[""], dtype):
             return torch.ops.mixtral_cpu.dequantize_int8(t[""], t["scales"], dtype)  # one pass, not three
         return t[""].to(dtype) * t["scales"].to(dtype)[..., None]
 
@@ -136,11 +141,78 @@ class Int8(FullPrecision):
                                          w2["scales"])
 
 
-FORMATS = {"full precision": FullPrecision(), "int8": Int8()}
+class Int4(Int8):
+    """Symmetric 4-bit, one scale per group of `groupsize` consecutive inputs of a row (llama.cpp's Q4_0):
+    the group's value of largest magnitude m becomes -8 exactly, scale = m / -8, and the others round to
+    the nearest of the 16 steps -8..7 (so the side opposite m reaches only 7 steps: a value of -m clamps
+    to 7 * |scale|, one step short). Measured on Gaussian and Laplace weights, this has 10-12 % less
+    error than a symmetric -7..7 grid and about the error of a grid with a zero point at twice the group
+    size, which costs the same bytes; the kernels then need no zero point (README, int4).
+    Stored: uint8 [..., out, in/2], value 2j in the low nibble of byte j and 2j+1 in the high one, each
+    as q + 8; scales [..., out, in/groupsize] in the full-precision dtype. The group size is read back
+    from the shapes, so one instance serves any."""
+    name = "int4"
+    GROUP_SIZES = (32, 64, 128)
+
+    def __init__(self, groupsize: int = 32):
+        self.groupsize = groupsize
+
+    def layout(self, shape, dtype):
+        *rows, inputs = shape
+        return {"": ((*rows, inputs // 2), torch.uint8), "scales": ((*rows, inputs // self.groupsize), dtype)}
+
+    def quantize(self, w):
+        *rows, inputs = w.shape
+        if inputs % self.groupsize:
+            raise UserError(f"the int4 group size {self.groupsize} does not divide rows of {inputs} inputs; "
+                            f"choose a group size that does")
+        groups = w.float().reshape(*rows, inputs // self.groupsize, self.groupsize)  # [..., G, g]
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # signed, [..., G, 1]
+        scales = (extreme / -8).to(w.dtype)  # rounded first, as for int8: quantize with the stored value
+        s = scales.float()
+        q = (torch.where(s != 0, groups / s, 0.0).round().clamp(-8, 7) + 8).to(torch.uint8).reshape(*rows, inputs)
+        return {"": q[..., 0::2] | (q[..., 1::2] << 4), "scales": scales.squeeze(-1)}
+
+    def dequantize(self, t, dtype):
+        packed, scales = t[""], t["scales"]
+        if use_cpu_dequantize(packed, dtype):
+            return torch.ops.mixtral_cpu.dequantize_int4(packed, scales, dtype)
+        q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # [..., out, in], 0..15
+        groups = q.unflatten(-1, (scales.shape[-1], -1)).to(dtype) - 8  # [..., out, G, g]
+        return (groups * scales.to(dtype)[..., None]).flatten(-2)
+
+    def companion_axis(self, key, axis):
+        return axis  # scales [..., out, G] split with the rows, and with the inputs by whole groups
+
+    def split_problem(self, inputs):
+        if inputs % self.groupsize:
+            return f"is not a whole number of int4 groups of {self.groupsize}"
+        return None
+
+    def linear(self, x, t):
+        """PyTorch's path (GPU, and CPU without the kernels): a copy of the weights in the matmul dtype."""
+        dtype = matmul_dtype(x)
+        return F.linear(x.to(dtype), self.dequantize(t, dtype)).to(x.dtype)
+
+    def decode_experts(self, x, experts, weights, w1, w3, w2):
+        """model.decode_experts with the chosen experts' weights dequantized first (no host sync)."""
+        w1, w3, w2 = (self.dequantize({key: t[experts] for key, t in w.items()}, x.dtype) for w in (w1, w3, w2))
+        xe = x[:, None, :, None]  # [N, 1, D, 1]
+        h = F.silu(w1 @ xe) * (w3 @ xe)  # [N, K, I, 1]
+        y = (w2 @ h).squeeze(-1)  # [N, K, D]
+        return (y * weights[..., None]).sum(dim=1)  # [N, D]
+
+
+FORMATS = {"full precision": FullPrecision(), "int8": Int8(), "int4": Int4()}
 
 
 def detect_format(state_dict: dict):
-    """The format a checkpoint is stored in, told by its content, not its file name."""
+    """The format a checkpoint is stored in, told by its content, not its file name; for int4, with the
+    group size its scales imply."""
+    for name, t in state_dict.items():
+        if t.dtype == torch.uint8 and name.endswith(".weight"):
+            scales = state_dict[name[:-len("weight")] + "scales"]
+            return Int4(2 * t.shape[-1] // scales.shape[-1])
     if any(t.dtype == torch.int8 for t in state_dict.values()):
         return FORMATS["int8"]
     return FORMATS["full precision"]
@@ -155,6 +227,10 @@ def few_tokens(x: Tensor) -> bool:
 
 def use_cpu_kernels(x: Tensor) -> bool:
     return x.device.type == "cpu" and few_tokens(x) and cpu_kernels.available()
+
+
+def use_cpu_dequantize(q: Tensor, dtype: torch.dtype) -> bool:
+    return q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()
 
 
 def linear(fmt: FullPrecision, x: Tensor, t: dict) -> Tensor:

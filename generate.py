@@ -1,4 +1,4 @@
-# Command-line text generation with Mixtral: load model.pth (bf16 or int8) and its config.json,
+# Command-line text generation with Mixtral: load model.pth (bf16, int8 or int4) and its config.json,
 # prefill the prompt, then decode one token at a time from the static KV cache, streaming the text.
 # Under torchrun the same script runs tensor-parallel, one process per GPU (see tp.py).
 import argparse
@@ -121,7 +121,7 @@ def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
         apply_tp(model, rank, world_size)  # while the weights are still mmapped: a rank reads only its slices
     if torch.device(device).type == "cpu":
         cpu_kernels.available()  # built now, once, or one line saying why PyTorch's kernels are used
-    # Module.to(dtype) casts floating-point tensors only: int8 weights stay int8.
+    # Module.to(dtype) casts floating-point tensors only: int8 and int4 (uint8) weights stay as they are.
     return model.to(device=device, dtype=precision).eval()
 
 
@@ -156,7 +156,7 @@ def active_weight_bytes(model: Transformer) -> int:
         nbytes = t.numel() * t.element_size()
         if name.startswith("tok_embeddings."):
             nbytes //= config.vocab_size
-        elif ".block_sparse_moe.w" in name:  # expert weights and their int8 scales
+        elif ".block_sparse_moe.w" in name:  # expert weights and their scales
             nbytes = nbytes * config.num_activated_experts // config.num_experts
         total += nbytes
     return total

@@ -1,10 +1,14 @@
-# Offline weight-only quantization: writes model_int8.pth beside model.pth, streamed from the mmapped
-# source. The format itself (layout, rounding, kernels) is formats.py's; this script applies it to a file.
+# Offline weight-only quantization: writes model_int8.pth (or model_int4.g32.pth) beside model.pth,
+# streamed from the mmapped source. The formats themselves (layout, rounding, kernels) are formats.py's;
+# this script applies one to a file.
 #
-# Symmetric int8, per output channel: every row of a weight matrix gets one scale, max|row| / 127, and
-# the row is stored as round(row / scale) in int8. Quantized: attention wqkv and wo, the output head,
-# and each expert's w1, w2, w3 (one scale per expert and output channel). Kept as they are: the
-# embedding table (one row is read per token), the norms, and the router (gate), whose few
+# int8: symmetric, per output channel: every row of a weight matrix gets one scale, max|row| / 127, and
+# the row is stored as round(row / scale) in int8.
+# int4: symmetric, per group of --groupsize (32, 64 or 128) consecutive inputs of a row: the group's
+# value of largest magnitude becomes -8, the others round to the nearest of -8..7 times its scale;
+# two values a byte.
+# Quantized: attention wqkv and wo, the output head, and each expert's w1, w2, w3. Kept as they are:
+# the embedding table (one row is read per token), the norms, and the router (gate), whose few
 # weights decide which experts run.
 #
 # Layout in the checkpoint (formats.stored_name; other scripts rely on these names):
@@ -12,6 +16,8 @@
 #   int8 experts: X.w1 int8 [E, I, D]  X.w1_scales [E, I]
 #                 X.w3 int8 [E, I, D]  X.w3_scales [E, I]
 #                 X.w2 int8 [E, D, I]  X.w2_scales [E, D]
+#   int4: the same names, X.weight uint8 [out, in/2] and X.scales [out, in/groupsize]; experts
+#         X.w1 uint8 [E, I, D/2], X.w1_scales [E, I, D/groupsize], ..., X.w2 uint8 [E, D, I/2].
 # Scales are in the source checkpoint's dtype; loading casts them to --precision like any weight.
 import argparse
 import mmap
@@ -23,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from formats import FORMATS, detect_format, stored_weights
+from formats import FORMATS, Int4, detect_format, stored_weights
 from model import ModelArgs, Transformer, UserError, load_checkpoint
 
 QUANTIZED_FORMATS = [name for name in FORMATS if name != "full precision"]
@@ -59,8 +65,14 @@ def quantize_into(fmt, src: Tensor, out: dict, rows_per_chunk: int = 256):
             out[key].view(-1, *t.shape[1:])[start:start + t.shape[0]] = t
 
 
-def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8") -> Path:
-    """Writes <name>_int8.pth beside checkpoint_path and returns its path.
+def output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
+    """gpt-fast's names: model_int8.pth, model_int4.g32.pth."""
+    suffix = f"_{mode}.g{groupsize}" if mode == "int4" else f"_{mode}"
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}{suffix}.pth")
+
+
+def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: int = 32) -> Path:
+    """Writes <name>_int8.pth (int4: <name>_int4.g<groupsize>.pth) beside checkpoint_path and returns its path.
 
     Streaming, so that memory use stays a few MB above the interpreter's whatever the model:
     the source is mmapped and read a few rows at a time; the output file is first written with
@@ -69,10 +81,19 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8") -> Path:
     temporary name and renamed when complete, so an interrupted run leaves nothing behind."""
     if mode not in QUANTIZED_FORMATS:
         raise UserError(f"unknown mode {mode!r}: choose one of {', '.join(QUANTIZED_FORMATS)}")
-    fmt = FORMATS[mode]
+    if mode == "int4" and groupsize not in Int4.GROUP_SIZES:
+        raise UserError(f"unknown group size {groupsize}: choose one of {', '.join(map(str, Int4.GROUP_SIZES))}")
+    fmt = Int4(groupsize) if mode == "int4" else FORMATS[mode]
     checkpoint_path = Path(checkpoint_path)
     config, source = load_source(checkpoint_path)
     quantized = stored_weights(config, fmt)  # source name -> {key: output name}
+    if mode == "int4":
+        for name in quantized:
+            inputs = source[name].shape[-1]
+            if inputs % groupsize:
+                raise UserError(f"--groupsize {groupsize} does not divide the {inputs} inputs of {name} (dim "
+                                f"{config.dim}, intermediate_size {config.intermediate_size} in config.json); "
+                                f"choose a group size that divides them")
     layout = {}  # output name -> (shape, dtype), in the source's order
     for name, t in source.items():
         if name in quantized:
@@ -80,7 +101,7 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8") -> Path:
                 layout[quantized[name][key]] = shape_and_dtype
         else:
             layout[name] = (tuple(t.shape), t.dtype)
-    output = checkpoint_path.with_name(f"{checkpoint_path.stem}_{mode}.pth")
+    output = output_path(checkpoint_path, mode, groupsize)
     tmp = output.with_name(output.name + ".tmp")
     try:
         with torch.serialization.skip_data():  # torch.empty touches no memory until written
@@ -105,10 +126,12 @@ def main(argv=None):
                         default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"),
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")
     parser.add_argument("--mode", choices=QUANTIZED_FORMATS, default="int8",
-                        help="int8: weight-only, symmetric, one scale per output channel")
+                        help="int8: one scale per output channel; int4: one scale per group of --groupsize inputs")
+    parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32,
+                        help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file)")
     args = parser.parse_args(argv)
     try:
-        output = quantize_checkpoint(args.checkpoint_path, args.mode)
+        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions

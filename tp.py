@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import _functional_collectives as funcol
 
-from formats import FormattedWeights, MOEFeedForward, stored_name
+from formats import FormattedWeights, FullPrecision, MOEFeedForward, stored_name
 from model import Attention, ModelArgs, Transformer, UserError
 
 
@@ -56,6 +56,18 @@ def check_divisible(config: ModelArgs, world_size: int):
                              f"{size}) to be a multiple of {world_size}; use a world size that divides it")
 
 
+def check_whole_groups(config: ModelArgs, fmt: FullPrecision, world_size: int):
+    """Weights sliced along their inputs (wo by heads, w2 by I) must leave each rank whole groups of a
+    grouped format (int4): refuse otherwise, naming the dimension and the group size."""
+    for what, inputs in (("wo's inputs (num_attention_heads * head_dim)", config.n_head * config.head_dim),
+                         ("w2's inputs (intermediate_size)", config.intermediate_size)):
+        problem = fmt.split_problem(inputs // world_size)
+        if problem:
+            raise UserError(f"tensor parallelism over {world_size} ranks gives each rank {inputs // world_size} of "
+                            f"{what}, {inputs}, which {problem}; use fewer ranks or a checkpoint quantized with a "
+                            f"smaller --groupsize")
+
+
 def _chunk(t: torch.Tensor, axis: int, rank: int, world_size: int) -> torch.Tensor:
     """This rank's contiguous 1/N of t along axis, copied out: from an mmapped checkpoint only the
     pages of that slice are read, and nothing keeps the whole tensor alive."""
@@ -64,7 +76,7 @@ def _chunk(t: torch.Tensor, axis: int, rank: int, world_size: int) -> torch.Tens
 
 def _slice_weight(module: FormattedWeights, name: str, axis: int, take):
     """Replaces weight `name` of module (axis -2: its output rows, -1: its input columns) by
-    take(tensor, axis), and each companion tensor of its format (int8 scales) by its matching slice."""
+    take(tensor, axis), and each companion tensor of its format (int8 and int4 scales) by its matching slice."""
     for key in module.keys:
         companion_axis = axis if not key else module.format.companion_axis(key, axis)
         if companion_axis is not None:
@@ -77,7 +89,8 @@ def shard_attention(attn: Attention, rank: int, world_size: int):
     """Rank r holds query heads [r*H/N, (r+1)*H/N) and the key/value heads they read,
     [r*KV/N, (r+1)*KV/N) (the same GQA grouping, since H/N = (KV/N) * H/KV): those rows of each of
     wqkv's q, k and v blocks (and of its scales), and the matching input columns of wo. Its wo
-    output is a partial sum over its heads; wo's per-row scales stay whole."""
+    output is a partial sum over its heads; wo's int8 scales (one per output row) stay whole, its int4
+    group scales go with their inputs."""
     q_size, kv_size = attn.n_head * attn.head_dim, attn.n_local_heads * attn.head_dim
 
     def own_rows(t, axis):  # (H + 2*KV) * Dh rows -> (H + 2*KV) / N * Dh rows, still [q | k | v]
@@ -94,7 +107,8 @@ def shard_attention(attn: Attention, rank: int, world_size: int):
 def shard_experts(moe: MOEFeedForward, rank: int, world_size: int):
     """Rank r holds rows [r*I/N, (r+1)*I/N) of every expert's intermediate dimension: those rows of
     w1 and w3 (and their scales) and the matching input columns of w2. SwiGLU acts row by row of I,
-    so the output is a partial sum over its rows; w2's per-row scales stay whole. The router stays
+    so the output is a partial sum over its rows; w2's int8 scales stay whole, its int4 group scales go
+    with their inputs. The router stays
     whole: every rank sends each token to the same experts."""
     take = lambda t, axis: _chunk(t, axis, rank, world_size)  # noqa: E731
     for name, axis in (("w1", -2), ("w3", -2), ("w2", -1)):  # w1/w3 [E, I, D] -> [E, I/N, D]; w2 [E, D, I] -> [E, D, I/N]
@@ -112,6 +126,7 @@ def apply_tp(model: Transformer, rank: int, world_size: int):
     call it on the mmapped weights, before moving the model to its device, so that each rank only
     ever reads and holds its own slices."""
     check_divisible(model.config, world_size)
+    check_whole_groups(model.config, model.output.format, world_size)
     for layer in model.layers:
         shard_attention(layer.attention, rank, world_size)
         shard_experts(layer.block_sparse_moe, rank, world_size)

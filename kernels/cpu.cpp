@@ -5,17 +5,20 @@
 // One primitive does all the work: a tile of 1 or 2 weight rows times up to 2 activation vectors. Float
 // weights are widened to float32 eight at a time in registers (bf16: a shift; fp16: F16C) and multiplied
 // into float32 accumulators, several per row so that the fused multiply-adds' latency stays hidden; int8
-// weights meet int16 activations (see Vectors below). Each thread streams its rows in order, prefetching
-// ahead.
+// weights meet int16 activations, int4 weights int8 activations (see Vectors below). Each thread streams
+// its rows in order, prefetching ahead.
 //
 // Ops (torch.ops.mixtral_cpu.*), built and registered by kernels/cpu.py:
 //   linear(x [M, K], weight [N, K], scales [N]?) -> [M, N]          y = x @ (weight * scales).T
 //   moe(x [T, D], experts [T, Kx], weights [T, Kx], w1 [E, I, D], w3 [E, I, D], w2 [E, D, I],
 //       w1_scales [E, I]?, w3_scales [E, I]?, w2_scales [E, D]?) -> [T, D]
 //   dequantize_int8(q [..., C], scales [...], dtype) -> [..., C]    q * scales, for prompts
+//   dequantize_int4(packed [..., C/2], scales [..., C/group], dtype) -> [..., C]
 // moe reads each chosen expert in place, once per call however many tokens chose it, with w1 and w3 in
-// one pass and silu(w1 x) * (w3 x) computed as the rows come in. Weights are float32, bf16, fp16 or
-// int8 (with float scales per output row); activations any of the three float types.
+// one pass and silu(w1 x) * (w3 x) computed as the rows come in. Weights are float32, bf16, fp16, int8
+// (with float scales per output row) or int4 (uint8, two values a byte, with float scales per group
+// of `group` values along a row: then scales [N, K/group] and [E, I, D/group], [E, D, I/group]);
+// activations any of the three float types.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +29,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +55,18 @@ inline __m256 load8(const int8_t* p) {
   __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
 }
+
+// int4 weights: a uint8 [..., K/2] row holds values 2j (low nibble) and 2j+1 (high nibble) in byte j,
+// each stored as q + 8 for q in [-8, 7]; S is the type of their group scales.
+template <typename S>
+struct Int4 {
+  uint8_t pair;
+  using Scale = S;
+};
+template <typename W> struct is_int4 : std::false_type {};
+template <typename S> struct is_int4<Int4<S>> : std::true_type {};
+// Values per stored element: a row of K values is K / kValuesPer<W> elements long.
+template <typename W> constexpr int64_t kValuesPer = is_int4<W>::value ? 2 : 1;
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -111,32 +127,58 @@ inline void dot_tile(const W* const* rows, const float* x, int64_t K, float* out
     }
 }
 
-// Activation vectors, M of K values each: float32, and for int8 weights also int16 in blocks of 64
-// values with one float scale per block (x ~= q * scale, |q| <= 32767). int8 weights times int16
-// activations multiply and add pairs in one instruction (vpmaddwd) where widening each int8 to float
-// took three. The step, 2^-15 of a block's largest value, is finer than bf16's rounding for values
-// down to 1/128 of that largest one.
-constexpr int64_t kBlock = 64;
+// Activation vectors, M of K values each: float32, and for quantized weights also integers:
+//  - int8 weights: int16 in blocks of 64 values with one float scale per block (x ~= q * scale,
+//    |q| <= 32767). int8 weights times int16 activations multiply and add pairs in one instruction
+//    (vpmaddwd) where widening each int8 to float took three. The step, 2^-15 of a block's largest
+//    value, is finer than bf16's rounding for values down to 1/128 of that largest one.
+//  - int4 weights: int8 in blocks of 32 values (|q| <= 127), llama.cpp's Q8_0. The unsigned nibbles
+//    times int8 activations multiply and add pairs in one instruction (vpmaddubsw), and the nibbles'
+//    offset of 8 comes off once per block as 8 * sum(q). The step, 1/254 of a block's largest value,
+//    is a small fraction of the int4 weights' own (1/16 of a group's range).
+//    Each 64 values ("a chunk", two blocks) are stored evens first, then odds: the order in which the
+//    low and high nibbles of 32 bytes of weights come out. Per chunk, 8 lanes of scales and of
+//    offsets line up with the 8 int32 sums of the multiply (lanes 0-3 the first block, 4-7 the second).
+enum class Quantized { kNo, kInt16, kInt8 };
+template <typename W>
+constexpr Quantized kActivationsFor = std::is_same_v<W, int8_t> ? Quantized::kInt16
+                                      : is_int4<W>::value       ? Quantized::kInt8
+                                                                : Quantized::kNo;
+constexpr int64_t kBlock = 64, kBlock8 = 32, kChunk = 64;
 
 struct Vectors {
   const float* f;
-  const int16_t* q;
-  const float* scale;
-  int64_t K, blocks;
-  Vectors at(int64_t m) const { return {f + m * K, q ? q + m * K : nullptr, scale ? scale + m * blocks : nullptr, K, blocks}; }
+  const int16_t* q = nullptr;        // int16 blocks
+  const float* scale = nullptr;
+  const int8_t* q8 = nullptr;        // int8 blocks, chunks reordered
+  const float* scale8 = nullptr;     // per block
+  const int32_t* offset8 = nullptr;  // per block: 8 * sum(q8)
+  const float* chunk_scale = nullptr;     // per chunk, 8 lanes
+  const int32_t* chunk_offset = nullptr;  // per chunk, 8 lanes
+  int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0;
+
+  Vectors at(int64_t m) const {
+    Vectors v = *this;
+    v.f = f + m * K;
+    if (q) v.q = q + m * K, v.scale = scale + m * blocks;
+    if (q8) {
+      v.q8 = q8 + m * K, v.scale8 = scale8 + m * blocks8, v.offset8 = offset8 + m * blocks8;
+      v.chunk_scale = chunk_scale + m * chunks * 8, v.chunk_offset = chunk_offset + m * chunks * 8;
+    }
+    return v;
+  }
 };
 
 struct VectorStore {  // owns what a Vectors view points to
   std::vector<int16_t> q;
-  std::vector<float> scale;
+  std::vector<int8_t> q8;
+  std::vector<float> scale, scale8, chunk_scale;
+  std::vector<int32_t> offset8, chunk_offset;
   Vectors view;
 };
 
-VectorStore make_vectors(const float* x, int64_t M, int64_t K, bool quantize) {
-  VectorStore v;
-  const int64_t blocks = (K + kBlock - 1) / kBlock;
-  v.view = {x, nullptr, nullptr, K, blocks};
-  if (!quantize) return v;
+void quantize_int16(const float* x, int64_t M, int64_t K, VectorStore& v) {
+  const int64_t blocks = v.view.blocks;
   v.q.resize(M * K), v.scale.resize(M * blocks);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -148,6 +190,46 @@ VectorStore make_vectors(const float* x, int64_t M, int64_t K, bool quantize) {
       for (int64_t k = k0; k < k1; ++k) v.q[m * K + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] * inverse));
     }
   v.view.q = v.q.data(), v.view.scale = v.scale.data();
+}
+
+// K is a multiple of 32 here (int4 groups are); a last half chunk is stored like a whole one, evens first.
+void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
+  const int64_t blocks = K / kBlock8, chunks = K / kChunk;
+  v.view.blocks8 = blocks, v.view.chunks = chunks;
+  v.q8.resize(M * K), v.scale8.resize(M * blocks), v.offset8.resize(M * blocks);
+  v.chunk_scale.resize(M * chunks * 8), v.chunk_offset.resize(M * chunks * 8);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * K + b * kBlock8;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < kBlock8; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kBlock8; ++k) {
+        const int64_t c0 = b / 2 * kChunk, span = std::min(kChunk, K - c0) / 2;  // evens, then odds
+        const int64_t i = b * kBlock8 + k - c0;
+        const int8_t q = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
+        v.q8[m * K + c0 + (i % 2) * span + i / 2] = q;
+        sum += q;
+      }
+      v.scale8[m * blocks + b] = amax / 127.0f, v.offset8[m * blocks + b] = 8 * sum;
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int l = 0; l < 8; ++l) {
+        const int64_t b = m * blocks + 2 * c + l / 4;
+        v.chunk_scale[(m * chunks + c) * 8 + l] = v.scale8[b];
+        v.chunk_offset[(m * chunks + c) * 8 + l] = l % 4 ? 0 : v.offset8[b];
+      }
+  }
+  v.view.q8 = v.q8.data(), v.view.scale8 = v.scale8.data(), v.view.offset8 = v.offset8.data();
+  v.view.chunk_scale = v.chunk_scale.data(), v.view.chunk_offset = v.chunk_offset.data();
+}
+
+VectorStore make_vectors(const float* x, int64_t M, int64_t K, Quantized quantized) {
+  VectorStore v;
+  v.view.f = x, v.view.K = K, v.view.blocks = (K + kBlock - 1) / kBlock;
+  if (quantized == Quantized::kInt16) quantize_int16(x, M, K, v);
+  if (quantized == Quantized::kInt8) quantize_int8(x, M, K, v);
   return v;
 }
 
@@ -187,14 +269,82 @@ inline void dot_tile_int8(const int8_t* const* rows, const Vectors& x, float* ou
     }
 }
 
+// dot_tile for int4 rows (with their group scales) and int8 vectors, a chunk of 64 values at a time:
+// 32 bytes of weights split into their low nibbles (the chunk's even values) and high nibbles (odd),
+// each multiplied with the matching half of the reordered activations into int16 pairs (at most
+// 4 * 15 * 127 per lane: no saturation), summed to int32 per block, less the blocks' offsets, then
+// scaled by weight group and activation block in float32.
+template <typename S, int R, int MC>
+inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, int64_t group, const Vectors& x,
+                          float* out) {
+  const int64_t K = x.K, chunks = x.chunks, blocks_per_group = group / kBlock8;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (c % 2 == 0)
+      for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + c * kChunk / 2);
+    __m256i even[MC], odd[MC];
+    for (int m = 0; m < MC; ++m) {
+      even[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk));
+      odd[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk + 32));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + c * kChunk / 2));
+      const __m256i low = _mm256_and_si256(packed, nibble);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+      const int64_t b = 2 * c;  // the chunk's first block; its two blocks share a group when groups hold
+                                // an even number of blocks
+      const __m256 w_scale = blocks_per_group % 2 == 0
+          ? _mm256_set1_ps(to_float(scales[r][b / blocks_per_group]))
+          : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(to_float(scales[r][b / blocks_per_group]))),
+                                 _mm_set1_ps(to_float(scales[r][(b + 1) / blocks_per_group])), 1);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, even[m]), _mm256_maddubs_epi16(high, odd[m]));
+        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.chunk_offset + m * chunks * 8 + c * 8));
+        const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset);
+        const __m256 scale = _mm256_mul_ps(w_scale, _mm256_loadu_ps(x.chunk_scale + m * chunks * 8 + c * 8));
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) {
+      float s = horizontal_sum(acc[r][m]);
+      if (K % kChunk) {  // a last block of 32 values: 16 bytes, evens then odds in the activations
+        const int64_t b = K / kBlock8 - 1, k0 = chunks * kChunk;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < kBlock8 / 2; ++j) {
+          const uint8_t pair = rows[r][k0 / 2 + j];
+          sum += (pair & 15) * x.q8[m * K + k0 + j] + (pair >> 4) * x.q8[m * K + k0 + kBlock8 / 2 + j];
+        }
+        s += float(sum - x.offset8[m * x.blocks8 + b]) * x.scale8[m * x.blocks8 + b] * to_float(scales[r][b / blocks_per_group]);
+      }
+      out[r * MC + m] = s;
+    }
+}
+
+// Where each of a tile's int4 rows finds its group scales (unused for other weights).
+struct GroupScales {
+  const void* const* rows = nullptr;
+  int64_t group = 0;
+};
+
 // dots[r * M + m] = dot(rows[r], x[m]) for R rows and any M vectors, two vectors at a time: the rows
 // stay in L1 while the vectors pass, so the weights come from memory once.
 template <typename W, int R>
-inline void dot_rows(const W* const* rows, const Vectors& x, int64_t M, float* dots) {
+inline void dot_rows(const W* const* rows, const Vectors& x, int64_t M, float* dots, GroupScales gs = {}) {
   float out[R * 2];
   for (int64_t m = 0; m < M; m += 2) {
     const int MC = M - m >= 2 ? 2 : 1;
-    if constexpr (std::is_same_v<W, int8_t>) {
+    if constexpr (is_int4<W>::value) {
+      using S = typename W::Scale;
+      const auto bytes = reinterpret_cast<const uint8_t* const*>(rows);
+      const auto scales = reinterpret_cast<const S* const*>(gs.rows);
+      if (MC == 2) dot_tile_int4<S, R, 2>(bytes, scales, gs.group, x.at(m), out);
+      else dot_tile_int4<S, R, 1>(bytes, scales, gs.group, x.at(m), out);
+    } else if constexpr (std::is_same_v<W, int8_t>) {
       if (MC == 2) dot_tile_int8<R, 2>(rows, x.at(m), out);
       else dot_tile_int8<R, 1>(rows, x.at(m), out);
     } else {
@@ -255,56 +405,84 @@ struct Floats {
 // y[m, n] = scale[n] * dot(w[n], x[m]) for rows n in [n0, n1). One row at a time: the rows lie one after
 // another in memory, so a thread reads one sequential stream, which the hardware prefetcher follows
 // best (tiles of several rows measured slower on rows of 1024 values).
+// int4: scales are the rows' group scales, `groups` per row, and no scale per row.
 template <typename W>
-void linear_rows(const W* w, const Floats& scales, const Vectors& x, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                 const Floats& y, int64_t N) {
+void linear_rows(const W* w, const Floats& scales, int64_t groups, const Vectors& x, int64_t M, int64_t K, int64_t n0,
+                 int64_t n1, const Floats& y, int64_t N) {
   float dots[kMaxVectors];
   for (int64_t n = n0; n < n1; ++n) {
-    const W* row[1] = {w + n * K};
-    const float s = scales.present() ? scales[n] : 1.0f;
+    const W* row[1] = {w + n * K / kValuesPer<W>};
+    float s = scales.present() ? scales[n] : 1.0f;
+    const void* group_scales[1] = {nullptr};
+    if constexpr (is_int4<W>::value)
+      group_scales[0] = static_cast<const typename W::Scale*>(scales.data) + n * groups, s = 1.0f;
     for (int64_t m0 = 0; m0 < M; m0 += kMaxVectors) {
       const int64_t Mc = std::min(kMaxVectors, M - m0);
-      dot_rows<W, 1>(row, x.at(m0), Mc, dots);
+      dot_rows<W, 1>(row, x.at(m0), Mc, dots, {group_scales, K / std::max<int64_t>(groups, 1)});
       for (int64_t m = 0; m < Mc; ++m) y.set((m0 + m) * N + n, dots[m] * s);
     }
   }
 }
 
+// Calls f with a null pointer of the weights' element type (uint8 weights: Int4 of their scales' type).
 template <typename F>
-void dispatch_weight_type(const Tensor& w, F&& f) {
+void dispatch_weight_type(const Tensor& w, const c10::optional<Tensor>& scales, F&& f) {
   switch (w.scalar_type()) {
     case at::kFloat: return f(static_cast<const float*>(nullptr));
     case at::kBFloat16: return f(static_cast<const c10::BFloat16*>(nullptr));
     case at::kHalf: return f(static_cast<const c10::Half*>(nullptr));
     case at::kChar: return f(static_cast<const int8_t*>(nullptr));
+    case at::kByte:
+      switch (scales->scalar_type()) {
+        case at::kFloat: return f(static_cast<const Int4<float>*>(nullptr));
+        case at::kBFloat16: return f(static_cast<const Int4<c10::BFloat16>*>(nullptr));
+        case at::kHalf: return f(static_cast<const Int4<c10::Half>*>(nullptr));
+        default: TORCH_CHECK(false, "mixtral_cpu: int4 scales of dtype ", scales->scalar_type(), " are not supported");
+      }
     default: TORCH_CHECK(false, "mixtral_cpu: weights of dtype ", w.scalar_type(), " are not supported");
   }
 }
 
-void check_scales(const c10::optional<Tensor>& scales, const Tensor& w, at::IntArrayRef shape) {
-  TORCH_CHECK(scales.has_value() == (w.scalar_type() == at::kChar),
-              "mixtral_cpu: int8 weights need scales, and only int8 weights take them");
-  if (scales) TORCH_CHECK(scales->sizes() == shape, "mixtral_cpu: scales of shape ", scales->sizes(),
-                          " do not fit weights of shape ", w.sizes());
+// Checks the scales of weights w [..., N, K / values per element] against what the weights' dtype
+// needs, and returns the number of groups per row (0 unless int4).
+int64_t check_scales(const c10::optional<Tensor>& scales, const Tensor& w, int64_t K) {
+  const bool int8 = w.scalar_type() == at::kChar, int4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(scales.has_value() == (int8 || int4),
+              "mixtral_cpu: int8 and int4 weights need scales, and only they take them");
+  if (!scales) return 0;
+  TORCH_CHECK(scales->is_contiguous(), "mixtral_cpu: scales must be contiguous");
+  const auto rows = w.sizes().slice(0, w.dim() - 1);
+  if (int8) {
+    TORCH_CHECK(scales->sizes() == rows, "mixtral_cpu: scales of shape ", scales->sizes(), " do not fit int8 weights of shape ",
+                w.sizes());
+    return 0;
+  }
+  const int64_t groups = scales->size(-1);
+  TORCH_CHECK(scales->dim() == w.dim() && scales->sizes().slice(0, w.dim() - 1) == rows && groups > 0 &&
+                  K % groups == 0 && (K / groups) % kBlock8 == 0,
+              "mixtral_cpu: int4 scales of shape ", scales->sizes(), " do not fit weights of shape ", w.sizes(),
+              " (groups of a multiple of 32 values along the rows expected)");
+  return groups;
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scales) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+  const int64_t per = weight.scalar_type() == at::kByte ? 2 : 1;  // int4: two values a byte
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) * per,
               "mixtral_cpu.linear: x [M, K] and weight [N, K] expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), "mixtral_cpu.linear: weight must be contiguous");
-  check_scales(scales, weight, {weight.size(0)});
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t groups = check_scales(scales, weight, K);
   const std::vector<float> xf = Floats(x.contiguous()).to_vector(M * K);
   const Floats s(scales);
   Tensor y = at::empty({M, N}, x.options());
   const Floats out(y);
-  dispatch_weight_type(weight, [&](auto tag) {
+  dispatch_weight_type(weight, scales, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const W* w = static_cast<const W*>(weight.data_ptr());
-    const VectorStore xv = make_vectors(xf.data(), M, K, std::is_same_v<W, int8_t>);
+    const VectorStore xv = make_vectors(xf.data(), M, K, kActivationsFor<W>);
     const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      linear_rows<W>(w, s, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), out, N);
+      linear_rows<W>(w, s, groups, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), out, N);
     });
   });
   return y;
@@ -344,15 +522,23 @@ Groups group_by_expert(const Tensor& experts, int64_t E) {
   return g;
 }
 
+// Scales: int8 one per row, int4 `groups1` per row of w1 and w3 and `groups2` per row of w2.
 template <typename W>
 void moe_experts(const Groups& g, const float* x, const Floats& pair_weight, const W* w1, const W* w3, const W* w2,
-                 const Floats& s1, const Floats& s3, const Floats& s2, int64_t D, int64_t I, float* y) {
+                 const Floats& s1, const Floats& s3, const Floats& s2, int64_t groups1, int64_t groups2, int64_t D,
+                 int64_t I, float* y) {
   const int64_t G = g.expert_of.size(), P = g.token.size();
+  constexpr int64_t per = kValuesPer<W>;
+  constexpr bool int4 = is_int4<W>::value;
+  using S = std::conditional_t<int4, typename std::conditional_t<int4, W, Int4<float>>::Scale, float>;
+  auto group_scales = [](const Floats& s, int64_t row, int64_t groups) -> const void* {
+    return int4 ? static_cast<const S*>(s.data) + row * groups : nullptr;
+  };
+  auto row_scale = [](const Floats& s, int64_t row) { return s.present() && !int4 ? s[row] : 1.0f; };
   // Each group's tokens side by side, so that an expert's rows meet all of its tokens in one pass.
   std::vector<float> xg(P * D), h(P * I);
   for (int64_t q = 0; q < P; ++q) std::copy(x + g.token[q] * D, x + (g.token[q] + 1) * D, xg.begin() + q * D);
-  constexpr bool quantize = std::is_same_v<W, int8_t>;
-  const VectorStore xv = make_vectors(xg.data(), P, D, quantize);
+  const VectorStore xv = make_vectors(xg.data(), P, D, kActivationsFor<W>);
 
   // w1 and w3 together, row by row: h = silu(w1 x) * (w3 x) over the group's tokens.
   const int64_t tiles_per_expert = (I + kRowsPerTask - 1) / kRowsPerTask;
@@ -361,32 +547,34 @@ void moe_experts(const Groups& g, const float* x, const Floats& pair_weight, con
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t grp = t / tiles_per_expert, e = g.expert_of[grp];
       const int64_t q0 = g.start[grp], M = g.start[grp + 1] - q0;
-      const W* e1 = w1 + e * I * D;
-      const W* e3 = w3 + e * I * D;
+      const W* e1 = w1 + e * I * D / per;
+      const W* e3 = w3 + e * I * D / per;
       dots.resize(2 * M);
       const int64_t i1 = std::min(I, (t % tiles_per_expert + 1) * kRowsPerTask);
       for (int64_t i = (t % tiles_per_expert) * kRowsPerTask; i < i1; ++i) {
-        const W* rows[2] = {e1 + i * D, e3 + i * D};
-        dot_rows<W, 2>(rows, xv.view.at(q0), M, dots.data());
-        const float a1 = s1.present() ? s1[e * I + i] : 1.0f, a3 = s3.present() ? s3[e * I + i] : 1.0f;
+        const W* rows[2] = {e1 + i * D / per, e3 + i * D / per};
+        const void* scales[2] = {group_scales(s1, e * I + i, groups1), group_scales(s3, e * I + i, groups1)};
+        dot_rows<W, 2>(rows, xv.view.at(q0), M, dots.data(), {scales, D / std::max<int64_t>(groups1, 1)});
+        const float a1 = row_scale(s1, e * I + i), a3 = row_scale(s3, e * I + i);
         for (int64_t m = 0; m < M; ++m) h[(q0 + m) * I + i] = silu(dots[m] * a1) * (dots[M + m] * a3);
       }
     }
   });
 
   // w2: each thread owns a range of output rows d and adds every pair's contribution to them.
-  const VectorStore hv = make_vectors(h.data(), P, I, quantize);
+  const VectorStore hv = make_vectors(h.data(), P, I, kActivationsFor<W>);
   const int64_t tasks = (D + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dots;
     for (int64_t grp = 0; grp < G; ++grp) {
       const int64_t e = g.expert_of[grp], q0 = g.start[grp], M = g.start[grp + 1] - q0;
-      const W* e2 = w2 + e * D * I;
+      const W* e2 = w2 + e * D * I / per;
       dots.resize(M);
       for (int64_t d = t0 * kRowsPerTask; d < std::min(D, t1 * kRowsPerTask); ++d) {
-        const W* row[1] = {e2 + d * I};
-        dot_rows<W, 1>(row, hv.view.at(q0), M, dots.data());
-        const float a2 = s2.present() ? s2[e * D + d] : 1.0f;
+        const W* row[1] = {e2 + d * I / per};
+        const void* scales[1] = {group_scales(s2, e * D + d, groups2)};
+        dot_rows<W, 1>(row, hv.view.at(q0), M, dots.data(), {scales, I / std::max<int64_t>(groups2, 1)});
+        const float a2 = row_scale(s2, e * D + d);
         for (int64_t m = 0; m < M; ++m)
           y[g.token[q0 + m] * D + d] += pair_weight[g.slot[q0 + m]] * a2 * dots[m];
       }
@@ -399,26 +587,30 @@ Tensor moe(const Tensor& x, const Tensor& experts, const Tensor& weights, const 
            const c10::optional<Tensor>& w2_scales) {
   TORCH_CHECK(x.dim() == 2 && experts.dim() == 2 && weights.sizes() == experts.sizes() && experts.size(0) == x.size(0),
               "mixtral_cpu.moe: x [T, D], experts and weights [T, K] expected");
+  const int64_t per = w1.scalar_type() == at::kByte ? 2 : 1;  // int4: two values a byte
   TORCH_CHECK(w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 && w2.size(0) == w1.size(0) &&
-              w2.size(1) == w1.size(2) && w2.size(2) == w1.size(1) && w1.size(2) == x.size(1),
+              w2.size(1) == w1.size(2) * per && w2.size(2) * per == w1.size(1) && w1.size(2) * per == x.size(1),
               "mixtral_cpu.moe: w1, w3 [E, I, D] and w2 [E, D, I] expected, got ", w1.sizes(), ", ", w3.sizes(),
               ", ", w2.sizes(), " for x ", x.sizes());
   TORCH_CHECK(w1.scalar_type() == w3.scalar_type() && w1.scalar_type() == w2.scalar_type(),
               "mixtral_cpu.moe: w1, w3 and w2 must share a dtype");
   TORCH_CHECK(w1.is_contiguous() && w3.is_contiguous() && w2.is_contiguous(), "mixtral_cpu.moe: weights must be contiguous");
-  const int64_t E = w1.size(0), I = w1.size(1), D = w1.size(2);
-  check_scales(w1_scales, w1, {E, I});
-  check_scales(w3_scales, w3, {E, I});
-  check_scales(w2_scales, w2, {E, D});
+  const int64_t E = w1.size(0), I = w1.size(1), D = x.size(1);
+  const int64_t groups1 = check_scales(w1_scales, w1, D);
+  TORCH_CHECK(check_scales(w3_scales, w3, D) == groups1 && (!w3_scales || w3_scales->scalar_type() == w1_scales->scalar_type()),
+              "mixtral_cpu.moe: w1 and w3 must share their scales' shape and dtype");
+  const int64_t groups2 = check_scales(w2_scales, w2, I);
+  TORCH_CHECK(!w2_scales || w2_scales->scalar_type() == w1_scales->scalar_type(),
+              "mixtral_cpu.moe: w1 and w2 must share their scales' dtype");
   const int64_t T = x.size(0);
   const std::vector<float> xf = Floats(x.contiguous()).to_vector(T * D);
   std::vector<float> yf(T * D, 0.0f);
   const Groups g = group_by_expert(experts, E);
-  dispatch_weight_type(w1, [&](auto tag) {
+  dispatch_weight_type(w1, w1_scales, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     moe_experts<W>(g, xf.data(), Floats(weights.contiguous()), static_cast<const W*>(w1.data_ptr()),
                    static_cast<const W*>(w3.data_ptr()), static_cast<const W*>(w2.data_ptr()), Floats(w1_scales),
-                   Floats(w3_scales), Floats(w2_scales), D, I, yf.data());
+                   Floats(w3_scales), Floats(w2_scales), groups1, groups2, D, I, yf.data());
   });
   Tensor y = at::empty({T, D}, x.options());
   const Floats out(y);
@@ -474,6 +666,39 @@ Tensor dequantize_int8(const Tensor& q, const Tensor& scales, at::ScalarType dty
   return out;
 }
 
+// out[r, c] = (nibble c of row r - 8) * scales[r, c / group], eight values (four bytes) at a time.
+Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarType dtype) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() >= 1,
+              "mixtral_cpu.dequantize_int4: contiguous uint8 weights expected");
+  const int64_t C = packed.size(-1) * 2, rows = packed.numel() / std::max<int64_t>(packed.size(-1), 1);
+  const int64_t groups = check_scales(scales, packed, C), group = C / groups;
+  const std::vector<float> s = Floats(scales).to_vector(rows * groups);
+  std::vector<int64_t> shape(packed.sizes().begin(), packed.sizes().end());
+  shape.back() = C;
+  Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), eight = _mm256_set1_epi32(8);
+  auto run = [&](auto* dst) {
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < C; c += 8) {  // group is a multiple of 32: eight values share a scale
+          int32_t four;
+          std::memcpy(&four, src + (r * C + c) / 2, 4);
+          const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(four), shifts), _mm256_set1_epi32(15));
+          const __m256 values = _mm256_cvtepi32_ps(_mm256_sub_epi32(nibbles, eight));
+          store8(dst + r * C + c, _mm256_mul_ps(values, _mm256_set1_ps(s[r * groups + c / group])));
+        }
+    });
+  };
+  switch (dtype) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "mixtral_cpu.dequantize_int4: no output dtype ", dtype);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixtral_cpu, m) {
@@ -481,10 +706,12 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor? w1_scales, "
         "Tensor? w3_scales, Tensor? w2_scales) -> Tensor");
   m.def("dequantize_int8(Tensor q, Tensor scales, ScalarType dtype) -> Tensor");
+  m.def("dequantize_int4(Tensor packed, Tensor scales, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("moe", &moe);
   m.impl("dequantize_int8", &dequantize_int8);
+  m.impl("dequantize_int4", &dequantize_int4);
 }

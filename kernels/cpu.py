@@ -1,5 +1,5 @@
-# Builds kernels/cpu.cpp on first use and registers its ops (torch.ops.mixtral_cpu.linear, .moe and
-# .dequantize_int8), with fake implementations so that torch.compile(fullgraph=True) keeps the decode
+# Builds kernels/cpu.cpp on first use and registers its ops (torch.ops.mixtral_cpu.linear, .moe,
+# .dequantize_int8 and .dequantize_int4), with fake implementations so that torch.compile(fullgraph=True) keeps the decode
 # step one graph around them.
 #
 # The build (torch.utils.cpp_extension, ninja) is cached under ~/.cache/torch_extensions (or
@@ -7,6 +7,7 @@
 # cache: the first to arrive takes its lock file and compiles, the others wait and load the result.
 # Where the kernels cannot be had (no compiler, not x86 with AVX2/FMA/F16C, or MIXTRAL_NO_CPU_KERNELS=1)
 # available() says why in one line on stderr and the caller keeps PyTorch's own path.
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def available() -> bool:
             print(f"note: {reason}; using PyTorch's kernels instead (slower decoding)", file=sys.stderr, flush=True)
         _status["available"] = reason is None
     return _status["available"]
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within: eager code takes PyTorch's kernels (a reference to check a device against). Compiled
+    steps keep the answer they were traced with."""
+    before = available()
+    _status["available"] = False
+    try:
+        yield
+    finally:
+        _status["available"] = before
 
 
 def why_unavailable():
@@ -67,3 +80,5 @@ def build():
     torch.library.register_fake("mixtral_cpu::linear", lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("mixtral_cpu::moe", lambda x, *_: torch.empty_like(x))
     torch.library.register_fake("mixtral_cpu::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
+    torch.library.register_fake("mixtral_cpu::dequantize_int4",
+                                lambda packed, scales, dtype: packed.new_empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype))

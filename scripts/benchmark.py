@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from formats import FORMATS, quantize_module  # noqa: E402
+from formats import FORMATS, FullPrecision, Int4, quantize_module  # noqa: E402
 from generate import (PRECISIONS, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
                       generate, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
@@ -57,12 +57,12 @@ def model_args(name: str, n_layer: Optional[int] = None) -> ModelArgs:
 # ----------------------------------------------------------------------------- building the model
 
 @torch.no_grad()
-def random_model(config: ModelArgs, device: str, precision: torch.dtype, int8: bool = False,
+def random_model(config: ModelArgs, device: str, precision: torch.dtype, fmt: FullPrecision = FORMATS["full precision"],
                  seed: int = 0) -> Transformer:
     """Random weights made in place on the device, one block at a time (no checkpoint, no download),
-    then stored in the weight format generate.py would load (formats.py). Each block is converted as
-    soon as it exists, so that the full-precision model never has to fit in memory next to an int8 one."""
-    fmt = FORMATS["int8" if int8 else "full precision"]
+    then stored in the weight format `fmt` as generate.py would load it (formats.py). Each block is
+    converted as soon as it exists, so that the full-precision model never has to fit in memory next to
+    a quantized one."""
     with torch.device("meta"):
         model = Transformer(config).to(precision)
     torch.manual_seed(seed)
@@ -250,24 +250,38 @@ def machine_name(device: str) -> str:
     return f"{hw}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
 
 
+def chosen_format(args) -> FullPrecision:
+    if args.int4:
+        return Int4(args.groupsize)
+    return FORMATS["int8" if args.int8 else "full precision"]
+
+
+def format_label(fmt: FullPrecision) -> str:
+    """'' for full precision (the precision says it), 'int8', 'int4 (groups of 32)'."""
+    if isinstance(fmt, Int4):
+        return f"int4 (groups of {fmt.groupsize})"
+    return "" if fmt is FORMATS["full precision"] else fmt.name
+
+
 def run(args) -> list:
     device, precision = args.device, PRECISIONS[args.precision]
+    fmt = chosen_format(args)
     generator = torch.Generator().manual_seed(args.seed)
     t = time.perf_counter()
     if args.checkpoint_path is not None:
         model = load_model(args.checkpoint_path, device, precision)
-        if args.int8:
-            quantize_module(model, model.config, FORMATS["int8"])
+        if fmt is not FORMATS["full precision"]:
+            quantize_module(model, model.config, fmt)
         name = str(args.checkpoint_path)
     else:
-        model = random_model(model_args(args.model, args.n_layer), device, precision, int8=args.int8, seed=args.seed)
+        model = random_model(model_args(args.model, args.n_layer), device, precision, fmt, seed=args.seed)
         name = f"{args.model} (random weights)"
     synchronize(device)
     build_s = time.perf_counter() - t
     config = model.config
     weight_bytes = active_weight_bytes(model)
     total_bytes = parameter_bytes(model)
-    kind = "int8" if args.int8 else args.precision
+    kind = format_label(fmt) or args.precision
     print(f"model: {name}, {config.n_layer} layers, dim {config.dim}, {config.num_experts} experts top-"
           f"{config.num_activated_experts}, {kind}; weights {total_bytes / 1e9:.2f} GB, "
           f"{weight_bytes / 1e9:.3g} GB read per decoded token; built/loaded in {build_s:.1f} s", flush=True)
@@ -439,7 +453,10 @@ def parse_args(argv=None):
                      help=f"a named shape with random weights: {', '.join([*BENCH_SHAPES, *transformer_configs])}")
     p.add_argument("--n_layer", type=int, default=None, help="build only this many layers (named shapes)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16")
-    p.add_argument("--int8", action="store_true", help="quantize the weights to int8 in place (quantize.py)")
+    quantized = p.add_mutually_exclusive_group()
+    quantized.add_argument("--int8", action="store_true", help="quantize the weights to int8 in place (quantize.py)")
+    quantized.add_argument("--int4", action="store_true", help="quantize the weights to int4 in place (quantize.py)")
+    p.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32, help="int4's group size")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
@@ -454,7 +471,7 @@ def parse_args(argv=None):
                    help="also run the checkpoint through transformers (hub-layout folder)")
     p.add_argument("--verify", action="store_true",
                    help="first check the compiled decode step on --device against eager float32 on the CPU "
-                        "(tiny shape; int8 with --int8); stop if they disagree")
+                        "(tiny shape; quantized with --int8 or --int4); stop if they disagree")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write_checkpoint", type=Path, default=None, metavar="DIR",
                    help="only write --model's shape with random weights to DIR in the hub's layout (for "
@@ -469,8 +486,8 @@ def check_args(args):
         folder = Path(args.checkpoint_path).parent
         if not any(folder.glob("model*.safetensors")):
             raise UserError(f"--compare-hf: no model*.safetensors in {folder} for transformers to load")
-        if args.int8:
-            raise UserError("--compare-hf compares full-precision weights; drop --int8")
+        if args.int8 or args.int4:
+            raise UserError("--compare-hf compares full-precision weights; drop --int8 and --int4")
     if args.n_layer is not None and args.n_layer < 1:
         raise UserError(f"--n_layer must be at least 1, got {args.n_layer}")
     if args.max_new_tokens < 2:
@@ -498,7 +515,7 @@ def main(argv=None):
             return
         if args.verify:
             from scripts import verify_decode  # it builds its models with this file's random_model
-            verify_decode.check(args.device, int8=args.int8)
+            verify_decode.check(args.device, chosen_format(args))
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, load_ours, run_script
-from formats import FORMATS, formatted_model
+from formats import FORMATS, Int4, formatted_model
 from generate import decode_compile_options
 from kernels import cpu as cpu_kernels
 
@@ -16,6 +16,19 @@ from kernels import cpu as cpu_kernels
 HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 # D, I and the row counts are odd, below and above the kernels' tiles (4 rows, 8 columns, 64 rows a task).
 D, I, E, VOCAB = 37, 77, 4, 131
+# int4 rows hold whole groups: widths that are multiples of 32 but not of the kernel's 64-value chunks,
+# with groups of 32 (a scale per block of the activations) and of 96 (one scale across chunks).
+INT4_WIDTHS = {"int4": (96, 160), "int4/96": (96, 288)}
+FORMAT_NAMES = ["full precision", "int8", "int4", "int4/96"]
+
+
+def format_of(name: str):
+    return Int4(96) if name == "int4/96" else FORMATS[name]
+
+
+def widths(fmt: str) -> tuple:
+    """D and I for format fmt."""
+    return INT4_WIDTHS.get(fmt, (D, I))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,27 +37,34 @@ def kernels_built():
 
 
 def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
-    """w in format fmt, its full precision (and the int8 scales) in dtype."""
-    return FORMATS[fmt].quantize(w.to(dtype))
+    """w in format fmt, its full precision (and the scales) in dtype."""
+    return format_of(fmt).quantize(w.to(dtype))
 
 
 def exact(fmt: str, t: dict) -> torch.Tensor:
-    """The weights the kernel must multiply, in float64, computed here from the stored tensors."""
+    """The weights the kernel must multiply, in float64, computed here from the stored tensors: int4
+    unpacked from two values a byte (low nibble first), less 8, times the scale of its group."""
     if fmt == "int8":
         return t[""].double() * t["scales"].double()[..., None]
+    if fmt.startswith("int4"):
+        q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # [..., out, in]
+        group = q.shape[-1] // t["scales"].shape[-1]
+        return q * t["scales"].double().repeat_interleave(group, dim=-1)
     return t[""].double()
 
 
 def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] in float64 as the int8 kernels take it: int16 in blocks of 64 values, each block
-    scaled by its largest magnitude / 32767 and rounded to nearest (written here from the kernel's
-    description, not from its code). Other formats take x as it is."""
+    """x [..., K] in float64 as the quantized kernels take it (written here from the kernels'
+    description, not from their code), each block scaled by its largest magnitude and rounded to nearest:
+    int8 weights, int16 in blocks of 64 values (largest / 32767); int4 weights, int8 in blocks of 32
+    (largest / 127). Full precision takes x as it is."""
     x = x.double()
-    if fmt != "int8":
+    if fmt == "full precision":
         return x
+    block, top = (64, 32767) if fmt == "int8" else (32, 127)
     K = x.shape[-1]
-    blocks = F.pad(x, (0, -K % 64)).unflatten(-1, (-1, 64))  # [..., K/64, 64]
-    scale = blocks.abs().amax(dim=-1, keepdim=True) / 32767
+    blocks = F.pad(x, (0, -K % block)).unflatten(-1, (-1, block))  # [..., K/block, block]
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / top
     q = torch.where(scale > 0, blocks / scale, 0.0).round()
     return (q * scale).flatten(-2)[..., :K]
 
@@ -57,14 +77,15 @@ def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, dtype):
     assert (err <= bound).all(), (err - bound).max()
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_linear_matches_float64(fmt, dtype, tokens):
     g = torch.Generator().manual_seed(tokens)
+    D, _ = widths(fmt)
     x = torch.randn(tokens, D, generator=g).to(dtype)
     t = stored(fmt, torch.randn(VOCAB, D, generator=g) / D ** 0.5, dtype)
-    got = FORMATS[fmt].cpu_linear(x, t)
+    got = format_of(fmt).cpu_linear(x, t)
     assert got.dtype == dtype and got.shape == (tokens, VOCAB)
     assert_within_rounding(got, activations(fmt, x) @ exact(fmt, t).T, dtype)
 
@@ -80,18 +101,19 @@ def experts_float64(fmt, x, experts, weights, w1, w3, w2):
     return y
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]]])
 def test_moe_matches_float64(fmt, dtype, experts):
     """One token, and three tokens of which two share expert 2 (read once for both)."""
     g = torch.Generator().manual_seed(len(experts))
+    D, I = widths(fmt)
     experts = torch.tensor(experts)
     x = torch.randn(experts.size(0), D, generator=g).to(dtype)
     weights = torch.softmax(torch.randn(experts.shape, generator=g), dim=-1).to(dtype)
     w1, w3 = (stored(fmt, torch.randn(E, I, D, generator=g) / D ** 0.5, dtype) for _ in range(2))
     w2 = stored(fmt, torch.randn(E, D, I, generator=g) / I ** 0.5, dtype)
-    got = FORMATS[fmt].cpu_experts(x, experts, weights, w1, w3, w2)
+    got = format_of(fmt).cpu_experts(x, experts, weights, w1, w3, w2)
     assert got.dtype == dtype and got.shape == x.shape
     want = experts_float64(fmt, x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2))
     assert_within_rounding(got, want, dtype)
@@ -107,7 +129,7 @@ def test_bad_arguments_are_refused_not_misread():
         FORMATS["full precision"].cpu_experts(x, torch.tensor([[0, E]]), torch.ones(1, 2), t, t, t2)
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8"])
+@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
 def test_compiled_decode_calls_the_kernels_in_one_graph(checkpoint, fmt):
     """generate.py's compiled decode step: one graph whose code calls the kernels for every linear layer
     and MoE, the eager step's logits, and no recompilation from one position to the next."""
@@ -159,12 +181,31 @@ def test_formatted_model_stores_each_format_in_its_layout():
     with torch.device("meta"):
         full = formatted_model(config, FORMATS["full precision"], torch.bfloat16).state_dict()
         int8 = formatted_model(config, FORMATS["int8"], torch.bfloat16).state_dict()
+        int4 = formatted_model(config, Int4(4), torch.bfloat16).state_dict()
     prefix = "layers.0.block_sparse_moe."
     assert full[prefix + "w2"].dtype == torch.bfloat16 and prefix + "w2_scales" not in full
     assert int8[prefix + "w2"].dtype == torch.int8 and int8[prefix + "w2_scales"].shape == (2, 8)
     assert int8["output.weight"].dtype == torch.int8 and int8["output.scales"].shape == (16,)
     assert set(int8) - set(full) == {prefix + f"w{i}_scales" for i in (1, 2, 3)} | {
         "layers.0.attention.wqkv.scales", "layers.0.attention.wo.scales", "output.scales"}
+    # int4, groups of 4 here: two values a byte, one scale per group of a row's inputs.
+    assert set(int4) == set(int8)
+    assert int4[prefix + "w1"].dtype == torch.uint8 and int4[prefix + "w1"].shape == (2, 12, 4)
+    assert int4[prefix + "w2"].shape == (2, 8, 6) and int4[prefix + "w2_scales"].shape == (2, 8, 3)
+    assert int4["output.weight"].shape == (16, 4) and int4["output.scales"].shape == (16, 2)
+    assert int4["output.scales"].dtype == torch.bfloat16 and int4[prefix + "gate.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_int4_rounds_each_weight_once(dtype):
+    """A prompt's full-precision copy of int4 weights, groups of 32 and 64: (q - 8) * scale computed
+    exactly (float64), then rounded once to dtype."""
+    g = torch.Generator().manual_seed(1)
+    packed = torch.randint(0, 256, (3, 37, 96), dtype=torch.uint8, generator=g)
+    for groups in (6, 3):
+        scales = torch.rand(3, 37, groups, generator=g).to(dtype)
+        got = torch.ops.mixtral_cpu.dequantize_int4(packed, scales, dtype)
+        assert torch.equal(got, exact("int4", {"": packed, "scales": scales}).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

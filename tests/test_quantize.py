@@ -300,8 +300,8 @@ def test_already_quantized_is_a_clear_error(int8_path):
 def test_unknown_mode_is_an_argparse_error(checkpoint, tmp_path, capsys):
     copy_checkpoint(checkpoint, tmp_path / "ckpt")
     with pytest.raises(SystemExit) as exit_:
-        quantize.main(["--checkpoint_path", str(tmp_path / "ckpt" / "model.pth"), "--mode", "int4"])
-    assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+        quantize.main(["--checkpoint_path", str(tmp_path / "ckpt" / "model.pth"), "--mode", "int2"])
+    assert exit_.value.code == 2 and "invalid choice: 'int2'" in capsys.readouterr().err
     assert not (tmp_path / "ckpt" / "model_int8.pth").exists()
 
 
