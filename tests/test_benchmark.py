@@ -159,15 +159,16 @@ def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
     assert result.returncode == 0 and len(tables) == 2
 
 
-def test_verify_passes_for_the_compiled_int8_step_and_catches_a_wrong_one(capsys, monkeypatch):
+def test_verify_passes_for_the_compiled_int4_step_and_catches_a_wrong_one(capsys, monkeypatch):
     """--verify compares the compiled decode step with the eager CPU model before any timing. On the CPU
     both paths are ours and must agree; a device copy whose weights differ must be refused."""
     import scripts.benchmark as benchmark
-    argv = ["--verify", "--model", "tiny", "--device", "cpu", "--int8", "--decode_prompts", "3",
+    argv = ["--verify", "--model", "tiny", "--device", "cpu", "--int4", "--decode_prompts", "3",
             "--max_new_tokens", "3", "--prefill_lengths", "--runs", "1", "--probe_mb", "8"]
     benchmark.main(argv)
     out = capsys.readouterr().out
-    assert re.search(r"verify: compiled decode on cpu vs eager on cpu \(tiny shape, float32, int8\): logits agree, "
+    assert re.search(r"verify: compiled decode on cpu vs eager on cpu \(tiny shape, float32, int4 \(groups of 32\)\): "
+                     r"logits agree, "
                      r"relative error \d\.\d\de-\d\d", out), out
     assert "| this repo (compiled) | decode | 3 + 3 |" not in out  # --verify without --compile: eager rows
 
@@ -199,14 +200,16 @@ def test_gpu_check_without_a_gpu_is_one_line_error():
 def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys):
     """scripts/bench_kernels.py, in this process, on a shape that is quick to cycle through."""
     from scripts.bench_kernels import main
-    main(["--rows", "67", "--cols", "80", "--mb", "1", "--runs", "1", "--threads", "1"])
+    main(["--rows", "67", "--cols", "96", "--mb", "1", "--runs", "1", "--threads", "1"])
     out = capsys.readouterr().out
     header, rows = parse_table(out)
     assert header == ["kernel", "GB/s of weights", "G weights/s"]
     names = [r[0] for r in rows]
-    assert {"torch F.linear, bf16", "kernels/cpu.cpp, bf16", "kernels/cpu.cpp, int8"} <= set(names), names
-    for r in rows:
-        assert number(r[1]) > 0 and number(r[2]) == pytest.approx(number(r[1]) / (2 if "bf16" in r[0] else 1), rel=0.02)
+    assert {"torch F.linear, bf16", "kernels/cpu.cpp, bf16", "kernels/cpu.cpp, int8",
+            "kernels/cpu.cpp, int4 (groups of 32)"} <= set(names), names
+    for r in rows:  # bytes per weight: bf16 2, int8 1, int4 half a byte and a bf16 scale per 32
+        per_weight = 2 if "bf16" in r[0] else 0.5 + 2 / 32 if "int4" in r[0] else 1
+        assert number(r[1]) > 0 and number(r[2]) == pytest.approx(number(r[1]) / per_weight, rel=0.02)
 
 
 def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, capsys):

@@ -237,7 +237,10 @@ def big_bf16(tmp_path_factory, tokenizer_path):
     return convert_hf_checkpoint(folder)
 
 
-def test_int8_file_is_at_most_055_of_bf16_with_bounded_memory(big_bf16):
+@pytest.mark.parametrize("mode, written", [("int8", "model_int8.pth"), ("int4", "model_int4.g32.pth")])
+def test_file_size_and_bounded_memory(big_bf16, mode, written):
+    """int8: the file at most 0.55x the bf16 one. int4 (groups of 32): the quantized tensors with their
+    scales at most 0.30x the bf16 bytes of the same weights. Both: quantizing never holds a checkpoint."""
     bf16_size = big_bf16.stat().st_size
     # Quantize in a fresh process, sampling its anonymous (non-file) memory: reading the mmapped
     # source and filling the mmapped output use page cache, not the process's own memory. The
@@ -252,24 +255,31 @@ def test_int8_file_is_at_most_055_of_bf16_with_bounded_memory(big_bf16):
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1])
 
-        quantize_checkpoint({str(big_bf16)!r})
+        quantize_checkpoint({str(big_bf16)!r}, {mode!r})
         peak, done = [anon_kib()], threading.Event()
         def sample():
             while not done.is_set():
                 peak.append(anon_kib())
                 time.sleep(0.001)
         threading.Thread(target=sample, daemon=True).start()
-        quantize_checkpoint({str(big_bf16)!r})
+        quantize_checkpoint({str(big_bf16)!r}, {mode!r})
         done.set()
         print(max(peak) - peak[0])
     """)
     result = run_script("-c", child, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1]) * 1024
-    int8_size = big_bf16.with_name("model_int8.pth").stat().st_size
-    assert int8_size <= 0.55 * bf16_size
-    # Holding either checkpoint in memory would grow it by at least the int8 file's size.
-    assert growth < 0.5 * int8_size, (growth, int8_size)
+    size = big_bf16.with_name(written).stat().st_size
+    if mode == "int8":
+        assert size <= 0.55 * bf16_size
+    else:
+        source = torch.load(big_bf16, mmap=True, weights_only=True)
+        output = torch.load(big_bf16.with_name(written), mmap=True, weights_only=True)
+        names = [n for n in source if must_be_int8(n)]
+        quantized_bytes = sum(output[n].nbytes + output[expected_scales_name(n)].nbytes for n in names)
+        assert quantized_bytes <= 0.30 * sum(source[n].nbytes for n in names)
+    # Holding either checkpoint in memory would grow it by at least the output file's size.
+    assert growth < 0.5 * size, (growth, size)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -170,26 +170,28 @@ def test_check_divisible_names_the_dimension(dim, n_head, n_local_heads, interme
         check_divisible(config, 2)
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8"])
-def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales(fmt):
+@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+def test_rank_shards_sum_to_the_whole_layer_and_carry_their_scales(fmt):
     """Without any process group: each rank's attention and MoE output, summed over ranks, is the
-    unsharded output (what the all-reduce computes), and int8 scales (one per output row) are sliced
-    with their rows and kept whole where the input columns are sliced."""
+    unsharded output (what the all-reduce computes); int8 scales (one per output row) are sliced with
+    their rows and kept whole where the input columns are sliced; int4 group scales follow their
+    rows and their groups of inputs."""
     torch.manual_seed(0)
-    config = ModelArgs(n_layer=1, dim=32, n_head=4, n_local_heads=2, head_dim=8, intermediate_size=48,
+    config = ModelArgs(n_layer=1, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
                        num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
     model = Transformer(config)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    quantize_module(model, config, FORMATS[fmt])  # the modules generate.py loads
+    quantize_module(model, config, FORMATS[fmt])  # the modules generate.py loads (int4: groups of 32)
     attn, moe = model.layers[0].attention, model.layers[0].block_sparse_moe
-    q, kv, I = 4 * 8, 2 * 8, 48
-    int8 = fmt == "int8"
-    assert (attn.wqkv.weight.dtype == torch.int8) == int8 and hasattr(moe, "w2_scales") == int8
+    q, kv, I = 4 * 16, 2 * 16, 128
+    int8, int4 = fmt == "int8", fmt == "int4"
+    assert (attn.wqkv.weight.dtype == torch.int8) == int8 and (attn.wqkv.weight.dtype == torch.uint8) == int4
+    assert hasattr(moe, "w2_scales") == (int8 or int4)
 
     shards = [copy.deepcopy(model) for _ in range(2)]  # before setup_caches, as in generate.py
-    x = torch.randn(1, 5, 32)
+    x = torch.randn(1, 5, 64)
     pos = torch.arange(5)
     model.setup_caches(1, 16)
     cos, sin, mask = model.rope_cos[pos], model.rope_sin[pos], pos[:, None] >= torch.arange(16)[None, :]
@@ -206,39 +208,50 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_int8_scales(fmt):
         k_rows = q + torch.arange(rank * kv // 2, (rank + 1) * kv // 2)
         rows = torch.cat([q_rows, k_rows, k_rows + kv])
         assert torch.equal(a.wqkv.weight, attn.wqkv.weight[rows])
-        cols = torch.arange(rank * q // 2, (rank + 1) * q // 2)
+        packed = 2 if int4 else 1  # int4 columns: two inputs a byte
+        cols = torch.arange(rank * q // 2 // packed, (rank + 1) * q // 2 // packed)
         assert torch.equal(a.wo.weight, attn.wo.weight[:, cols])
         i_rows = torch.arange(rank * I // 2, (rank + 1) * I // 2)
         assert torch.equal(m.w1, moe.w1[:, i_rows]) and torch.equal(m.w3, moe.w3[:, i_rows])
-        assert torch.equal(m.w2, moe.w2[:, :, i_rows])
+        i_cols = torch.arange(rank * I // 2 // packed, (rank + 1) * I // 2 // packed)  # w2's stored columns
+        assert torch.equal(m.w2, moe.w2[:, :, i_cols])
         if int8:
             assert torch.equal(a.wqkv.scales, attn.wqkv.scales[rows])
             assert torch.equal(a.wo.scales, attn.wo.scales)  # per output row: whole
             assert torch.equal(m.w1_scales, moe.w1_scales[:, i_rows])
             assert torch.equal(m.w3_scales, moe.w3_scales[:, i_rows])
             assert torch.equal(m.w2_scales, moe.w2_scales)
+        if int4:  # [..., out, groups]: the rows' scales, and the groups of the rank's inputs
+            groups = lambda cols: torch.arange(rank * cols // 64, (rank + 1) * cols // 64)  # noqa: E731
+            assert torch.equal(a.wqkv.scales, attn.wqkv.scales[rows])
+            assert torch.equal(a.wo.scales, attn.wo.scales[:, groups(q)])
+            assert torch.equal(m.w1_scales, moe.w1_scales[:, i_rows]) and torch.equal(m.w3_scales, moe.w3_scales[:, i_rows])
+            assert torch.equal(m.w2_scales, moe.w2_scales[:, :, groups(I)])
         assert torch.equal(m.gate.weight, moe.gate.weight)  # the router: whole
         shard.setup_caches(1, 16)  # sized by the rank's own kv heads
-        assert shard.layers[0].attention.kv_cache.k_cache.shape == (1, 1, 16, 8)
+        assert shard.layers[0].attention.kv_cache.k_cache.shape == (1, 1, 16, 16)
         with torch.no_grad():
             sum_attn = sum_attn + a(x, pos, cos, sin, mask)
             sum_moe = sum_moe + m(x)
-    # The int8 kernels round activations to int16 in blocks of 64 values (2^-15 of a block's largest
-    # value); a rank's half of the heads or of I starts blocks of its own, so its rounding differs from
-    # the whole layer's by about that much. Full precision sums to float32 rounding.
+    # The quantized kernels round activations in blocks (int8: to int16 in blocks of 64 values, 2^-15
+    # of a block's largest; int4: to int8 in blocks of 32, 1/254 of the largest); a rank's half of the
+    # heads or of I starts blocks of its own. int8's halves of 32 and 64 values cut its blocks, so its
+    # rounding differs from the whole layer's by about a step; int4's fall on block boundaries, and
+    # differ by float32 summation only. Full precision sums to float32 rounding.
     tolerance = dict(rtol=1e-3, atol=1e-4) if int8 else {}
     torch.testing.assert_close(sum_attn, whole_attn, **tolerance)
     torch.testing.assert_close(sum_moe, whole_moe, **tolerance)
 
 
-def test_two_ranks_int8_greedy_text_matches_one_process_int8(checkpoint, tokenizer, tmp_path):
-    """An int8 checkpoint shards with its scales: 2 ranks print what one int8 process prints."""
+@pytest.mark.parametrize("mode, written", [("int8", "model_int8.pth"), ("int4", "model_int4.g32.pth")])
+def test_two_ranks_quantized_greedy_text_matches_one_process(checkpoint, tokenizer, tmp_path, mode, written):
+    """A quantized checkpoint shards with its scales: 2 ranks print what one process prints."""
     import shutil
-    folder = tmp_path / "int8"
+    folder = tmp_path / mode
     shutil.copytree(checkpoint, folder)
-    quantized = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", "--mode", "int8")
+    quantized = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", "--mode", mode)
     assert quantized.returncode == 0, quantized.stderr
     (folder / "model.pth").unlink()
-    (folder / "model_int8.pth").rename(folder / "model.pth")  # run_two_ranks reads model.pth
+    (folder / written).rename(folder / "model.pth")  # run_two_ranks reads model.pth
     tp = run_two_ranks(folder, "--temperature", "0")
     assert text_of(tp) == one_process_text(folder, tokenizer, temperature=0)
