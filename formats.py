@@ -145,12 +145,12 @@ class Int4(Int8):
     """Symmetric 4-bit, one scale per group of `groupsize` consecutive inputs of a row (llama.cpp's Q4_0):
     the group's value of largest magnitude m becomes -8 exactly, scale = m / -8, and the others round to
     the nearest of the 16 steps -8..7 (so the side opposite m reaches only 7 steps: a value of -m clamps
-    to 7 * |scale|, one step short). Measured on Gaussian and Laplace weights, this has 10-12 % less
-    error than a symmetric -7..7 grid and about the error of a grid with a zero point at twice the group
-    size, which costs the same bytes; the kernels then need no zero point (README, int4).
+    to 7 * |scale|, one step short). Measured on Gaussian and Laplace weights, it errs less than a
+    symmetric -7..7 grid, and about as much as a grid with a zero point at twice the group size, which
+    costs the same bytes and would give every kernel a second term (README, int4).
     Stored: uint8 [..., out, in/2], value 2j in the low nibble of byte j and 2j+1 in the high one, each
-    as q + 8; scales [..., out, in/groupsize] in the full-precision dtype. The group size is read back
-    from the shapes, so one instance serves any."""
+    as q + 8; scales [..., out, in/groupsize] in the full-precision dtype. Only quantizing needs
+    `groupsize`: reading back and the kernels take it from the shapes."""
     name = "int4"
     GROUP_SIZES = (32, 64, 128)
 

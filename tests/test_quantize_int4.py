@@ -139,6 +139,35 @@ def test_each_weight_is_float64_round_to_nearest_of_its_group(groupsize, dtype):
     assert (error <= torch.where(clamped, 1.0, 0.5) * step * (1 + 1e-6)).all()
 
 
+def test_pytorch_paths_multiply_the_dequantized_weights():
+    """The paths of GPUs and of CPUs without the kernels (Int4.linear, Int4.decode_experts without a host
+    sync, the grouped experts of prompts) against float64 products with the unpacked weights."""
+    import torch.nn.functional as F
+    from formats import dequantized_experts
+    g = torch.Generator().manual_seed(3)
+    fmt, E, D, I = Int4(32), 4, 64, 96
+    w1, w3 = (fmt.quantize(torch.randn(E, I, D, generator=g) / D ** 0.5) for _ in range(2))
+    w2 = fmt.quantize(torch.randn(E, D, I, generator=g) / I ** 0.5)
+    dense = {key: t for key, t in fmt.quantize(torch.randn(40, D, generator=g)).items()}
+
+    def exact(t):  # unpacked here, in float64
+        return unpack(t[""]).double() * t["scales"].double().repeat_interleave(32, dim=-1)
+
+    x = torch.randn(3, D, generator=g)
+    experts = torch.tensor([[0, 2], [2, 1], [3, 2]])
+    weights = torch.softmax(torch.randn(3, 2, generator=g), dim=-1)
+    want = torch.zeros(3, D, dtype=torch.float64)
+    for n in range(3):
+        for e, weight in zip(experts[n].tolist(), weights[n].double()):
+            h = F.silu(exact(w1)[e] @ x[n].double()) * (exact(w3)[e] @ x[n].double())
+            want[n] += weight * (exact(w2)[e] @ h)
+    with cpu_kernels.turned_off():
+        assert relative_error(fmt.linear(x, dense), x.double() @ exact(dense).T) < 1e-6
+        assert relative_error(fmt.decode_experts(x, experts, weights, w1, w3, w2), want) < 1e-6
+        grouped = dequantized_experts(x, experts, weights, "int4", *(list(w.values()) for w in (w1, w3, w2)))
+        assert relative_error(grouped, want) < 1e-6
+
+
 # ----------------------------------------------------------------------------- the file
 
 def test_cli_writes_packed_weights_and_group_scales(near_grid, int4_path):
