@@ -635,6 +635,17 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
+// Calls run with out's data as float*, BFloat16* or Half*.
+template <typename F>
+void for_output_type(const Tensor& out, F&& run) {
+  switch (out.scalar_type()) {
+    case at::kFloat: return run(out.data_ptr<float>());
+    case at::kBFloat16: return run(out.data_ptr<c10::BFloat16>());
+    case at::kHalf: return run(out.data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "mixtral_cpu: dequantizing to ", out.scalar_type(), " is not supported");
+  }
+}
+
 // out[r, c] = q[r, c] * scales[r], in one pass over q: a prompt multiplies full-precision copies of its
 // int8 weights, made one matrix at a time.
 Tensor dequantize_int8(const Tensor& q, const Tensor& scales, at::ScalarType dtype) {
@@ -657,12 +668,7 @@ Tensor dequantize_int8(const Tensor& q, const Tensor& scales, at::ScalarType dty
       }
     });
   };
-  switch (dtype) {
-    case at::kFloat: run(out.data_ptr<float>()); break;
-    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "mixtral_cpu.dequantize_int8: no output dtype ", dtype);
-  }
+  for_output_type(out, run);
   return out;
 }
 
@@ -690,12 +696,7 @@ Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarTyp
         }
     });
   };
-  switch (dtype) {
-    case at::kFloat: run(out.data_ptr<float>()); break;
-    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "mixtral_cpu.dequantize_int4: no output dtype ", dtype);
-  }
+  for_output_type(out, run);
   return out;
 }
 

@@ -91,6 +91,17 @@ def load_ours(folder: Path, dtype=torch.float32, max_seq_length: int = 256):
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process for the test: on a shared 2-core machine a second OpenMP thread
+    that is descheduled stalls every op (decoding measured an order of magnitude slower), and the test
+    models are small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
 

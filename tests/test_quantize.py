@@ -20,17 +20,9 @@ QUANTIZED_SUFFIXES = (".attention.wqkv.weight", ".attention.wo.weight", ".block_
                       ".block_sparse_moe.w2", ".block_sparse_moe.w3")
 
 
-# One thread, here and in the scripts run: on a shared 2-core machine a second OpenMP thread that
-# is descheduled stalls every op (decoding measured an order of magnitude slower), and these models are small.
+# One thread, here (conftest.one_thread) and in the scripts run.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def must_be_int8(name: str) -> bool:
