@@ -133,12 +133,13 @@ inline void dot_tile(const W* const* rows, const float* x, int64_t K, float* out
 //    (vpmaddwd) where widening each int8 to float took three. The step, 2^-15 of a block's largest
 //    value, is finer than bf16's rounding for values down to 1/128 of that largest one.
 //  - int4 weights: int8 in blocks of 32 values (|q| <= 127), llama.cpp's Q8_0. The unsigned nibbles
-//    times int8 activations multiply and add pairs in one instruction (vpmaddubsw), and the nibbles'
-//    offset of 8 comes off once per block as 8 * sum(q). The step, 1/254 of a block's largest value,
-//    is a small fraction of the int4 weights' own (1/16 of a group's range).
+//    times int8 activations multiply and add pairs in one instruction (vpmaddubsw); the nibbles'
+//    offset of 8 comes off once per row, as the dot product of the row's scales with each block's
+//    scale * 8 * sum(q) (`offset8`). The step, 1/254 of a block's largest value, is a small fraction of
+//    the int4 weights' own (1/16 of a group's range).
 //    Each 64 values ("a chunk", two blocks) are stored evens first, then odds: the order in which the
-//    low and high nibbles of 32 bytes of weights come out. Per chunk, 8 lanes of scales and of
-//    offsets line up with the 8 int32 sums of the multiply (lanes 0-3 the first block, 4-7 the second).
+//    low and high nibbles of 32 bytes of weights come out. Per chunk, 8 lanes of scales line up with
+//    the 8 int32 sums of the multiply (lanes 0-3 the first block, 4-7 the second).
 enum class Quantized { kNo, kInt16, kInt8 };
 template <typename W>
 constexpr Quantized kActivationsFor = std::is_same_v<W, int8_t> ? Quantized::kInt16
@@ -151,10 +152,9 @@ struct Vectors {
   const int16_t* q = nullptr;        // int16 blocks
   const float* scale = nullptr;
   const int8_t* q8 = nullptr;        // int8 blocks, chunks reordered
-  const float* scale8 = nullptr;     // per block
-  const int32_t* offset8 = nullptr;  // per block: 8 * sum(q8)
-  const float* chunk_scale = nullptr;     // per chunk, 8 lanes
-  const int32_t* chunk_offset = nullptr;  // per chunk, 8 lanes
+  const float* scale8 = nullptr;       // per block
+  const float* offset8 = nullptr;      // per block: scale * 8 * sum(q8)
+  const float* chunk_scale = nullptr;  // per chunk, 8 lanes
   int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0;
 
   Vectors at(int64_t m) const {
@@ -163,7 +163,7 @@ struct Vectors {
     if (q) v.q = q + m * K, v.scale = scale + m * blocks;
     if (q8) {
       v.q8 = q8 + m * K, v.scale8 = scale8 + m * blocks8, v.offset8 = offset8 + m * blocks8;
-      v.chunk_scale = chunk_scale + m * chunks * 8, v.chunk_offset = chunk_offset + m * chunks * 8;
+      v.chunk_scale = chunk_scale + m * chunks * 8;
     }
     return v;
   }
@@ -172,8 +172,7 @@ struct Vectors {
 struct VectorStore {  // owns what a Vectors view points to
   std::vector<int16_t> q;
   std::vector<int8_t> q8;
-  std::vector<float> scale, scale8, chunk_scale;
-  std::vector<int32_t> offset8, chunk_offset;
+  std::vector<float> scale, scale8, offset8, chunk_scale;
   Vectors view;
 };
 
@@ -197,7 +196,7 @@ void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
   const int64_t blocks = K / kBlock8, chunks = K / kChunk;
   v.view.blocks8 = blocks, v.view.chunks = chunks;
   v.q8.resize(M * K), v.scale8.resize(M * blocks), v.offset8.resize(M * blocks);
-  v.chunk_scale.resize(M * chunks * 8), v.chunk_offset.resize(M * chunks * 8);
+  v.chunk_scale.resize(M * chunks * 8);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + m * K + b * kBlock8;
@@ -212,17 +211,13 @@ void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
         v.q8[m * K + c0 + (i % 2) * span + i / 2] = q;
         sum += q;
       }
-      v.scale8[m * blocks + b] = amax / 127.0f, v.offset8[m * blocks + b] = 8 * sum;
+      v.scale8[m * blocks + b] = amax / 127.0f, v.offset8[m * blocks + b] = amax / 127.0f * 8 * sum;
     }
     for (int64_t c = 0; c < chunks; ++c)
-      for (int l = 0; l < 8; ++l) {
-        const int64_t b = m * blocks + 2 * c + l / 4;
-        v.chunk_scale[(m * chunks + c) * 8 + l] = v.scale8[b];
-        v.chunk_offset[(m * chunks + c) * 8 + l] = l % 4 ? 0 : v.offset8[b];
-      }
+      for (int l = 0; l < 8; ++l) v.chunk_scale[(m * chunks + c) * 8 + l] = v.scale8[m * blocks + 2 * c + l / 4];
   }
   v.view.q8 = v.q8.data(), v.view.scale8 = v.scale8.data(), v.view.offset8 = v.offset8.data();
-  v.view.chunk_scale = v.chunk_scale.data(), v.view.chunk_offset = v.chunk_offset.data();
+  v.view.chunk_scale = v.chunk_scale.data();
 }
 
 VectorStore make_vectors(const float* x, int64_t M, int64_t K, Quantized quantized) {
@@ -272,57 +267,97 @@ inline void dot_tile_int8(const int8_t* const* rows, const Vectors& x, float* ou
 // dot_tile for int4 rows (with their group scales) and int8 vectors, a chunk of 64 values at a time:
 // 32 bytes of weights split into their low nibbles (the chunk's even values) and high nibbles (odd),
 // each multiplied with the matching half of the reordered activations into int16 pairs (at most
-// 4 * 15 * 127 per lane: no saturation), summed to int32 per block, less the blocks' offsets, then
-// scaled by weight group and activation block in float32.
+// 4 * 15 * 127 per lane: no saturation), summed to int32 per block, then scaled by weight group and
+// activation block in float32. The rows are taken in segments of blocks whose weight scales are first
+// converted to one float per block: the loop then neither converts nor divides.
+constexpr int64_t kSegmentBlocks = 128;
+
 template <typename S, int R, int MC>
 inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, int64_t group, const Vectors& x,
                           float* out) {
-  const int64_t K = x.K, chunks = x.chunks, blocks_per_group = group / kBlock8;
+  const int64_t K = x.K, blocks = K / kBlock8, blocks_per_group = group / kBlock8;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[R][MC];
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  // repeat[n / 2][j]: lanes 8j..8j+7 of eight values each repeated n times (n = 1, 2, 4).
+  static const __m256i repeat[3][4] = {
+      {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)},
+      {_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)},
+      {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+       _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)}};
+  __m256 acc[R][MC], offset[R][MC];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (c % 2 == 0)
-      for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + c * kChunk / 2);
-    __m256i even[MC], odd[MC];
-    for (int m = 0; m < MC; ++m) {
-      even[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk));
-      odd[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk + 32));
-    }
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps(), offset[r][m] = _mm256_setzero_ps();
+  float rest[R][MC] = {};  // what is summed outside the vector lanes
+  alignas(32) float block_scale[R][kSegmentBlocks];
+  for (int64_t b0 = 0; b0 < blocks; b0 += kSegmentBlocks) {
+    const int64_t b1 = std::min(blocks, b0 + kSegmentBlocks);
     for (int r = 0; r < R; ++r) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + c * kChunk / 2));
-      const __m256i low = _mm256_and_si256(packed, nibble);
-      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-      const int64_t b = 2 * c;  // the chunk's first block; its two blocks share a group when groups hold
-                                // an even number of blocks
-      const __m256 w_scale = blocks_per_group % 2 == 0
-          ? _mm256_set1_ps(to_float(scales[r][b / blocks_per_group]))
-          : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(to_float(scales[r][b / blocks_per_group]))),
-                                 _mm_set1_ps(to_float(scales[r][(b + 1) / blocks_per_group])), 1);
-      for (int m = 0; m < MC; ++m) {
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, even[m]), _mm256_maddubs_epi16(high, odd[m]));
-        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.chunk_offset + m * chunks * 8 + c * 8));
-        const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset);
-        const __m256 scale = _mm256_mul_ps(w_scale, _mm256_loadu_ps(x.chunk_scale + m * chunks * 8 + c * 8));
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][m]);
+      int64_t b = b0;
+      // Groups of 32, 64 or 128 (segments start on a group): eight scales converted at a time and each
+      // repeated for its 1, 2 or 4 blocks.
+      if (blocks_per_group == 1 || blocks_per_group == 2 || blocks_per_group == 4)
+        for (; b + 8 * blocks_per_group <= b1; b += 8 * blocks_per_group) {
+          const __m256 w = load8(scales[r] + b / blocks_per_group);
+          for (int64_t j = 0; j < blocks_per_group; ++j)
+            _mm256_store_ps(block_scale[r] + b - b0 + 8 * j, _mm256_permutevar8x32_ps(w, repeat[blocks_per_group / 2][j]));
+        }
+      for (int64_t g = b / blocks_per_group; b < b1; ++g) {
+        const float w = to_float(scales[r][g]);
+        const int64_t end = std::min(b1, (g + 1) * blocks_per_group);
+        for (; b + 4 <= end; b += 4) _mm_storeu_ps(block_scale[r] + b - b0, _mm_set1_ps(w));
+        for (; b < end; ++b) block_scale[r][b - b0] = w;
       }
+    }
+    // The nibbles' offset: 8 * sum(q) per block, weighted by both scales (8 blocks at a time).
+    int64_t b = b0;
+    for (; b + 8 <= b1; b += 8)
+      for (int r = 0; r < R; ++r) {
+        const __m256 w = _mm256_load_ps(block_scale[r] + b - b0);
+        for (int m = 0; m < MC; ++m)
+          offset[r][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.offset8 + m * blocks + b), offset[r][m]);
+      }
+    for (; b < b1; ++b)
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) rest[r][m] -= block_scale[r][b - b0] * x.offset8[m * blocks + b];
+    // Whole chunks of this segment (b0 is even: a segment holds whole chunks).
+    for (int64_t c = b0 / 2; c < b1 / 2; ++c) {
+      if (c % 2 == 0)
+        for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + c * kChunk / 2);
+      __m256i even[MC], odd[MC];
+      for (int m = 0; m < MC; ++m) {
+        even[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk));
+        odd[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk + 32));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + c * kChunk / 2));
+        const __m256i low = _mm256_and_si256(packed, nibble);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+        // [scale of block 2c] * 4, [scale of block 2c + 1] * 4
+        const __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(block_scale[r] + 2 * c - b0)));
+        const __m256 w_scale = _mm256_permutevar8x32_ps(pair, halves);
+        for (int m = 0; m < MC; ++m) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, even[m]), _mm256_maddubs_epi16(high, odd[m]));
+          const __m256i sums = _mm256_madd_epi16(pairs, ones);
+          const __m256 scale = _mm256_mul_ps(w_scale, _mm256_loadu_ps(x.chunk_scale + m * x.chunks * 8 + c * 8));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][m]);
+        }
+      }
+    }
+    if (b1 == blocks && blocks % 2) {  // a last block of 32 values: 16 bytes, evens then odds in the activations
+      const int64_t k0 = (blocks - 1) * kBlock8;
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) {
+          int32_t sum = 0;
+          for (int64_t j = 0; j < kBlock8 / 2; ++j) {
+            const uint8_t pair = rows[r][k0 / 2 + j];
+            sum += (pair & 15) * x.q8[m * K + k0 + j] + (pair >> 4) * x.q8[m * K + k0 + kBlock8 / 2 + j];
+          }
+          rest[r][m] += float(sum) * x.scale8[m * blocks + blocks - 1] * block_scale[r][blocks - 1 - b0];
+        }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) {
-      float s = horizontal_sum(acc[r][m]);
-      if (K % kChunk) {  // a last block of 32 values: 16 bytes, evens then odds in the activations
-        const int64_t b = K / kBlock8 - 1, k0 = chunks * kChunk;
-        int32_t sum = 0;
-        for (int64_t j = 0; j < kBlock8 / 2; ++j) {
-          const uint8_t pair = rows[r][k0 / 2 + j];
-          sum += (pair & 15) * x.q8[m * K + k0 + j] + (pair >> 4) * x.q8[m * K + k0 + kBlock8 / 2 + j];
-        }
-        s += float(sum - x.offset8[m * x.blocks8 + b]) * x.scale8[m * x.blocks8 + b] * to_float(scales[r][b / blocks_per_group]);
-      }
-      out[r * MC + m] = s;
-    }
+    for (int m = 0; m < MC; ++m) out[r * MC + m] = horizontal_sum(_mm256_sub_ps(acc[r][m], offset[r][m])) + rest[r][m];
 }
 
 // Where each of a tile's int4 rows finds its group scales (unused for other weights).
