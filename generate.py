@@ -432,8 +432,8 @@ def user_turn(tokenizer, text: str, instruct: bool, first: bool = True) -> list:
 
 def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: dict, device: str, block_size: int,
                 world_size: int, rank: Optional[int]) -> list:
-    """Generates each batch of (label, prompt ids) and reports it; returns the tokens/s of each. A batch of
-    one sequence streams its text; a larger one prints each sequence whole, labelled, in input order.
+    """Generates each batch of (label, prompt ids) and reports it; returns the tokens/s of each. One
+    sequence of --prompt streams its text; otherwise each sequence is printed whole, labelled, in input order.
     With compilation, the first batch runs once more first, untimed, to pay for it."""
     B = max(len(batch) for batch in batches)
     longest = max(ids.size(0) for batch in batches for _, ids in batch)
@@ -456,7 +456,7 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
     start = -1 if (args.compile or args.compile_prefill) else 0
     for i in range(start, len(batches)):
         labels, prompts = zip(*batches[max(i, 0)])
-        streamer = TextStreamer(tokenizer) if len(prompts) == 1 else None
+        streamer = TextStreamer(tokenizer) if args.prompts_file is None and len(prompts) == 1 else None
         profiling = args.profile is not None and i == len(batches) - 1
         with (torch.profiler.profile() if profiling else contextlib.nullcontext()) as prof:
             synchronize(device)
