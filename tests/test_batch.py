@@ -142,7 +142,7 @@ def instruct_folder(checkpoint, tmp_path, **config_changes):
     return folder
 
 
-def chat(folder, lines: list, monkeypatch, capsys, max_new_tokens: int = 8) -> tuple:
+def chat(folder, lines: list, monkeypatch, capsys, *flags, max_new_tokens: int = 8) -> tuple:
     """generate.py --interactive on stdin lines, in this process: (each answer printed, the number of tokens
     each forward pass of the model processed)."""
     tokens_per_forward = []
@@ -154,7 +154,7 @@ def chat(folder, lines: list, monkeypatch, capsys, max_new_tokens: int = 8) -> t
         return model
     monkeypatch.setattr(generate_script, "load_model", load_and_count)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
-    generate_script.main(argv(folder, "--interactive", "--temperature", "0", "--max_new_tokens", str(max_new_tokens)))
+    generate_script.main(argv(folder, "--interactive", "--temperature", "0", "--max_new_tokens", max_new_tokens, *flags))
     captured = capsys.readouterr()
     answers = re.findall(r"What is your prompt\? (.*?)\nTime for inference", captured.out, re.S)
     assert captured.out.count("What is your prompt?") == len(lines) + 1  # then end of input
@@ -221,3 +221,12 @@ def test_bad_prompts_files(checkpoint, tmp_path, capsys, monkeypatch, case, word
 ])
 def test_bad_batch_flags(checkpoint, capsys, flags, words):
     fails_cleanly(generate_script.main, argv(checkpoint, *flags), capsys, *words)
+
+
+@pytest.mark.parametrize("flag,instruct", [("auto", True), ("plain", False)])
+def test_chat_format_flag_overrides_the_checkpoint(checkpoint, tokenizer, tmp_path, monkeypatch, capsys, flag, instruct):
+    folder = instruct_folder(checkpoint, tmp_path)
+    _, tokens_per_forward, _ = chat(folder, ["What is MoE?"], monkeypatch, capsys, "--chat_format", flag,
+                                    max_new_tokens=1)
+    framed = mistral_framing(tokenizer, ["What is MoE?"]) if instruct else [tokenizer.bos_id()] + tokenizer.encode("What is MoE?")
+    assert tokens_per_forward == [len(framed)]
