@@ -457,12 +457,12 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
     for i in range(start, len(batches)):
         labels, prompts = zip(*batches[max(i, 0)])
         streamer = TextStreamer(tokenizer) if args.prompts_file is None and len(prompts) == 1 else None
+        on_token = None if streamer is None else (lambda seqs: streamer(seqs[0]))
         profiling = args.profile is not None and i == len(batches) - 1
         with (torch.profiler.profile() if profiling else contextlib.nullcontext()) as prof:
             synchronize(device)
             t = time.perf_counter()
-            seqs = generate_batch(model, list(prompts), args.max_new_tokens, **sampling,
-                                  on_token=streamer and (lambda seqs: streamer(seqs[0])))
+            seqs = generate_batch(model, list(prompts), args.max_new_tokens, **sampling, on_token=on_token)
             synchronize(device)
             t = time.perf_counter() - t
         if streamer is not None:
