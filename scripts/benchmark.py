@@ -182,18 +182,32 @@ class Row:
         return statistics.median(self.tokens_per_s)
 
 
+def random_prompts(lengths: list, vocab: int, generator: torch.Generator, device: str) -> list:
+    return [torch.randint(0, vocab, (n,), generator=generator).to(device=device, dtype=torch.int) for n in lengths]
+
+
+def batch_lengths(prompt_len: int, batch: int, ragged: bool) -> list:
+    """The prompt lengths of a batch: all prompt_len, or (ragged) prompt_len, prompt_len + 1, ... so that
+    every sequence decodes at its own positions."""
+    return [prompt_len + (b if ragged else 0) for b in range(batch)]
+
+
 def decode_rounds(decode_seconds, prompt_len: int, new_tokens: int, runs: int, device: str, bandwidth: Bandwidth,
-                  weight_bytes, engine: str, vocab: int, generator: torch.Generator, batch: int = 1) -> Row:
-    """Decode tokens/s, summed over a batch of `batch` random prompts. decode_seconds(prompts [B, T] int)
-    runs the prompts and new_tokens - 1 decode steps after them, and returns the seconds those steps took
-    (prefill excluded). weight_bytes: the bytes a step reads, or a function giving those of the run just
-    done. Each round is preceded by a bandwidth probe, for its fraction of the limit."""
-    row = Row(engine, "decode", f"{prompt_len} + {new_tokens}" + (f", batch {batch}" if batch > 1 else ""))
+                  weight_bytes, engine: str, vocab: int, generator: torch.Generator, batch: int = 1,
+                  ragged: bool = False) -> Row:
+    """Decode tokens/s, summed over a batch of `batch` random prompts (of lengths batch_lengths).
+    decode_seconds(prompts: list of [T_b] int) runs the prompts and new_tokens - 1 decode steps after them,
+    and returns the seconds those steps took (prefill excluded). weight_bytes: the bytes a step reads, or
+    a function giving those of the run just done. Each round is preceded by a bandwidth probe, for its
+    fraction of the limit."""
+    lengths = batch_lengths(prompt_len, batch, ragged)
+    tokens = f"{prompt_len}" if len(set(lengths)) == 1 else f"{lengths[0]}..{lengths[-1]}"
+    row = Row(engine, "decode", f"{tokens} + {new_tokens}" + (f", batch {batch}" if batch > 1 else ""))
     step_bytes = []
     for r in range(runs):
         bw = bandwidth.measure()
         reset_peak_memory(device)
-        prompts = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device=device, dtype=torch.int)
+        prompts = random_prompts(lengths, vocab, generator, device)
         steps_per_s = (new_tokens - 1) / decode_seconds(prompts)
         step_bytes.append(weight_bytes() if callable(weight_bytes) else weight_bytes)
         row.tokens_per_s.append(steps_per_s * batch)
@@ -217,7 +231,7 @@ def generate_decode_seconds(model, prefill_fn, decode_fn, new_tokens: int, devic
                 synchronize(device)
                 marks.append(time.perf_counter())
 
-        generate_batch(model, list(prompts), new_tokens, temperature=0.8, top_k=200, prefill_fn=prefill_fn,
+        generate_batch(model, prompts, new_tokens, temperature=0.8, top_k=200, prefill_fn=prefill_fn,
                        decode_fn=decode_fn, on_token=on_token)
         synchronize(device)
         return time.perf_counter() - marks[0]
@@ -292,7 +306,7 @@ def run(args) -> list:
     # Decode: one cache size for every prompt, so the compiled step is traced once per batch size.
     compile_s = None
     if args.decode_prompts:
-        decode_len = round_up(max(args.decode_prompts) + args.max_new_tokens)
+        decode_len = round_up(max(args.decode_prompts) + max(args.batch_sizes) + args.max_new_tokens)
         with torch.device(device):
             model.setup_caches(max_batch_size=max(args.batch_sizes), max_seq_length=min(decode_len, config.block_size))
     reset_counts, read_counts = count_expert_reads(model) if max(args.batch_sizes) > 1 else (None, None)
@@ -301,9 +315,8 @@ def run(args) -> list:
             # Warm-up: compiles the decode step on the first prompt (timed), settles caches on the others.
             synchronize(device)
             t = time.perf_counter()
-            prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=generator).to(device=device,
-                                                                                                        dtype=torch.int)
-            generate_batch(model, list(prompts), min(args.max_new_tokens, 8), temperature=0.8, top_k=200,
+            prompts = random_prompts(batch_lengths(prompt_len, batch, args.ragged), config.vocab_size, generator, device)
+            generate_batch(model, prompts, min(args.max_new_tokens, 8), temperature=0.8, top_k=200,
                            prefill_fn=prefill_fn, decode_fn=decode_fn)
             synchronize(device)
             if compile_s is None:
@@ -316,7 +329,7 @@ def run(args) -> list:
             row = decode_rounds(generate_decode_seconds(model, prefill_fn, decode_fn, args.max_new_tokens, device,
                                                         on_decode=reset_counts),
                                 prompt_len, args.max_new_tokens, args.runs, device, bandwidth, step_bytes, engine,
-                                config.vocab_size, generator, batch)
+                                config.vocab_size, generator, batch, args.ragged)
             rows.append(row)
             print(f"decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
 
@@ -388,8 +401,8 @@ def compare_hf(args, device, precision, bandwidth, weight_bytes, generator, ours
     del ours
     gc.collect()
 
-    def hf_decode_seconds(prompt):  # greedy, with its own (dynamic) KV cache
-        out = model(prompt.long(), use_cache=True)
+    def hf_decode_seconds(prompts):  # greedy, with its own (dynamic) KV cache; batch 1
+        out = model(prompts[0][None].long(), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         synchronize(device)
         t = time.perf_counter()
@@ -470,6 +483,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1],
                    help="decode batches of these sizes (tokens/s summed over the batch); beyond 1, every MoE layer "
                         "also counts the distinct experts each step chose, for the bytes a step reads")
+    p.add_argument("--ragged", action="store_true",
+                   help="batches of prompts of different lengths (the decode prompt length, then one more token "
+                        "each): every sequence decodes at its own positions, as with --prompts_file")
     p.add_argument("--prefill_lengths", type=int, nargs="*", default=[128, 512, 2048])
     p.add_argument("--runs", type=int, default=5, help="measured runs per row (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

@@ -101,15 +101,15 @@ def number(cell: str) -> float:
 
 def test_benchmark_runs_end_to_end_on_a_tiny_shape():
     result = run_script(SCRIPT, "--model", "tiny", "--device", "cpu", "--runs", "2", "--max_new_tokens", "6",
-                        "--decode_prompts", "3", "9", "--batch_sizes", "1", "3", "--prefill_lengths", "16", "40",
+                        "--decode_prompts", "3", "9", "--batch_sizes", "1", "3", "--ragged", "--prefill_lengths", "16", "40",
                         "--probe_mb", "64", timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     header, rows = parse_table(out)
     assert header == COLUMNS
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("this repo", "decode", "3 + 6"), ("this repo", "decode", "3 + 6, batch 3"), ("this repo", "decode", "9 + 6"),
-        ("this repo", "decode", "9 + 6, batch 3"), ("this repo", "prefill", "16"), ("this repo", "prefill", "40")]
+        ("this repo", "decode", "3 + 6"), ("this repo", "decode", "3..5 + 6, batch 3"), ("this repo", "decode", "9 + 6"),
+        ("this repo", "decode", "9..11 + 6, batch 3"), ("this repo", "prefill", "16"), ("this repo", "prefill", "40")]
     for r in rows:
         assert number(r[3]) > 0 and number(r[8]) > 0  # tokens/s, peak memory
         if r[1] == "decode":
