@@ -3,7 +3,6 @@
 #
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,14 +350,22 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
     return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
 
 
-@functools.cache
+# A constant to torch.compile: a compiled step that asks (an int8 matmul of more than a few tokens) gets
+# the answer at tracing time instead of a graph break on torch.cpu.get_capabilities().
+@torch.compiler.assume_constant_result
 def half_matmul_is_slow(dtype: torch.dtype) -> bool:
     """True on x86 CPUs without bf16 / fp16 matrix instructions (AVX512-BF16, AVX512-FP16, AMX):
     there torch multiplies bf16 matrices about three times slower than float32 ones (the README's
     CPU figures)."""
-    native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-    caps = torch.cpu.get_capabilities()
-    return dtype in native and caps.get("architecture") == "x86_64" and not any(caps.get(f) for f in native[dtype])
+    if dtype not in HALF_MATMUL_IS_SLOW:  # asked once per dtype
+        native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+        caps = torch.cpu.get_capabilities()
+        HALF_MATMUL_IS_SLOW[dtype] = (dtype in native and caps.get("architecture") == "x86_64"
+                                      and not any(caps.get(f) for f in native[dtype]))
+    return HALF_MATMUL_IS_SLOW[dtype]
+
+
+HALF_MATMUL_IS_SLOW = {}
 
 
 # Below this many tokens an expert keeps its own dtype: converting its weights costs about as much as
