@@ -434,7 +434,8 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
                 world_size: int, rank: Optional[int]) -> list:
     """Generates each batch of (label, prompt ids) and reports it; returns the tokens/s of each. One
     sequence of --prompt streams its text; otherwise each sequence is printed whole, labelled, in input order.
-    With compilation, the first batch runs once more first, untimed, to pay for it."""
+    With compilation, untimed runs pay for it first: one of each kind of batch, since each batch size, with
+    shared or per-sequence positions, is a graph of its own."""
     B = max(len(batch) for batch in batches)
     longest = max(ids.size(0) for batch in batches for _, ids in batch)
     # One cache for every batch, so that a compiled step keeps its shapes; rounded up for the same reason.
@@ -452,10 +453,15 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
             reset_counts()
             return token
         sampling = {**sampling, "prefill_fn": prefill_then_count}
-    tokens_per_sec = []
-    start = -1 if (args.compile or args.compile_prefill) else 0
-    for i in range(start, len(batches)):
-        labels, prompts = zip(*batches[max(i, 0)])
+    kinds = {}
+    if args.compile or args.compile_prefill:
+        for batch in batches:
+            kinds.setdefault((len(batch), len({ids.size(0) for _, ids in batch}) == 1), batch)
+    tokens_per_sec, compile_seconds = [], 0.0
+    for i, batch in [(-1, batch) for batch in kinds.values()] + list(enumerate(batches)):
+        if i == 0 and kinds:
+            print(f"Compilation time: {compile_seconds:.2f} seconds", file=sys.stderr)
+        labels, prompts = zip(*batch)
         streamer = TextStreamer(tokenizer) if args.prompts_file is None and len(prompts) == 1 else None
         on_token = None if streamer is None else (lambda seqs: streamer(seqs[0]))
         profiling = args.profile is not None and i == len(batches) - 1
@@ -473,7 +479,7 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
         if profiling:
             prof.export_chrome_trace(f"{args.profile}.json" if rank is None else f"{args.profile}_rank_{rank}.json")
         if i == -1:
-            print(f"Compilation time: {t:.2f} seconds", file=sys.stderr)
+            compile_seconds += t
             continue
         new_tokens = [seq.size(0) - p.size(0) for seq, p in zip(seqs, prompts)]
         steps, counted = max(new_tokens), ""
@@ -482,7 +488,7 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
             experts = read_counts() / (model.config.n_layer * (steps - 1))  # per layer and decode step
             step_bytes = active_weight_bytes(model, len(prompts), experts) * world_size
             counted = (f" ({step_bytes / 1e9:.3g} GB read per step: {experts:.2f} of {model.config.num_experts} "
-                       f"experts per layer, each distinct expert the batch chose counted once, counted on the device)")
+                       f"experts per layer, the distinct ones the batch chose, counted on the device)")
         report(i, t, sum(new_tokens), step_bytes, tokens_per_sec, steps=steps, sequences=len(prompts), counted=counted)
     return tokens_per_sec
 
