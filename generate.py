@@ -1,6 +1,8 @@
 # Command-line text generation with Mixtral: load model.pth (bf16 or int8) and its config.json,
 # prefill the prompt, then decode one token at a time from the static KV cache, streaming the text.
-# Under torchrun the same script runs tensor-parallel, one process per GPU (see tp.py).
+# Several sequences decode together as a batch (--batch_size, --prompts_file); --interactive is one
+# conversation that keeps its cache between turns. Under torchrun the same script runs tensor-parallel,
+# one process per GPU (see tp.py).
 import argparse
 import contextlib
 import json
