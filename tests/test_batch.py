@@ -20,7 +20,8 @@ EOS = 2
 
 
 def argv(folder, *extra) -> list:
-    return [str(a) for a in ["--checkpoint_path", folder / "model.pth", "--device", "cpu", "--precision", "float32", *extra]]
+    flags = ["--checkpoint_path", folder / "model.pth", "--device", "cpu", "--precision", "float32", *extra]
+    return [str(a) for a in flags]
 
 
 def labelled_outputs(stdout: str) -> dict:
@@ -54,7 +55,8 @@ def test_batch_of_different_prompts_equals_each_prompt_alone(checkpoint, tokeniz
         alone = generate(ours, torch.tensor(ids, dtype=torch.int), 10, temperature=0, top_k=None, eos_id=EOS)
         assert printed[label] == expected == tokenizer.decode(alone.tolist())
     assert re.search(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ tokens/sec, summed over 3 sequences$", out, re.M)
-    assert re.search(r"^Bandwidth achieved: [\d.]+ GB/s \([\d.e-]+ GB read per step: [\d.]+ of 4 experts per layer", out, re.M)
+    assert re.search(r"^Bandwidth achieved: [\d.]+ GB/s \([\d.e-]+ GB read per step: [\d.]+ of 4 experts per layer",
+                     out, re.M)
 
 
 def test_batch_size_copies_are_identical_greedy_and_differ_seeded_when_sampling(checkpoint, capsys):
@@ -98,7 +100,8 @@ def test_expert_reads_counted_are_the_distinct_experts_transformers_routes_to(ch
         reset()
         model(first.int(), torch.tensor([5]))
         config = json.loads((checkpoint / "config.json").read_text())
-        router_logits = load_reference(checkpoint)(torch.cat([prompts, first], 1).long(), output_router_logits=True).router_logits
+        reference = load_reference(checkpoint)
+        router_logits = reference(torch.cat([prompts, first], 1).long(), output_router_logits=True).router_logits
     expected = sum(logits.view(3, 6, -1)[:, -1].topk(config["num_experts_per_tok"]).indices.unique().numel()
                    for logits in router_logits)
     assert read() == expected
@@ -135,7 +138,8 @@ def instruct_folder(checkpoint, tmp_path, **config_changes):
     """The checkpoint as an Instruct one says so: a tokenizer_config.json with Mixtral's chat template."""
     folder = tmp_path / "instruct"
     shutil.copytree(checkpoint, folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '[INST] ' + message['content'] + ' [/INST]' }}"}))
+    template = "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     if config_changes:
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
@@ -224,11 +228,13 @@ def test_bad_batch_flags(checkpoint, capsys, flags, words):
 
 
 @pytest.mark.parametrize("flag,instruct", [("auto", True), ("plain", False)])
-def test_chat_format_flag_overrides_the_checkpoint(checkpoint, tokenizer, tmp_path, monkeypatch, capsys, flag, instruct):
+def test_chat_format_flag_overrides_the_checkpoint(checkpoint, tokenizer, tmp_path, monkeypatch, capsys, flag,
+                                                   instruct):
     folder = instruct_folder(checkpoint, tmp_path)
     _, tokens_per_forward, _ = chat(folder, ["What is MoE?"], monkeypatch, capsys, "--chat_format", flag,
                                     max_new_tokens=1)
-    framed = mistral_framing(tokenizer, ["What is MoE?"]) if instruct else [tokenizer.bos_id()] + tokenizer.encode("What is MoE?")
+    plain = [tokenizer.bos_id()] + tokenizer.encode("What is MoE?")
+    framed = mistral_framing(tokenizer, ["What is MoE?"]) if instruct else plain
     assert tokens_per_forward == [len(framed)]
 
 
