@@ -244,7 +244,10 @@ def run_experts(fmt: FullPrecision, x: Tensor, experts: Tensor, weights: Tensor,
     """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
     if use_cpu_kernels(x):
         return fmt.cpu_experts(x, experts, weights, w1, w3, w2)
-    if reference.few_enough_to_decode(experts, w1[""].size(0)):  # no host sync: a GPU step stays one CUDA graph
+    # No host sync: a GPU step stays one CUDA graph. A compiled batch's decode step (up to
+    # CPU_KERNEL_MAX_TOKENS tokens) takes this path too, where the compiler reads the chosen experts in
+    # place: int8's grouped pass reads its group sizes on the host, which a CUDA graph cannot.
+    if reference.few_enough_to_decode(experts, w1[""].size(0)) or (few_tokens(x) and torch.compiler.is_compiling()):
         return fmt.decode_experts(x, experts, weights, w1, w3, w2)
     return fmt.grouped_experts(x, experts, weights, w1, w3, w2)
 

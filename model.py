@@ -3,7 +3,6 @@
 #
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +137,19 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
-        # input_pos: [T], k/v: [B, KV, T, Dh]
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        return self.k_cache, self.v_cache
+        # input_pos: [T] shared by the batch, or [B, T] per sequence; k/v: [B, KV, T, Dh]
+        k_cache, v_cache = self.k_cache, self.v_cache
+        B = k.size(0)
+        if B < k_cache.size(0):  # a cache made for a bigger batch serves a smaller one (a last, partial batch)
+            k_cache, v_cache = k_cache[:B], v_cache[:B]
+        if input_pos.dim() == 1:
+            k_cache[:, :, input_pos] = k
+            v_cache[:, :, input_pos] = v
+        else:  # each sequence writes at its own positions
+            rows = torch.arange(B, device=k.device)[:, None]  # [B, 1]
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, KV, Dh]
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return k_cache, v_cache
 
 
 class Transformer(nn.Module):
@@ -156,30 +164,40 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        """Allocates the KV cache once, in the model's own dtype, and the rotary table."""
+        """Allocates the KV cache, in the model's own dtype, and the rotary table. The cache only grows,
+        and keeps what it holds when it does (a conversation goes on in a longer cache)."""
         if max_seq_length > self.config.block_size:
             raise UserError(f"{max_seq_length} tokens exceed the model's context of {self.config.block_size}")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
+        max_seq_length, max_batch_size = max(max_seq_length, self.max_seq_length), max(max_batch_size, self.max_batch_size)
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         # The norms are never quantized: their dtype is the activations' in every weight format.
         weight = self.norm.weight
         for layer in self.layers:
             # The layer's own head count: under tensor parallelism a rank caches only its kv heads.
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
-                                               self.config.head_dim, weight.dtype).to(weight.device)
+            old, layer.attention.kv_cache = layer.attention.kv_cache, KVCache(
+                max_batch_size, max_seq_length, layer.attention.n_local_heads, self.config.head_dim, weight.dtype
+            ).to(weight.device)
+            if old is not None:
+                B, _, S, _ = old.k_cache.shape
+                layer.attention.kv_cache.k_cache[:B, :, :S] = old.k_cache
+                layer.attention.kv_cache.v_cache[:B, :, :S] = old.v_cache
         cos, sin = precompute_rope(max_seq_length, self.config.head_dim, self.config.rope_base)
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        # idx: [B, T] token ids, input_pos: [T] their positions in the sequence
+        # idx: [B, T] token ids; input_pos: their positions in the sequence, [T] for the whole batch or
+        # [B, T] for sequences of a batch that stand at different lengths (prompts of different lengths)
         assert self.max_seq_length > 0, "call setup_caches() first"
         cache_pos = torch.arange(self.max_seq_length, device=idx.device)
-        mask = input_pos[:, None] >= cache_pos[None, :]  # [T, S] causal
+        mask = input_pos[..., None] >= cache_pos  # [T, S] or [B, T, S] causal
         if self.config.sliding_window is not None:
-            mask = mask & (input_pos[:, None] - cache_pos[None, :] < self.config.sliding_window)
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, Dh]
+            mask = mask & (input_pos[..., None] - cache_pos < self.config.sliding_window)
+        if input_pos.dim() == 2:
+            mask = mask[:, None]  # [B, 1, T, S]: the same for every head
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, Dh] or [B, T, Dh]
         x = self.tok_embeddings(idx)  # [B, T, D]
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask)
@@ -231,7 +249,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """One new token's attention over the cache, written out so that torch.compile fuses it into the
     decode step. On CPU the SDPA kernel's fixed cost per call was a tenth of a cpu-bench token for
     this small product; written out it costs a fraction of that. On a GPU SDPA's kernels are kept.
-    q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] -> [B, H, T, Dh]"""
+    q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] or [B, 1, T, S] -> [B, H, T, Dh]"""
     B, H, T, Dh = q.shape
     KV = k.shape[1]
     qg = q.reshape(B, KV, H // KV * T, Dh).float()  # [B, KV, H/KV, Dh]: the query heads sharing each kv head
@@ -332,14 +350,22 @@ def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3:
     return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
 
 
-@functools.cache
+# A constant to torch.compile: a compiled step that asks (an int8 matmul of more than a few tokens) gets
+# the answer at tracing time instead of a graph break on torch.cpu.get_capabilities().
+@torch.compiler.assume_constant_result
 def half_matmul_is_slow(dtype: torch.dtype) -> bool:
     """True on x86 CPUs without bf16 / fp16 matrix instructions (AVX512-BF16, AVX512-FP16, AMX):
     there torch multiplies bf16 matrices about three times slower than float32 ones (the README's
     CPU figures)."""
-    native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-    caps = torch.cpu.get_capabilities()
-    return dtype in native and caps.get("architecture") == "x86_64" and not any(caps.get(f) for f in native[dtype])
+    if dtype not in HALF_MATMUL_IS_SLOW:  # asked once per dtype
+        native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+        caps = torch.cpu.get_capabilities()
+        HALF_MATMUL_IS_SLOW[dtype] = (dtype in native and caps.get("architecture") == "x86_64"
+                                      and not any(caps.get(f) for f in native[dtype]))
+    return HALF_MATMUL_IS_SLOW[dtype]
+
+
+HALF_MATMUL_IS_SLOW = {}
 
 
 # Below this many tokens an expert keeps its own dtype: converting its weights costs about as much as
@@ -395,9 +421,9 @@ def precompute_rope(seq_len: int, head_dim: int, base: float):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, T, heads, Dh], cos/sin: [T, Dh]; rotated in float32 for bf16/fp16 models.
+    # x: [B, T, heads, Dh], cos/sin: [T, Dh] or [B, T, Dh]; rotated in float32 for bf16/fp16 models.
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, Dh]: the same for every head
     return (xf * cos + rotated * sin).type_as(x)

@@ -3,10 +3,13 @@
 # At batch 1 a decoded token reads every weight it uses once: the attention weights, the K active
 # experts of each layer and the output head (generate.active_weight_bytes). Those bytes over the
 # memory bandwidth measured in the same run give the limit, in tokens/s; decode is reported as a
-# fraction of it. The machine is shared and noisy, so bandwidth and decode are measured in
+# fraction of it. A decode step of a batch (--batch_sizes) reads each expert that any of its tokens
+# chose once: the distinct experts are counted on the device (generate.count_expert_reads), and its
+# fraction is of the limit for the bytes its steps read. The machine is shared and noisy, so bandwidth and decode are measured in
 # alternating rounds and each fraction is the median of per-round ratios.
 #
 #   python scripts/benchmark.py --model cpu-bench --compile                  # random weights, no checkpoint
+#   python scripts/benchmark.py --model cpu-bench --compile --batch_sizes 1 2 4 8 --prefill_lengths
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile
 #   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
 import argparse
@@ -26,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats import FORMATS, FullPrecision, Int4, quantize_module  # noqa: E402
-from generate import (PRECISIONS, active_weight_bytes, compile_steps, decode_compile_options,  # noqa: E402
-                      generate, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
+from generate import (PRECISIONS, active_weight_bytes, compile_steps, count_expert_reads,  # noqa: E402
+                      generate_batch, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
 from scripts.make_tiny_checkpoint import write_random_checkpoint  # noqa: E402
 
@@ -168,6 +171,7 @@ class Row:
     tokens_per_s: list = field(default_factory=list)
     fractions: list = field(default_factory=list)  # of the bandwidth limit, per round (decode only)
     gb_per_s: Optional[float] = None
+    gb_per_step: Optional[float] = None  # weights a decode step reads
     gflop_per_s: Optional[float] = None  # prefill only
     peak_gb: Optional[float] = None
     speedups: list = field(default_factory=list)  # this repo / this row, per alternating round
@@ -177,36 +181,57 @@ class Row:
         return statistics.median(self.tokens_per_s)
 
 
+def random_prompts(lengths: list, vocab: int, generator: torch.Generator, device: str) -> list:
+    return [torch.randint(0, vocab, (n,), generator=generator).to(device=device, dtype=torch.int) for n in lengths]
+
+
+def batch_lengths(prompt_len: int, batch: int, ragged: bool) -> list:
+    """The prompt lengths of a batch: all prompt_len, or (ragged) prompt_len, prompt_len + 1, ... so that
+    every sequence decodes at its own positions."""
+    return [prompt_len + (b if ragged else 0) for b in range(batch)]
+
+
 def decode_rounds(decode_seconds, prompt_len: int, new_tokens: int, runs: int, device: str, bandwidth: Bandwidth,
-                  weight_bytes: int, engine: str, vocab: int, generator: torch.Generator) -> Row:
-    """Decode tokens/s at batch 1. decode_seconds(prompt [T] int) runs the prompt and new_tokens - 1
-    decode steps after it, and returns the seconds those steps took (prefill excluded). Each round is
-    preceded by a bandwidth probe, for its fraction of the limit."""
-    row = Row(engine, "decode", f"{prompt_len} + {new_tokens}")
+                  weight_bytes, engine: str, vocab: int, generator: torch.Generator, batch: int = 1,
+                  ragged: bool = False) -> Row:
+    """Decode tokens/s, summed over a batch of `batch` random prompts (of lengths batch_lengths).
+    decode_seconds(prompts: list of [T_b] int) runs the prompts and new_tokens - 1 decode steps after them,
+    and returns the seconds those steps took (prefill excluded). weight_bytes: the bytes a step reads, or
+    a function giving those of the run just done. Each round is preceded by a bandwidth probe, for its
+    fraction of the limit."""
+    lengths = batch_lengths(prompt_len, batch, ragged)
+    tokens = f"{prompt_len}" if len(set(lengths)) == 1 else f"{lengths[0]}..{lengths[-1]}"
+    row = Row(engine, "decode", f"{tokens} + {new_tokens}" + (f", batch {batch}" if batch > 1 else ""))
+    step_bytes = []
     for r in range(runs):
         bw = bandwidth.measure()
         reset_peak_memory(device)
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=generator).to(device=device, dtype=torch.int)
-        tps = (new_tokens - 1) / decode_seconds(prompt)
-        row.tokens_per_s.append(tps)
-        row.fractions.append(fraction_of_limit(tps, weight_bytes, bw))
+        prompts = random_prompts(lengths, vocab, generator, device)
+        steps_per_s = (new_tokens - 1) / decode_seconds(prompts)
+        step_bytes.append(weight_bytes() if callable(weight_bytes) else weight_bytes)
+        row.tokens_per_s.append(steps_per_s * batch)
+        row.fractions.append(fraction_of_limit(steps_per_s, step_bytes[-1], bw))
         row.peak_gb = max(row.peak_gb or 0.0, peak_memory_gb(device))
-    row.gb_per_s = row.median_tps * weight_bytes / 1e9
+    row.gb_per_step = statistics.median(step_bytes) / 1e9
+    row.gb_per_s = row.median_tps / batch * row.gb_per_step
     return row
 
 
-def generate_decode_seconds(model, prefill_fn, decode_fn, new_tokens: int, device: str):
-    """decode_rounds' timer for this repo: generate(), timed from its first new token (prefill done)."""
-    def decode_seconds(prompt):
+def generate_decode_seconds(model, prefill_fn, decode_fn, new_tokens: int, device: str, on_decode=None):
+    """decode_rounds' timer for this repo: generate_batch(), timed from its first new tokens (prefill done),
+    when on_decode() is called too."""
+    def decode_seconds(prompts):
         marks = []
 
-        def on_token(seq):
-            if not marks:  # the prefill's token: decoding starts now
+        def on_token(seqs):
+            if not marks:  # the prefill's tokens: decoding starts now
+                if on_decode is not None:
+                    on_decode()
                 synchronize(device)
                 marks.append(time.perf_counter())
 
-        generate(model, prompt, new_tokens, temperature=0.8, top_k=200, prefill_fn=prefill_fn, decode_fn=decode_fn,
-                 on_token=on_token)
+        generate_batch(model, prompts, new_tokens, temperature=0.8, top_k=200, prefill_fn=prefill_fn,
+                       decode_fn=decode_fn, on_token=on_token)
         synchronize(device)
         return time.perf_counter() - marks[0]
     return decode_seconds
@@ -291,28 +316,35 @@ def run(args) -> list:
     engine = "this repo" + (" (compiled)" if args.compile else "")
     rows = []
 
-    # Decode: one cache size for every prompt, so the compiled step is traced once.
+    # Decode: one cache size for every prompt, so the compiled step is traced once per batch size.
     compile_s = None
     if args.decode_prompts:
-        decode_len = round_up(max(args.decode_prompts) + args.max_new_tokens)
+        decode_len = round_up(max(args.decode_prompts) + max(args.batch_sizes) + args.max_new_tokens)
         with torch.device(device):
-            model.setup_caches(max_batch_size=1, max_seq_length=min(decode_len, config.block_size))
+            model.setup_caches(max_batch_size=max(args.batch_sizes), max_seq_length=min(decode_len, config.block_size))
+    reset_counts, read_counts = count_expert_reads(model) if max(args.batch_sizes) > 1 else (None, None)
     for prompt_len in args.decode_prompts:
-        # Warm-up: compiles the decode step on the first prompt (timed), settles caches on the others.
-        synchronize(device)
-        t = time.perf_counter()
-        prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=generator).to(device=device,
-                                                                                              dtype=torch.int)
-        generate(model, prompt, min(args.max_new_tokens, 8), temperature=0.8, top_k=200,
-                 prefill_fn=prefill_fn, decode_fn=decode_fn)
-        synchronize(device)
-        if compile_s is None:
-            compile_s = time.perf_counter() - t
-        row = decode_rounds(generate_decode_seconds(model, prefill_fn, decode_fn, args.max_new_tokens, device),
-                            prompt_len, args.max_new_tokens, args.runs, device, bandwidth, weight_bytes, engine,
-                            config.vocab_size, generator)
-        rows.append(row)
-        print(f"decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
+        for batch in args.batch_sizes:
+            # Warm-up: compiles the decode step on the first prompt (timed), settles caches on the others.
+            synchronize(device)
+            t = time.perf_counter()
+            prompts = random_prompts(batch_lengths(prompt_len, batch, args.ragged), config.vocab_size, generator, device)
+            generate_batch(model, prompts, min(args.max_new_tokens, 8), temperature=0.8, top_k=200,
+                           prefill_fn=prefill_fn, decode_fn=decode_fn)
+            synchronize(device)
+            if compile_s is None:
+                compile_s = time.perf_counter() - t
+            step_bytes = weight_bytes
+            if batch > 1:  # the distinct experts the run's decode steps chose, per layer and step
+                def step_bytes(batch=batch):
+                    experts = read_counts() / (config.n_layer * (args.max_new_tokens - 1))
+                    return active_weight_bytes(model, batch, experts)
+            row = decode_rounds(generate_decode_seconds(model, prefill_fn, decode_fn, args.max_new_tokens, device,
+                                                        on_decode=reset_counts),
+                                prompt_len, args.max_new_tokens, args.runs, device, bandwidth, step_bytes, engine,
+                                config.vocab_size, generator, batch, args.ragged)
+            rows.append(row)
+            print(f"decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
 
     # Prefill: plain forwards over the prompt, the cache grown to hold the longest one.
     if args.prefill_lengths:
@@ -382,8 +414,8 @@ def compare_hf(args, device, precision, bandwidth, weight_bytes, generator, ours
     del ours
     gc.collect()
 
-    def hf_decode_seconds(prompt):  # greedy, with its own (dynamic) KV cache
-        out = model(prompt[None].long(), use_cache=True)
+    def hf_decode_seconds(prompts):  # greedy, with its own (dynamic) KV cache; batch 1
+        out = model(prompts[0][None].long(), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         synchronize(device)
         t = time.perf_counter()
@@ -415,7 +447,7 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
                 matmul_gflop_per_s=None):
     limit = limit_tokens_per_s(bw, weight_bytes)
     print()
-    print(f"### Mixtral benchmark: {name}, {kind}, batch 1")
+    print(f"### Mixtral benchmark: {name}, {kind}, batch {', '.join(map(str, args.batch_sizes))}")
     print()
     print(f"- machine: {machine_name(args.device)}")
     print(f"- memory bandwidth, same run (median of {len(bw_probes)} probes, each the best of 3): "
@@ -429,14 +461,16 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
               f"{matmul_gflop_per_s:.1f} GFLOP/s, to compare prefill's GFLOP/s with")
     print(f"- medians of {args.runs} runs after warm-up")
     print()
-    print("| engine | phase | tokens | tokens/s | GB/s | GFLOP/s | % of limit | peak memory GB |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| engine | phase | tokens | tokens/s | GB read per step | GB/s | GFLOP/s | % of limit | peak memory GB |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
+        step = fmt(row.gb_per_step) if row.gb_per_step is not None else "-"
         gbs = fmt(row.gb_per_s) if row.gb_per_s is not None else "-"
         gflops = fmt(row.gflop_per_s) if row.gflop_per_s is not None else "-"
         frac = fmt(100 * statistics.median(row.fractions)) if row.fractions else "-"
         peak = f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-"
-        print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {gbs} | {gflops} | {frac} | {peak} |")
+        print(f"| {row.engine} | {row.phase} | {row.tokens} | {fmt(row.median_tps)} | {step} | {gbs} | {gflops} | {frac} "
+              f"| {peak} |")
     for row in rows:
         if row.speedups:
             print(f"\nprefill {row.tokens}: this repo / transformers = {statistics.median(row.speedups):.2f}x "
@@ -462,6 +496,12 @@ def parse_args(argv=None):
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--decode_prompts", type=int, nargs="*", default=[5], help="prompt lengths for decode runs")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens decoded per run")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1],
+                   help="decode batches of these sizes (tokens/s summed over the batch); beyond 1, every MoE layer "
+                        "also counts the distinct experts each step chose, for the bytes a step reads")
+    p.add_argument("--ragged", action="store_true",
+                   help="batches of prompts of different lengths (the decode prompt length, then one more token "
+                        "each): every sequence decodes at its own positions, as with --prompts_file")
     p.add_argument("--prefill_lengths", type=int, nargs="*", default=[128, 512, 2048])
     p.add_argument("--runs", type=int, default=5, help="measured runs per row (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -496,6 +536,8 @@ def check_args(args):
         raise UserError("prompt lengths must be positive")
     if not args.decode_prompts and not args.prefill_lengths:
         raise UserError("nothing to measure: give --decode_prompts or --prefill_lengths")
+    if min(args.batch_sizes) < 1:
+        raise UserError(f"--batch_sizes must be at least 1, got {min(args.batch_sizes)}")
     if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

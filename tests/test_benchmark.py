@@ -12,7 +12,7 @@ from scripts.benchmark import (BENCH_SHAPES, fraction_of_limit, limit_tokens_per
                                random_model)
 
 SCRIPT = REPO / "scripts" / "benchmark.py"
-COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB/s", "GFLOP/s", "% of limit", "peak memory GB"]
+COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB read per step", "GB/s", "GFLOP/s", "% of limit", "peak memory GB"]
 
 
 def active_bytes_by_formula(c: ModelArgs, bytes_per_weight: int) -> int:
@@ -101,19 +101,31 @@ def number(cell: str) -> float:
 
 def test_benchmark_runs_end_to_end_on_a_tiny_shape():
     result = run_script(SCRIPT, "--model", "tiny", "--device", "cpu", "--runs", "2", "--max_new_tokens", "6",
-                        "--decode_prompts", "3", "9", "--prefill_lengths", "16", "40", "--probe_mb", "64", timeout=300)
+                        "--decode_prompts", "3", "9", "--batch_sizes", "1", "3", "--ragged", "--prefill_lengths", "16", "40",
+                        "--probe_mb", "64", timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     header, rows = parse_table(out)
     assert header == COLUMNS
-    assert [(r[0], r[1], r[2]) for r in rows] == [("this repo", "decode", "3 + 6"), ("this repo", "decode", "9 + 6"),
-                                                  ("this repo", "prefill", "16"), ("this repo", "prefill", "40")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("this repo", "decode", "3 + 6"), ("this repo", "decode", "3..5 + 6, batch 3"), ("this repo", "decode", "9 + 6"),
+        ("this repo", "decode", "9..11 + 6, batch 3"), ("this repo", "prefill", "16"), ("this repo", "prefill", "40")]
     for r in rows:
-        assert number(r[3]) > 0 and number(r[7]) > 0  # tokens/s, peak memory
+        assert number(r[3]) > 0 and number(r[8]) > 0  # tokens/s, peak memory
         if r[1] == "decode":
-            assert number(r[4]) > 0 and number(r[6]) > 0 and r[5] == "-"  # GB/s, % of limit
+            assert number(r[4]) > 0 and number(r[5]) > 0 and number(r[7]) > 0 and r[6] == "-"  # GB per step, GB/s, %
         else:
-            assert number(r[5]) > 0 and r[4] == r[6] == "-"  # GFLOP/s
+            assert number(r[6]) > 0 and r[4] == r[5] == r[7] == "-"  # GFLOP/s
+    # A step of 3 tokens reads what one token reads plus the other experts they chose, at most all of them.
+    config = model_args("tiny")
+    one = active_bytes_by_formula(config, 2) / 1e9
+    every_expert = one + config.n_layer * (config.num_experts - config.num_activated_experts) * 3 * config.dim \
+        * config.intermediate_size * 2 / 1e9
+    for r in rows[1:4:2]:
+        assert one < number(r[4]) <= every_expert + 1e-3, (r, one, every_expert)
+        # GB/s: the bytes of a step times the steps per second (tokens/s over the batch), to rounding.
+        assert number(r[5]) == pytest.approx(number(r[3]) / 3 * number(r[4]), rel=0.05)
+    assert number(rows[0][4]) == pytest.approx(one, rel=1e-2)
     assert re.search(r"float32 matmul .* same run: [\d.]+ GFLOP/s", out)
     assert "AMD" in out or "Intel" in out or "cores" in out  # the machine is named
     assert f"torch {torch.__version__}" in out

@@ -61,17 +61,16 @@ def test_sampling_is_seeded_and_every_sample_is_reported(checkpoint):
     assert "Time for inference 2:" in first.stdout
 
 
-def test_interactive_wraps_instruct_turns_and_reads_until_end_of_input(checkpoint, tokenizer, tmp_path):
-    folder = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
-    shutil.copytree(checkpoint, folder)
-    result = run_generate(folder, "--interactive", "--temperature", "0", "--precision", "float32",
-                          "--max_new_tokens", "10", stdin="What is MoE?\nAnd a second one\n")
-    assert result.returncode == 0, result.stderr
-    for i, turn in enumerate(["What is MoE?", "And a second one"]):
-        ids = [tokenizer.bos_id()] + tokenizer.encode(f"[INST] {turn} [/INST]")
-        expected, _ = reference_greedy_text(folder, tokenizer, ids, 10)
-        assert expected in result.stdout
-        assert f"Time for inference {i + 1}:" in result.stdout
+def test_instruct_is_told_by_the_chat_template_and_else_by_the_folder_name(checkpoint, tmp_path):
+    """The Instruct format (generate.is_instruct): the checkpoint's tokenizer_config.json decides when it is
+    there; a checkpoint converted without it keeps the older rule, the hub repo's name."""
+    named = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
+    shutil.copytree(checkpoint, named)
+    assert generate_script.is_instruct(named / "model.pth") and not generate_script.is_instruct(checkpoint / "model.pth")
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}{{ messages }}"}))
+    assert not generate_script.is_instruct(named / "model.pth")
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ m }} [/INST]"}))
+    assert generate_script.is_instruct(named / "model.pth")
 
 
 def test_generate_stops_at_eos_unless_told_not_to():

@@ -11,7 +11,7 @@ from conftest import CONFIGS, REPO, load_reference, relative_error, run_script
 
 import quantize
 import tp
-from formats import FORMATS, Int4
+from formats import Int4
 from generate import load_model
 from kernels import cpu as cpu_kernels
 from model import UserError

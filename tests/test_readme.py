@@ -64,3 +64,18 @@ def test_demo_command(tmp_path, hub):
     result = run_bash(f"export CHECKPOINT_DIR={tmp_path}/tiny\n" + demo, REPO, hub)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Time for inference 3:" in result.stdout and "Average tokens/sec:" in result.stdout
+
+
+def test_batch_and_conversation_commands(user_folder, hub):
+    download, = bash_blocks("Downloading Weights")
+    examples, = bash_blocks("Batches and conversations")
+    if (user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1" / "model.pth").is_file():  # the session above
+        download = "export MODEL_REPO=mistralai/Mixtral-8x7B-v0.1\n"
+    result = run_bash(download + examples, user_folder, hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    # The prompts file: its three prompts, labelled by line number (line 3 is blank), in batches of 2 and 1.
+    assert re.findall(r"^== (line \d+) ==$", out, re.M) == ["line 1", "line 2", "line 4"]
+    assert out.count("tokens/sec, summed over 2 sequences") == 1 and "Time for inference 2:" in out
+    # The conversation: two turns, then end of input.
+    assert out.count("What is your prompt?") == 3

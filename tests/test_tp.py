@@ -8,7 +8,7 @@ import torch
 
 from conftest import CONFIGS, REPO, load_ours, load_reference, run_script
 from formats import FORMATS, quantize_module
-from generate import generate
+from generate import generate, generate_batch
 from model import ModelArgs, Transformer
 from tp import check_divisible, shard_attention, shard_experts
 
@@ -88,25 +88,41 @@ def test_two_ranks_build_the_cpu_kernels_once_between_them(checkpoint, tokenizer
     assert text_of(result) == one_process_text(checkpoint, tokenizer, temperature=0, max_new_tokens=8)
 
 
-def test_two_ranks_sample_the_same_tokens_as_one_process(checkpoint, tokenizer):
+def test_two_ranks_sample_a_batch_of_prompts_as_one_process(checkpoint, tokenizer, tmp_path):
     """Sampling draws from each rank's own generator: with the same seed every rank must pick the
-    same token, or the ranks would feed different tokens into the next all-reduce (garbage text)."""
-    tp = run_two_ranks(checkpoint, "--temperature", "1.0", "--top_k", "1000", "--seed", "7")
-    sampled = one_process_text(checkpoint, tokenizer, temperature=1.0, top_k=1000, seed=7)
-    assert text_of(tp) == sampled
-    assert sampled != one_process_text(checkpoint, tokenizer, temperature=0)  # it did sample
+    same tokens, or the ranks would feed different tokens into the next all-reduce (garbage text). A
+    batch of prompts of different lengths: each sequence at its own positions on every rank."""
+    prompts = [PROMPT, "The quick brown fox jumps over the lazy dog"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    tp = run_two_ranks(checkpoint, "--temperature", "1.0", "--top_k", "1000", "--seed", "7",
+                       "--prompts_file", tmp_path / "prompts.txt")
+    model = load_ours(checkpoint)
+    model.setup_caches(max_batch_size=2, max_seq_length=256)
+    torch.manual_seed(7)
+    ids = [torch.tensor([tokenizer.bos_id()] + tokenizer.encode(p), dtype=torch.int) for p in prompts]
+    seqs = generate_batch(model, ids, 24, temperature=1.0, top_k=1000, eos_id=tokenizer.eos_id())
+    sampled = "".join(f"== line {n} ==\n{tokenizer.decode(seq.tolist())}\n" for n, seq in enumerate(seqs, 1))
+    assert tp.stdout.startswith(sampled), tp.stdout
+    assert tokenizer.decode(seqs[0].tolist()) != one_process_text(checkpoint, tokenizer, temperature=0)  # it did sample
 
 
-def test_interactive_prompts_are_read_by_rank_0_and_shared(checkpoint, tokenizer):
+def test_interactive_turns_are_read_by_rank_0_and_shared(checkpoint, tokenizer):
     """All ranks inherit torchrun's stdin: rank 0 alone reads each line and broadcasts it, so every
-    rank runs the same prompt and none is left waiting for a line another rank consumed."""
+    rank runs the same turn and none is left waiting for a line another rank consumed. The checkpoint
+    is a base one: the second line continues the text of the first, from the cache each rank kept."""
+    lines = [PROMPT, "The quick brown fox"]
     result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
                         "--max_new_tokens", "24", "--precision", "float32", "--temperature", "0", "--interactive",
-                        stdin=f"{PROMPT}\nThe quick brown fox\n", timeout=TIMEOUT)
+                        stdin="".join(f"{line}\n" for line in lines), timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-4000:]
-    for prompt in (PROMPT, "The quick brown fox"):
-        text = one_process_text(checkpoint, tokenizer, temperature=0, prompt=prompt)
-        assert result.stdout.count(f"What is your prompt? {text}\n") == 1
+    model = load_ours(checkpoint)
+    text = [tokenizer.bos_id()]
+    for line in lines:  # the whole text so far, prefilled at once in one process
+        prompt = text + tokenizer.encode(line)
+        text = generate(model, torch.tensor(prompt, dtype=torch.int), 24, temperature=0, top_k=None,
+                        eos_id=tokenizer.eos_id()).tolist()
+        answer = tokenizer.decode(text[len(prompt):]).replace("\r", "\n")  # as run_script's text mode reads it
+        assert result.stdout.count(f"What is your prompt? {answer}\n") == 1, result.stdout
     assert result.stdout.count("What is your prompt?") == 3  # two prompts, then end of input
 
 
