@@ -7,19 +7,14 @@ import os
 import subprocess
 import sys
 
-# Read when the kernels are defined (imported), and again by triton as they run: set before the import,
-# for the whole session. Nothing else here imports triton: the CPU paths never do, and inductor's CPU
-# code generation is C++.
-os.environ["TRITON_INTERPRET"] = "1"
-from kernels import triton_moe  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import formats  # noqa: E402
-from conftest import REPO  # noqa: E402
-from formats import FORMATS  # noqa: E402
+import formats
+from conftest import REPO  # it sets TRITON_INTERPRET=1 before anything imports triton
+from formats import FORMATS
+from kernels import triton_moe
 
 # Half a unit in the last place, relative: the rounding of one result to the output dtype.
 HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -175,6 +170,20 @@ def test_mixtral_triton_chooses_the_kernels_on_cuda(monkeypatch, variable):
         ops = traced_ops(experts, ((1, D), bf16), ((1, 2), torch.int64), ((1, 2), bf16), *w13,
                          ((E, D, I), torch.int8), ((E, D), bf16))
         assert ops == ["mixtral_triton.moe.default"], ops
+
+
+def test_the_choice_is_a_constant_to_torch_compile(monkeypatch):
+    """triton_kernels_requested is read once at tracing time, not traced: one graph, whatever it says."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setenv(formats.TRITON_VARIABLE, "experts")
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+
+    def step(x):
+        return x + formats.triton_kernels_requested("experts") + 2 * formats.triton_kernels_requested("linear")
+
+    assert torch.equal(torch.compile(step, fullgraph=True, backend=counter)(torch.zeros(2)), torch.ones(2))
+    assert counter.frame_count == 1
 
 
 def test_a_cpu_user_never_imports_triton(tmp_path, checkpoint):
