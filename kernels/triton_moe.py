@@ -242,17 +242,16 @@ def strides(w: Tensor, scales: Optional[Tensor]) -> tuple:
     return w.stride(0), w.stride(1), scales.stride(0), scale_row_stride
 
 
-def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Optional[Tensor], dtype,
-         num_parts: int = 0) -> Tensor:
-    """h [N, K, I] float32 through the chosen experts' w2 [E, D, I'] (I' = I, or I/2 packed), weighted:
-    [N, D] in dtype. num_parts 0: the split of I chosen by `parts`."""
+def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Optional[Tensor], dtype) -> Tensor:
+    """h [N, K, I] through the chosen experts' w2 [E, D, I'] (I' = I, or I/2 packed), weighted: [N, D]
+    in dtype."""
     N, K, I = h.shape
     E, D = w2.shape[:2]
     quant, group = quantization(w2, w2_scales)
     cols = block_cols(quant, group)
     active, sms = min(N * K, E), multiprocessor_count(h.device)
     rows = block_rows(active, D, sms)
-    num_parts = num_parts or parts(active, D, rows, I, cols, sms)
+    num_parts = parts(active, D, rows, I, cols, sms)
     part_len = triton.cdiv(triton.cdiv(I, num_parts), cols) * cols
     y = torch.empty(num_parts, N, K, D, dtype=torch.float32, device=h.device)  # every element written once
     scales = w2_scales if w2_scales is not None else w2  # a pointer the kernel never reads (FLOAT)
@@ -268,7 +267,7 @@ def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Opt
 # graph: they allocate from the graph's pool and never sync with the host).
 @torch.library.custom_op("mixtral_triton::moe", mutates_args=())
 def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, w1_scales: Optional[Tensor],
-        w3_scales: Optional[Tensor], w2_scales: Optional[Tensor], num_parts: int = 0) -> Tensor:
+        w3_scales: Optional[Tensor], w2_scales: Optional[Tensor]) -> Tensor:
     """Each token's K chosen experts, weighted: x [N, D], experts/weights [N, K] -> [N, D] in x's dtype.
     w1/w3 [E, I, D'], w2 [E, D, I'] in a format of `quantization`, with their scales (None for floats)."""
     x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
@@ -276,6 +275,8 @@ def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2:
     K = experts.shape[1]
     E, I = w1.shape[:2]
     quant, group = quantization(w1, w1_scales)
+    if w3.stride() != w1.stride() or (w1_scales is not None and w3_scales.stride() != w1_scales.stride()):
+        raise ValueError("the Triton kernels read w1 and w3 with the same strides")
     rows = block_rows(min(N * K, E), I, multiprocessor_count(x.device))
     h = torch.empty(N, K, I, dtype=torch.float32, device=x.device)  # every element written once
     s1 = w1_scales if w1_scales is not None else w1
@@ -285,25 +286,25 @@ def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2:
         QUANT=quant, GROUP=group, BLOCK_N=max(16, triton.next_power_of_2(N)),
         BLOCK_SLOTS=triton.next_power_of_2(K), BLOCK_ROWS=rows, BLOCK_COLS=block_cols(quant, group),
         DOT_DTYPE=dot_dtype(x.dtype), **launch_options())
-    return down(h, experts, weights, w2, w2_scales, x.dtype, num_parts)
+    return down(h, experts, weights, w2, w2_scales, x.dtype)
 
 
 @moe.register_fake
-def _(x, experts, weights, w1, w3, w2, w1_scales, w3_scales, w2_scales, num_parts=0):
+def _(x, experts, weights, w1, w3, w2, w1_scales, w3_scales, w2_scales):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("mixtral_triton::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], num_parts: int = 0) -> Tensor:
+def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor]) -> Tensor:
     """x [N, in] @ weight [out, in'].T in a format of `quantization` -> [N, out] in x's dtype: the down
     kernel with one expert that every token chose, weight 1."""
     N = x.shape[0]
     h = x.contiguous().view(N, 1, -1)  # [N, 1, in]
     chosen = torch.zeros(N, 1, dtype=torch.int64, device=x.device)
     ones = torch.ones(N, 1, dtype=torch.float32, device=x.device)
-    return down(h, chosen, ones, weight[None], None if scales is None else scales[None], x.dtype, num_parts)
+    return down(h, chosen, ones, weight[None], None if scales is None else scales[None], x.dtype)
 
 
 @linear.register_fake
-def _(x, weight, scales, num_parts=0):
+def _(x, weight, scales):
     return x.new_empty(x.shape[0], weight.shape[0])
