@@ -165,9 +165,9 @@ def detect_format(state_dict: dict):
 
 # ----------------------------------------------------------------------------- the choice of kernel
 
-def few_tokens(x: Tensor) -> bool:
-    """x [..., D] holds at most CPU_KERNEL_MAX_TOKENS tokens: a memory-bound step."""
-    return x.numel() <= CPU_KERNEL_MAX_TOKENS * x.shape[-1]
+def few_tokens(x: Tensor, most: int = CPU_KERNEL_MAX_TOKENS) -> bool:
+    """x [..., D] holds at most `most` tokens: a memory-bound step."""
+    return x.numel() <= most * x.shape[-1]
 
 
 def use_cpu_kernels(x: Tensor) -> bool:
@@ -188,8 +188,7 @@ def triton_kernels_requested(layers: str) -> bool:
 
 
 def use_triton_kernels(x: Tensor, layers: str) -> bool:
-    return (x.device.type == "cuda" and x.numel() <= TRITON_MAX_TOKENS * x.shape[-1]
-            and triton_kernels_requested(layers))
+    return x.device.type == "cuda" and few_tokens(x, TRITON_MAX_TOKENS) and triton_kernels_requested(layers)
 
 
 def linear(fmt: FullPrecision, x: Tensor, t: dict) -> Tensor:
