@@ -1,7 +1,8 @@
 # Triton kernels for the few tokens of a decode step on a GPU: the CUDA kernels of each weight format
-# (formats.FullPrecision / Int8 .cuda_experts and .cuda_linear). formats.py imports this file only on
-# CUDA, when MIXTRAL_TRITON=1 asks for it; tests/test_triton.py imports it under Triton's interpreter
-# (TRITON_INTERPRET=1), which runs the same kernels on CPU tensors. A CPU-only user never imports triton.
+# (formats.FullPrecision.cuda_experts and .cuda_linear, which the other formats inherit). formats.py
+# imports this file only for CUDA tensors, when MIXTRAL_TRITON asks for it; tests/test_triton.py imports
+# it under Triton's interpreter (TRITON_INTERPRET=1), which runs the same kernels on CPU tensors. A
+# CPU-only user never imports triton.
 #
 # The MoE of N tokens (one decode step: batch B, a few tokens), K experts each, runs as two kernels
 # that read the chosen expert ids on the device (no host sync: the step stays one CUDA graph):
@@ -9,7 +10,7 @@
 #      an unchosen expert costs no weight reads; otherwise it reads its tile of w1[e] and w3[e] once,
 #      for all the tokens that chose e, and writes h[n, k, rows] = silu(w1[e] x_n) * w3[e] x_n for
 #      the slot k where experts[n, k] == e.
-#   2. down, grid (expert e, block of D rows, split of I): y[s, n, k, rows] = weights[n, k] *
+#   2. down, grid (expert e, block of D rows, part s of I): y[s, n, k, rows] = weights[n, k] *
 #      (w2[e][rows, part s of I] @ h[n, k, part s]); the output is y summed over parts and slots (one
 #      small op, which torch.compile fuses with the residual add after it).
 # A dense layer (wqkv, wo, the output head) is kernel 2 with one expert that every token chose, weight 1.
@@ -38,10 +39,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def int8_to_float(q):
-    """int8 -> float32, exactly, with one integer add and one float add per element: 2^23 + 128 + q
-    lies in the low mantissa bits of the float 2^23, so adding its bits to 2^23's and subtracting
-    2^23 + 128 as a float leaves q. GPUs issue the int-to-float conversion instruction at a fraction
-    of the rate of integer and float adds, and decode must convert every weight it reads."""
+    """int8 -> float32, exactly, with one integer add and one float subtraction per element: 128 + q
+    (0..255) fits the low mantissa bits of the float 2^23, so q plus the bits of 2^23 + 128
+    (0x4B000080) are the bits of the float 2^23 + 128 + q, and subtracting 2^23 + 128 leaves q. GPUs
+    issue the int-to-float conversion instruction at a fraction of the rate of integer and float
+    adds, and decode must convert every weight it reads."""
     return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
