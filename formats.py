@@ -11,9 +11,12 @@
 # Routing (model.route) and the choice of kernel (linear, run_experts) are written once, below, for all.
 #
 # The kernels: on CPU, for the few tokens of a decode step, kernels/cpu.cpp (each weight read once, at
-# memory speed); elsewhere, and for prompts (compute-bound), PyTorch's.
+# memory speed); on CUDA, for those few tokens, kernels/triton_moe.py's Triton kernels when
+# MIXTRAL_TRITON asks for them (until a GPU measures them against today's compiled path), otherwise
+# PyTorch's, as for prompts everywhere (compute-bound).
 #
 # Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
+import os
 from typing import Optional
 
 import torch
@@ -28,6 +31,11 @@ from model import ModelArgs, Transformer, UserError
 # Up to this many tokens a step is memory-bound and the CPU kernels win; beyond it (prompts) the
 # arithmetic dominates and PyTorch's matrix multiplications are faster.
 CPU_KERNEL_MAX_TOKENS = 8
+# The Triton kernels hold the tokens of a step in one tile of at most this many rows.
+TRITON_MAX_TOKENS = 16
+# MIXTRAL_TRITON=1: the Triton kernels for the experts and the linear layers on CUDA; =experts: for the
+# experts only (to tell the two apart when measuring); unset or 0: today's compiled PyTorch path.
+TRITON_VARIABLE = "MIXTRAL_TRITON"
 
 
 def stored_name(weight: str, key: str) -> str:
@@ -78,6 +86,15 @@ class FullPrecision:
 
     def cpu_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
         return torch.ops.mixtral_cpu.moe(x, experts, weights, w1[""], w3[""], w2[""], None, None, None)
+
+    # kernels/triton_moe.py: one pair of kernels for every format, told apart by the stored dtypes; the
+    # scales are whatever the format stores beside its weights (None for full precision).
+    def cuda_linear(self, x: Tensor, t: dict) -> Tensor:
+        return torch.ops.mixtral_triton.linear(x, t[""], t.get("scales"))
+
+    def cuda_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
+        return torch.ops.mixtral_triton.moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
+                                            w3.get("scales"), w2.get("scales"))
 
 
 class Int8(FullPrecision):
@@ -220,9 +237,9 @@ def detect_format(state_dict: dict):
 
 # ----------------------------------------------------------------------------- the choice of kernel
 
-def few_tokens(x: Tensor) -> bool:
-    """x [..., D] holds at most CPU_KERNEL_MAX_TOKENS tokens: a memory-bound step."""
-    return x.numel() <= CPU_KERNEL_MAX_TOKENS * x.shape[-1]
+def few_tokens(x: Tensor, most: int = CPU_KERNEL_MAX_TOKENS) -> bool:
+    """x [..., D] holds at most `most` tokens: a memory-bound step."""
+    return x.numel() <= most * x.shape[-1]
 
 
 def use_cpu_kernels(x: Tensor) -> bool:
@@ -233,10 +250,29 @@ def use_cpu_dequantize(q: Tensor, dtype: torch.dtype) -> bool:
     return q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()
 
 
+# The answer does not change within a process: torch.compile keeps it as a constant, as it does
+# kernels.cpu.available()'s.
+@torch.compiler.assume_constant_result
+def triton_kernels_requested(layers: str) -> bool:
+    """Whether MIXTRAL_TRITON asks for the Triton kernels for `layers` ('experts' or 'linear'); if it
+    does, imports them (and so triton, which only CUDA users need) and registers their ops."""
+    value = os.environ.get(TRITON_VARIABLE, "")
+    if value in ("", "0") or (value == "experts" and layers != "experts"):
+        return False
+    from kernels import triton_moe  # noqa: F401  registers torch.ops.mixtral_triton
+    return True
+
+
+def use_triton_kernels(x: Tensor, layers: str) -> bool:
+    return x.device.type == "cuda" and few_tokens(x, TRITON_MAX_TOKENS) and triton_kernels_requested(layers)
+
+
 def linear(fmt: FullPrecision, x: Tensor, t: dict) -> Tensor:
     """x [..., in] times the weight stored in t: [..., out]."""
     if use_cpu_kernels(x):
         return fmt.cpu_linear(x.reshape(-1, x.shape[-1]), t).view(*x.shape[:-1], -1)
+    if use_triton_kernels(x, "linear"):
+        return fmt.cuda_linear(x.reshape(-1, x.shape[-1]), t).view(*x.shape[:-1], -1)
     return fmt.linear(x, t)
 
 
@@ -244,6 +280,8 @@ def run_experts(fmt: FullPrecision, x: Tensor, experts: Tensor, weights: Tensor,
     """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
     if use_cpu_kernels(x):
         return fmt.cpu_experts(x, experts, weights, w1, w3, w2)
+    if use_triton_kernels(x, "experts"):
+        return fmt.cuda_experts(x, experts, weights, w1, w3, w2)
     # No host sync: a GPU step stays one CUDA graph. A compiled batch's decode step (up to
     # CPU_KERNEL_MAX_TOKENS tokens) takes this path too, where the compiler reads the chosen experts in
     # place: int8's grouped pass reads its group sizes on the host, which a CUDA graph cannot.

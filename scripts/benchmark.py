@@ -11,6 +11,7 @@
 #   python scripts/benchmark.py --model cpu-bench --compile                  # random weights, no checkpoint
 #   python scripts/benchmark.py --model cpu-bench --compile --batch_sizes 1 2 4 8 --prefill_lengths
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile
+#   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile --triton
 #   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
 import argparse
 import datetime
@@ -28,7 +29,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from formats import FORMATS, FullPrecision, Int4, quantize_module  # noqa: E402
+from formats import FORMATS, TRITON_VARIABLE, FullPrecision, Int4, quantize_module  # noqa: E402
 from generate import (PRECISIONS, active_weight_bytes, compile_steps, count_expert_reads,  # noqa: E402
                       generate_batch, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
@@ -313,7 +314,7 @@ def run(args) -> list:
 
     bandwidth = Bandwidth(device, args.probe_mb and args.probe_mb << 20)
     prefill_fn, decode_fn = compile_steps(args, device)
-    engine = "this repo" + (" (compiled)" if args.compile else "")
+    engine = "this repo" + (" (compiled)" if args.compile else "") + triton_label(device)
     rows = []
 
     # Decode: one cache size for every prompt, so the compiled step is traced once per batch size.
@@ -433,6 +434,22 @@ def compare_hf(args, device, precision, bandwidth, weight_bytes, generator, ours
     return rows
 
 
+def triton_label(device: str) -> str:
+    """The decode path's kernels, where MIXTRAL_TRITON (or --triton) chose kernels/triton_moe.py's."""
+    value = os.environ.get(TRITON_VARIABLE, "")
+    return f", {TRITON_VARIABLE}={value}" if device.startswith("cuda") and value not in ("", "0") else ""
+
+
+def use_triton(device: str):
+    """--triton: MIXTRAL_TRITON=1 for this process, before anything is compiled. On another device the
+    run goes on, on that device's own kernels, and says so (scripts/gpu_check.sh's CPU rehearsal)."""
+    if device.startswith("cuda"):
+        os.environ[TRITON_VARIABLE] = "1"
+    else:
+        print(f"note: --triton: the Triton kernels run on CUDA only; measuring {device}'s own kernels",
+              file=sys.stderr, flush=True)
+
+
 def fmt(value: float) -> str:
     """Three significant figures or more: tiny test shapes give tiny numbers that must not print as 0."""
     return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
@@ -494,6 +511,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--triton", action="store_true",
+                   help=f"decode on CUDA with the Triton kernels (kernels/triton_moe.py), as {TRITON_VARIABLE}=1 does")
     p.add_argument("--decode_prompts", type=int, nargs="*", default=[5], help="prompt lengths for decode runs")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens decoded per run")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1],
@@ -550,6 +569,8 @@ def main(argv=None):
         check_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.triton:
+            use_triton(args.device)
         if args.write_checkpoint is not None:
             path = write_random_checkpoint(args.write_checkpoint, model_args(args.model, args.n_layer),
                                            PRECISIONS[args.precision])

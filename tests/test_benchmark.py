@@ -1,5 +1,6 @@
 """scripts/benchmark.py: its arithmetic against the shape's own formula, and end-to-end runs on a tiny shape.
 No test here asserts a speed: the machine is shared, and speed is what the benchmark reports."""
+import os
 import re
 
 import pytest
@@ -159,16 +160,21 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
 
 
 def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
-    import os
+    """The four runs in order, each with its table; prefill measured once per format (the Triton kernels
+    are for decode steps); the Triton runs, on a CPU, say that they measure the CPU's kernels."""
     import subprocess
     result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "GPU_CHECK_TINY": "1"})
     out = result.stdout
-    assert "== int8, all layers" in out and "== bf16, 1 layers" in out, out + result.stderr
+    titles = re.findall(r"^== (.*)$", out, re.M)
+    assert titles == ["int8, 1 layers, compiled path", "int8, 1 layers, Triton kernels",
+                      "bf16, 1 layers, compiled path", "bf16, 1 layers, Triton kernels"], out + result.stderr
     tables = [block for block in out.split("### Mixtral benchmark:")[1:]]
-    assert tables and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
-                          for t in tables), out
-    assert result.returncode == 0 and len(tables) == 2
+    assert len(tables) == 4 and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
+                                    for t in tables), out
+    assert ["| prefill | 32 |" in t for t in tables] == [True, False, True, False]
+    assert result.stderr.count("note: --triton: the Triton kernels run on CUDA only") == 2, result.stderr
+    assert result.returncode == 0
 
 
 def test_verify_passes_for_the_compiled_int4_step_and_catches_a_wrong_one(capsys, monkeypatch):
@@ -236,3 +242,16 @@ def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, caps
     from generate import load_model
     ours, ref = load_model(tmp_path / "model.pth", "cpu", torch.float32), load_reference(tmp_path)
     torch.testing.assert_close(ours.output.weight, ref.lm_head.weight)
+
+
+def test_triton_flag_sets_the_variable_on_cuda_and_labels_the_rows(monkeypatch):
+    """--triton is MIXTRAL_TRITON=1 on CUDA, and the rows say which kernels they measured; elsewhere
+    neither (the CPU has no Triton path)."""
+    from scripts.benchmark import triton_label, use_triton
+    monkeypatch.delenv("MIXTRAL_TRITON", raising=False)
+    use_triton("cpu")
+    assert "MIXTRAL_TRITON" not in os.environ and triton_label("cuda") == ""
+    use_triton("cuda")
+    assert triton_label("cuda") == ", MIXTRAL_TRITON=1" and triton_label("cpu") == ""
+    monkeypatch.setenv("MIXTRAL_TRITON", "experts")
+    assert triton_label("cuda") == ", MIXTRAL_TRITON=experts"

@@ -1,0 +1,312 @@
+# Triton kernels for the few tokens of a decode step on a GPU: the CUDA kernels of each weight format
+# (formats.FullPrecision.cuda_experts and .cuda_linear, which the other formats inherit). formats.py
+# imports this file only for CUDA tensors, when MIXTRAL_TRITON asks for it; tests/test_triton.py imports
+# it under Triton's interpreter (TRITON_INTERPRET=1), which runs the same kernels on CPU tensors. A
+# CPU-only user never imports triton.
+#
+# The MoE of N tokens (one decode step: batch B, a few tokens), K experts each, runs as two kernels
+# that read the chosen expert ids on the device (no host sync: the step stays one CUDA graph):
+#   1. gate_up, grid (expert e, block of I rows): a program returns at once when no token chose e, so
+#      an unchosen expert costs no weight reads; otherwise it reads its tile of w1[e] and w3[e] once,
+#      for all the tokens that chose e, and writes h[n, k, rows] = silu(w1[e] x_n) * w3[e] x_n for
+#      the slot k where experts[n, k] == e.
+#   2. down, grid (expert e, block of D rows, part s of I): y[s, n, k, rows] = weights[n, k] *
+#      (w2[e][rows, part s of I] @ h[n, k, part s]); the output is y summed over parts and slots (one
+#      small op, which torch.compile fuses with the residual add after it).
+# A dense layer (wqkv, wo, the output head) is kernel 2 with one expert that every token chose, weight 1.
+#
+# Weight formats (QUANT): 16/32-bit floats as stored; int8 with one scale per output row (applied once
+# to each program's sums); int4 packed two to a byte with one scale per group of GROUP inputs along a
+# row (applied to the weights as they are unpacked: a tile holds several groups). The products run on
+# tensor cores (tl.dot) in DOT_DTYPE, the activations' dtype on a GPU, with float32 sums; the token
+# dimension is padded to 16, tl.dot's smallest, which costs tensor-core work only: memory rules here.
+# The interpreter has no bf16 arithmetic, so there DOT_DTYPE is float32, which holds bf16 and the
+# integer weights exactly.
+#
+# Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# The formats (QUANT); constexpr, so that the kernels may read them.
+FLOAT, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def int8_to_float(q):
+    """int8 -> float32, exactly, with one integer add and one float subtraction per element: 128 + q
+    (0..255) fits the low mantissa bits of the float 2^23, so q plus the bits of 2^23 + 128
+    (0x4B000080) are the bits of the float 2^23 + 128 + q, and subtracting 2^23 + 128 leaves q. GPUs
+    issue the int-to-float conversion instruction at a fraction of the rate of integer and float
+    adds, and decode must convert every weight it reads."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def nibble_to_float(nibble):
+    """An int4 weight q in 0..15 (int32) -> q - 8 as float32, by the same trick as int8_to_float."""
+    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def weight_tile(w_ptr, s_ptr, rows, row_mask, col0, n_cols, row_stride, scale_row_stride, QUANT: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK_COLS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """w[rows, col0:col0 + BLOCK_COLS] -> [BLOCK_ROWS, BLOCK_COLS] in DOT_DTYPE, with int4's group scales
+    (int8's row scales are applied to the sums instead); 0 outside the matrix. Each row's columns are
+    contiguous: wide loads (16 bytes a thread) whenever the row stride allows, which Triton checks when
+    it specializes the kernel for its arguments."""
+    if QUANT == INT4:  # byte j of a row holds q[2j] (low nibble) and q[2j + 1] (high)
+        byte_cols = col0 // 2 + tl.arange(0, BLOCK_COLS // 2)
+        mask = row_mask[:, None] & (byte_cols < n_cols // 2)[None, :]
+        packed = tl.load(w_ptr + rows[:, None] * row_stride + byte_cols[None, :], mask=mask, other=0x88).to(tl.int32)
+        low, high = nibble_to_float(packed & 15), nibble_to_float(packed >> 4)  # [BLOCK_ROWS, BLOCK_COLS / 2] each
+        w = tl.reshape(tl.join(low, high), (rows.shape[0], BLOCK_COLS))  # interleaved back into column order
+        groups = col0 // GROUP + tl.arange(0, BLOCK_COLS // GROUP)
+        scale = tl.load(s_ptr + rows[:, None] * scale_row_stride + groups[None, :],
+                        mask=row_mask[:, None] & (groups < n_cols // GROUP)[None, :], other=0).to(tl.float32)
+        w = tl.reshape(tl.reshape(w, (rows.shape[0], BLOCK_COLS // GROUP, GROUP)) * scale[:, :, None],
+                       (rows.shape[0], BLOCK_COLS))  # [BLOCK_ROWS, BLOCK_COLS]
+    else:
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        w = tl.load(w_ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0)
+        if QUANT == INT8:
+            w = int8_to_float(w)
+    return w.to(DOT_DTYPE)
+
+
+@triton.jit
+def accumulate(acc, xs, w_ptr, s_ptr, rows, row_mask, col0, n_cols, row_stride, scale_row_stride,
+               QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_COLS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_ROWS] + xs [BLOCK_N, BLOCK_COLS] @ w[rows, col0:col0 + BLOCK_COLS].T"""
+    w = weight_tile(w_ptr, s_ptr, rows, row_mask, col0, n_cols, row_stride, scale_row_stride, QUANT, GROUP,
+                    BLOCK_COLS, DOT_DTYPE)
+    if DOT_DTYPE == tl.float32:  # full float32 products, not TF32's 10-bit mantissas
+        return acc + tl.dot(xs, tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(xs, tl.trans(w))
+
+
+@triton.jit
+def row_scales(s_ptr, rows, row_mask, QUANT: tl.constexpr):
+    """int8's scale of each output row [BLOCK_ROWS]; 1 for the other formats."""
+    if QUANT == INT8:
+        return tl.load(s_ptr + rows, mask=row_mask, other=0).to(tl.float32)
+    return tl.full(rows.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def tokens_of_expert(experts_ptr, e, N, K, BLOCK_N: tl.constexpr, BLOCK_SLOTS: tl.constexpr):
+    """Which of the N tokens chose expert e, and in which of their K slots: ([BLOCK_N] bool, [BLOCK_N]).
+    A token chooses an expert at most once (top-k)."""
+    tokens = tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, BLOCK_SLOTS)
+    mask = (tokens[:, None] < N) & (slots[None, :] < K)
+    ids = tl.load(experts_ptr + tokens[:, None] * K + slots[None, :], mask=mask, other=-1)  # [BLOCK_N, BLOCK_SLOTS]
+    chosen = (ids == e).to(tl.int32)
+    return tl.max(chosen, axis=1) > 0, tl.sum(chosen * slots[None, :], axis=1)
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, experts_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, N, K, D, I,
+                   w_expert_stride, w_row_stride, s_expert_stride, s_row_stride,
+                   QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """h [N, K, I] float32, the rows of one program: silu(w1[e] x) * (w3[e] x) for the tokens that chose e."""
+    e = tl.program_id(0)
+    chose, slot = tokens_of_expert(experts_ptr, e, N, K, BLOCK_N, BLOCK_SLOTS)
+    if tl.max(chose.to(tl.int32), axis=0) == 0:
+        return  # no token chose e: its weights are not read
+    tokens = tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < I
+    w1_e = w1_ptr + e.to(tl.int64) * w_expert_stride
+    w3_e = w3_ptr + e.to(tl.int64) * w_expert_stride
+    s1_e = s1_ptr + e.to(tl.int64) * s_expert_stride
+    s3_e = s3_ptr + e.to(tl.int64) * s_expert_stride
+    acc1 = tl.zeros((BLOCK_N, BLOCK_ROWS), tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_ROWS), tl.float32)
+    for col0 in range(0, D, BLOCK_COLS):
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        xs = tl.load(x_ptr + tokens[:, None] * D + cols[None, :], mask=chose[:, None] & (cols < D)[None, :],
+                     other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_COLS]: the tokens that chose e
+        acc1 = accumulate(acc1, xs, w1_e, s1_e, rows, row_mask, col0, D, w_row_stride, s_row_stride, QUANT, GROUP,
+                          BLOCK_COLS, DOT_DTYPE)
+        acc3 = accumulate(acc3, xs, w3_e, s3_e, rows, row_mask, col0, D, w_row_stride, s_row_stride, QUANT, GROUP,
+                          BLOCK_COLS, DOT_DTYPE)
+    x1 = acc1 * row_scales(s1_e, rows, row_mask, QUANT)[None, :]  # [BLOCK_N, BLOCK_ROWS]
+    x3 = acc3 * row_scales(s3_e, rows, row_mask, QUANT)[None, :]
+    h = x1 * tl.sigmoid(x1) * x3
+    pair = tokens * K + slot  # [BLOCK_N]: row of h
+    tl.store(h_ptr + pair[:, None] * I + rows[None, :], h, mask=chose[:, None] & row_mask[None, :])
+
+
+@triton.jit
+def down_kernel(h_ptr, experts_ptr, weights_ptr, w2_ptr, s2_ptr, y_ptr, N, K, D, I, part_len,
+                w_expert_stride, w_row_stride, s_expert_stride, s_row_stride,
+                QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+                BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """y [parts, N, K, D] float32, the rows of one program over its part of I: weights[n, k] *
+    (w2[e][rows, part] @ h[n, k, part]) for the tokens that chose e."""
+    e = tl.program_id(0)
+    chose, slot = tokens_of_expert(experts_ptr, e, N, K, BLOCK_N, BLOCK_SLOTS)
+    if tl.max(chose.to(tl.int32), axis=0) == 0:
+        return
+    pair = tl.arange(0, BLOCK_N) * K + slot  # [BLOCK_N]: row of h and y
+    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < D
+    part = tl.program_id(2)
+    w2_e = w2_ptr + e.to(tl.int64) * w_expert_stride
+    s2_e = s2_ptr + e.to(tl.int64) * s_expert_stride
+    acc = tl.zeros((BLOCK_N, BLOCK_ROWS), tl.float32)
+    for col0 in range(part * part_len, tl.minimum(part * part_len + part_len, I), BLOCK_COLS):
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        hs = tl.load(h_ptr + pair[:, None] * I + cols[None, :], mask=chose[:, None] & (cols < I)[None, :],
+                     other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_COLS]
+        acc = accumulate(acc, hs, w2_e, s2_e, rows, row_mask, col0, I, w_row_stride, s_row_stride, QUANT, GROUP,
+                         BLOCK_COLS, DOT_DTYPE)
+    routing = tl.load(weights_ptr + pair, mask=chose, other=0.0).to(tl.float32)  # [BLOCK_N]
+    y = acc * row_scales(s2_e, rows, row_mask, QUANT)[None, :] * routing[:, None]
+    tl.store(y_ptr + (part * N * K + pair)[:, None] * D + rows[None, :], y, mask=chose[:, None] & row_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- launching
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs to fill. The interpreter runs one program after another: a small count there makes the
+    tests' tiny shapes take the split-I path too."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def block_rows(active_experts: int, rows: int, sms: int) -> int:
+    """Rows per program: the largest tile that still gives every SM four programs of the chosen experts
+    (rows of all of them: the grid's programs for unchosen experts return at once). Larger tiles reload
+    the activations less often; more programs per SM keep more weight loads in flight, which is what
+    a memory-bound kernel needs. 16 is tl.dot's smallest."""
+    for size in (64, 32):
+        if active_experts * triton.cdiv(rows, size) >= 4 * sms:
+            return size
+    return 16
+
+
+def parts(active_experts: int, rows: int, size: int, reduction: int, block_cols: int, sms: int) -> int:
+    """Parts to split the reduction into (split-K) when the chosen experts' row tiles alone are too few
+    programs to keep every SM busy twice over: each part is a program of its own, and the partial sums
+    are added by the op that adds the K experts anyway."""
+    programs = active_experts * triton.cdiv(rows, size)
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(reduction, block_cols)))
+
+
+def quantization(w: Tensor, scales: Optional[Tensor]) -> tuple:
+    """(QUANT, GROUP) of a weight [..., out, in] as stored: int8 with per-row scales [..., out], or
+    int4 packed [..., out, in/2] (uint8) with group scales [..., out, in/GROUP]."""
+    if w.dtype == torch.int8:
+        return INT8, 1
+    if w.dtype == torch.uint8:
+        return INT4, 2 * w.shape[-1] // scales.shape[-1]
+    return FLOAT, 1
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The products' dtype: the activations' (h, held in float32 between the kernels, is rounded to it
+    as the reference rounds it)."""
+    if INTERPRETED:
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+def block_cols(quant: int, group: int) -> int:
+    """Columns of a tile: 128, so that even the smallest tile (16 rows of int8, or 32 of int4) is 16
+    bytes for each of 128 threads; whole int4 groups (of 32, 64 or 128)."""
+    return max(128, group) if quant == INT4 else 128
+
+
+def launch_options() -> dict:
+    """GPU-only launch settings (the interpreter takes none): 4 warps, and 4 stages of software
+    pipelining so that the loads of the next tiles are in flight while one is multiplied."""
+    return {} if INTERPRETED else {"num_warps": 4, "num_stages": 4}
+
+
+def strides(w: Tensor, scales: Optional[Tensor]) -> tuple:
+    """(expert stride, row stride) of a weight [E, out, in'] and of its scales; the kernels need each row
+    contiguous."""
+    if w.stride(-1) != 1:
+        raise ValueError(f"the Triton kernels need contiguous rows; got strides {w.stride()}")
+    if scales is None:
+        return w.stride(0), w.stride(1), 0, 0
+    scale_row_stride = scales.stride(1) if scales.dim() == 3 else 1
+    return w.stride(0), w.stride(1), scales.stride(0), scale_row_stride
+
+
+def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Optional[Tensor], dtype) -> Tensor:
+    """h [N, K, I] through the chosen experts' w2 [E, D, I'] (I' = I, or I/2 packed), weighted: [N, D]
+    in dtype."""
+    N, K, I = h.shape
+    E, D = w2.shape[:2]
+    quant, group = quantization(w2, w2_scales)
+    cols = block_cols(quant, group)
+    active, sms = min(N * K, E), multiprocessor_count(h.device)
+    rows = block_rows(active, D, sms)
+    num_parts = parts(active, D, rows, I, cols, sms)
+    part_len = triton.cdiv(triton.cdiv(I, num_parts), cols) * cols
+    y = torch.empty(num_parts, N, K, D, dtype=torch.float32, device=h.device)  # every element written once
+    scales = w2_scales if w2_scales is not None else w2  # a pointer the kernel never reads (FLOAT)
+    down_kernel[(E, triton.cdiv(D, rows), num_parts)](
+        h, experts, weights, w2, scales, y, N, K, D, I, part_len, *strides(w2, w2_scales),
+        QUANT=quant, GROUP=group, BLOCK_N=max(16, triton.next_power_of_2(N)),
+        BLOCK_SLOTS=triton.next_power_of_2(K), BLOCK_ROWS=rows, BLOCK_COLS=cols, DOT_DTYPE=dot_dtype(dtype),
+        **launch_options())
+    return y.sum(dim=(0, 2)).to(dtype)  # [N, D]
+
+
+# custom ops: opaque to torch.compile, which keeps the decode step one graph around them (and one CUDA
+# graph: they allocate from the graph's pool and never sync with the host).
+@torch.library.custom_op("mixtral_triton::moe", mutates_args=())
+def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, w1_scales: Optional[Tensor],
+        w3_scales: Optional[Tensor], w2_scales: Optional[Tensor]) -> Tensor:
+    """Each token's K chosen experts, weighted: x [N, D], experts/weights [N, K] -> [N, D] in x's dtype.
+    w1/w3 [E, I, D'], w2 [E, D, I'] in a format of `quantization`, with their scales (None for floats)."""
+    x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
+    N, D = x.shape
+    K = experts.shape[1]
+    E, I = w1.shape[:2]
+    quant, group = quantization(w1, w1_scales)
+    if w3.stride() != w1.stride() or (w1_scales is not None and w3_scales.stride() != w1_scales.stride()):
+        raise ValueError("the Triton kernels read w1 and w3 with the same strides")
+    rows = block_rows(min(N * K, E), I, multiprocessor_count(x.device))
+    h = torch.empty(N, K, I, dtype=torch.float32, device=x.device)  # every element written once
+    s1 = w1_scales if w1_scales is not None else w1
+    s3 = w3_scales if w3_scales is not None else w3
+    gate_up_kernel[(E, triton.cdiv(I, rows))](
+        x, experts, w1, w3, s1, s3, h, N, K, D, I, *strides(w1, w1_scales),
+        QUANT=quant, GROUP=group, BLOCK_N=max(16, triton.next_power_of_2(N)),
+        BLOCK_SLOTS=triton.next_power_of_2(K), BLOCK_ROWS=rows, BLOCK_COLS=block_cols(quant, group),
+        DOT_DTYPE=dot_dtype(x.dtype), **launch_options())
+    return down(h, experts, weights, w2, w2_scales, x.dtype)
+
+
+@moe.register_fake
+def _(x, experts, weights, w1, w3, w2, w1_scales, w3_scales, w2_scales):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mixtral_triton::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor]) -> Tensor:
+    """x [N, in] @ weight [out, in'].T in a format of `quantization` -> [N, out] in x's dtype: the down
+    kernel with one expert that every token chose, weight 1."""
+    N = x.shape[0]
+    h = x.contiguous().view(N, 1, -1)  # [N, 1, in]
+    chosen = torch.zeros(N, 1, dtype=torch.int64, device=x.device)
+    ones = torch.ones(N, 1, dtype=torch.float32, device=x.device)
+    return down(h, chosen, ones, weight[None], None if scales is None else scales[None], x.dtype)
+
+
+@linear.register_fake
+def _(x, weight, scales):
+    return x.new_empty(x.shape[0], weight.shape[0])

@@ -1,0 +1,251 @@
+"""kernels/triton_moe.py, the CUDA kernels of each weight format, on this CPU machine: under Triton's
+interpreter against independent float64 computations (every format, shapes that are not multiples of the
+kernels' tiles, one and several tokens, with and without splitting the reduction); inside a compiled
+graph; chosen by MIXTRAL_TRITON on CUDA tensors (fake ones: no GPU here); never imported on CPU; and
+compiled for the H200 (sm_90) by Triton's own compiler, which checks what the interpreter lets pass."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import formats
+from conftest import REPO  # it sets TRITON_INTERPRET=1 before anything imports triton
+from formats import FORMATS
+from kernels import triton_moe
+# The same bound as the CPU kernels': half a unit of the output dtype, plus float32 sums (interpreted,
+# the kernels compute in float32 throughout, over at most a few hundred terms).
+from test_kernels import assert_within_rounding, exact as cpu_exact
+
+# Not multiples of the tiles (16 to 64 rows, 128 columns): I spans two column tiles, so that the down
+# kernel's reduction can be split in two; E = 4 experts, K = 2 of them per token.
+D, I, E = 40, 200, 4
+# int4 stores whole groups along each row: widths that are multiples of the group (160: a tile of 128
+# and a tail), rows that are not multiples of 16.
+INT4_GROUP, INT4_D, INT4_I, INT4_ROWS = 32, 160, 96, 40
+
+
+def stored(fmt: str, w: torch.Tensor, dtype, g: torch.Generator) -> dict:
+    """w [..., out, in] in format fmt, in dtype. int4: random packed bytes and group scales, as the int4
+    format lays them out (byte j of a row = q[2j] | q[2j + 1] << 4, value (q - 8) * scale); the
+    kernels must multiply whatever is stored, so no quantizer is needed."""
+    if fmt != "int4":
+        return FORMATS[fmt].quantize(w.to(dtype))
+    *lead, out, width = w.shape
+    packed = torch.randint(0, 256, (*lead, out, width // 2), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(*lead, out, width // INT4_GROUP, generator=g) / (4 * width ** 0.5)).to(dtype)
+    return {"": packed, "scales": scales}
+
+
+def exact(fmt: str, t: dict) -> torch.Tensor:
+    """The weights the kernels must multiply, in float64, computed here from the stored tensors."""
+    if fmt == "int4":
+        q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # [..., out, in]
+        return q * t["scales"].double().repeat_interleave(INT4_GROUP, dim=-1)
+    return cpu_exact(fmt, t)
+
+
+def experts_float64(x, experts, weights, w1, w3, w2):
+    """Each token's chosen experts, one at a time, in float64."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.size(0)):
+        for e, weight in zip(experts[n].tolist(), weights[n].double()):
+            xn = x[n].double()
+            y[n] += weight * (w2[e] @ (F.silu(w1[e] @ xn) * (w3[e] @ xn)))
+    return y
+
+
+@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]], [[3], [1]]])
+def test_experts_match_float64(fmt, dtype, experts):
+    """One token (the down kernel then splits its reduction: too few programs otherwise); three tokens of
+    which two share expert 2 (read once for both) and one alone chose expert 3; top-1 routing."""
+    g = torch.Generator().manual_seed(len(experts))
+    d, i = (INT4_D, INT4_I) if fmt == "int4" else (D, I)
+    experts = torch.tensor(experts)
+    x = torch.randn(experts.size(0), d, generator=g).to(dtype)
+    weights = torch.rand(experts.shape, generator=g).to(dtype)  # any weights: the kernels only multiply by them
+    w1, w3 = (stored(fmt, torch.randn(E, i, d, generator=g) / d ** 0.5, dtype, g) for _ in range(2))
+    w2 = stored(fmt, torch.randn(E, d, i, generator=g) / i ** 0.5, dtype, g)
+    got = FORMATS["full precision"].cuda_experts(x, experts, weights, w1, w3, w2)  # the int4 format inherits it
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_within_rounding(got, experts_float64(x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2)),
+                           dtype)
+
+
+def test_the_split_reduction_is_taken_where_the_grid_is_small():
+    """What the test above relies on: one token's down kernel splits I in two, three tokens' does not."""
+    rows = triton_moe.block_rows(2, D, 4)
+    assert triton_moe.parts(2, D, rows, I, 128, 4) == 2
+    assert triton_moe.parts(4, D, triton_moe.block_rows(4, D, 4), I, 128, 4) == 1
+    # Mixtral 8x7B on an H200 (132 SMs), one token: tiles of 32 of the 14336 rows of w1 and w3, 16 of
+    # the 4096 of w2, which are enough programs unsplit.
+    assert triton_moe.block_rows(2, 14336, 132) == 32 and triton_moe.block_rows(2, 4096, 132) == 16
+    assert triton_moe.parts(2, 4096, 16, 14336, 128, 132) == 1
+
+
+@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_linear_matches_float64(fmt, dtype, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    width = INT4_D if fmt == "int4" else D
+    x = torch.randn(tokens, width, generator=g).to(dtype)
+    t = stored(fmt, torch.randn(INT4_ROWS, width, generator=g) / width ** 0.5, dtype, g)
+    got = FORMATS["full precision"].cuda_linear(x, t)
+    assert got.dtype == dtype and got.shape == (tokens, INT4_ROWS)
+    assert_within_rounding(got, x.double() @ exact(fmt, t).T, dtype)
+
+
+def test_compiled_graph_keeps_the_kernels_as_one_graph():
+    """torch.compile(fullgraph=True) of the ops: one graph holding both, no break, the eager result.
+    (aot_eager: inductor's own code generation is not what is checked here.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    g = torch.Generator().manual_seed(0)
+    fmt = FORMATS["int8"]
+    x = torch.randn(2, D, generator=g)
+    experts, weights = torch.tensor([[1, 3], [3, 0]]), torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    w1, w3 = (fmt.quantize(torch.randn(E, I, D, generator=g)) for _ in range(2))
+    w2, head = fmt.quantize(torch.randn(E, D, I, generator=g)), fmt.quantize(torch.randn(INT4_ROWS, D, generator=g))
+
+    def step(x, experts, weights):
+        return fmt.cuda_linear(x + fmt.cuda_experts(x, experts, weights, w1, w3, w2), head)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)(x, experts, weights)
+    assert counter.frame_count == 1
+    calls = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("mixtral_triton.moe" in c for c in calls) == 1 and sum("mixtral_triton.linear" in c for c in calls) == 1
+    torch.testing.assert_close(compiled, step(x, experts, weights), rtol=0, atol=0)
+
+
+def traced_ops(fn, *shapes) -> list:
+    """The ops fn calls on fake CUDA tensors of these (shape, dtype): what it would run on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with FakeTensorMode():
+        tensors = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in shapes]
+        graph = make_fx(fn)(*tensors)
+    return [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("variable", ["1", "experts", None])
+def test_mixtral_triton_chooses_the_kernels_on_cuda(monkeypatch, variable):
+    """MIXTRAL_TRITON=1: both ops on CUDA tensors of a decode step; =experts: the MoE only; unset:
+    today's path (F.linear). A prompt (more tokens than a tile holds) keeps PyTorch's path."""
+    if variable is None:
+        monkeypatch.delenv(formats.TRITON_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(formats.TRITON_VARIABLE, variable)
+    fmt, bf16 = FORMATS["int8"], torch.bfloat16
+    weight = {"": ((D, D), torch.int8), "scales": ((D,), bf16)}
+
+    def linear(x, q, scales):
+        return formats.linear(fmt, x, {"": q, "scales": scales})
+
+    def experts(x, ids, weights, w1, s1, w3, s3, w2, s2):
+        return formats.run_experts(fmt, x, ids, weights, {"": w1, "scales": s1}, {"": w3, "scales": s3},
+                                   {"": w2, "scales": s2})
+
+    linear_ops = traced_ops(linear, ((1, 1, D), bf16), *weight.values())
+    assert ("mixtral_triton.linear.default" in linear_ops) == (variable == "1"), linear_ops
+    prompt_ops = traced_ops(linear, ((1, formats.TRITON_MAX_TOKENS + 1, D), bf16), *weight.values())
+    assert not any("mixtral_triton" in op for op in prompt_ops)
+    if variable is not None:  # (unset, the reference's decode path cannot be traced on fake CUDA tensors)
+        w13 = [((E, I, D), torch.int8), ((E, I), bf16)] * 2
+        ops = traced_ops(experts, ((1, D), bf16), ((1, 2), torch.int64), ((1, 2), bf16), *w13,
+                         ((E, D, I), torch.int8), ((E, D), bf16))
+        assert ops == ["mixtral_triton.moe.default"], ops
+
+
+def test_the_choice_is_a_constant_to_torch_compile(monkeypatch):
+    """triton_kernels_requested is read once at tracing time, not traced: one graph, whatever it says."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setenv(formats.TRITON_VARIABLE, "experts")
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+
+    def step(x):
+        return x + formats.triton_kernels_requested("experts") + 2 * formats.triton_kernels_requested("linear")
+
+    assert torch.equal(torch.compile(step, fullgraph=True, backend=counter)(torch.zeros(2)), torch.ones(2))
+    assert counter.frame_count == 1
+
+
+def test_a_cpu_user_never_imports_triton(tmp_path, checkpoint):
+    """With MIXTRAL_TRITON=1 and a triton that cannot be imported, a CPU model prefills and decodes:
+    this repo imports triton only for CUDA tensors (had it tried, the ImportError would end the run;
+    torch's own probes for triton take its absence in their stride)."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('no triton on this machine')\n")
+    code = ("import sys, torch\n"
+            "from pathlib import Path\n"
+            "from conftest import load_ours\n"
+            f"model = load_ours(Path({str(checkpoint)!r}))\n"
+            "model.setup_caches(max_batch_size=1, max_seq_length=16)\n"
+            "with torch.no_grad():\n"
+            "    model(torch.tensor([[1, 2, 3]]), torch.arange(3))\n"
+            "    model(torch.tensor([[4]]), torch.tensor([3]))\n"
+            "assert 'kernels.triton_moe' not in sys.modules and 'triton' not in sys.modules\n")
+    # Without the CPU kernels: PyTorch's CPU path, which passes every check of formats.run_experts.
+    env = {**os.environ, "MIXTRAL_TRITON": "1", "MIXTRAL_NO_CPU_KERNELS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "tests"), str(REPO)])}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# Compiled in a process of its own: this one's kernels are the interpreter's.
+COMPILE_FOR_H200 = r"""
+import re, sys
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_moe as m
+
+def ptx(kernel, pointers, consts, divisible):
+    # As a launch on the GPU specializes it: 16-byte aligned pointers, and the sizes and strides of
+    # Mixtral's shapes, all multiples of 16.
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in pointers or n in divisible}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=m.launch_options())
+    return compiled.asm["ptx"]
+
+sizes = {"D", "I", "part_len", "w_expert_stride", "w_row_stride", "s_expert_stride", "s_row_stride"}
+for quant, weight, group in ((m.FLOAT, "*bf16", 1), (m.INT8, "*i8", 1), (m.INT4, "*u8", 32)):
+    common = dict(QUANT=quant, GROUP=group, BLOCK_N=16, BLOCK_SLOTS=2, BLOCK_COLS=m.block_cols(quant, group),
+                  DOT_DTYPE=tl.bfloat16)
+    gate_up = ptx(m.gate_up_kernel, dict(x_ptr="*bf16", experts_ptr="*i64", w1_ptr=weight, w3_ptr=weight,
+                                         s1_ptr="*bf16", s3_ptr="*bf16", h_ptr="*fp32"),
+                  {**common, "BLOCK_ROWS": m.block_rows(2, 14336, 132)}, sizes)
+    down = ptx(m.down_kernel, dict(h_ptr="*fp32", experts_ptr="*i64", weights_ptr="*bf16", w2_ptr=weight,
+                                   s2_ptr="*bf16", y_ptr="*fp32"), {**common, "BLOCK_ROWS": m.block_rows(2, 4096, 132)},
+               sizes)
+    for name, code in (("gate_up", gate_up), ("down", down)):
+        copies = re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", code)
+        print(name, int(quant), "copies", ",".join(sorted(set(copies))), "int_to_float",
+              len(re.findall(r"cvt\.rn\.f32\.[su]", code)), "mma", len(re.findall(r"\bmma\.sync|wgmma\.mma", code)))
+"""
+
+
+def test_kernels_compile_for_the_h200():
+    """Triton's compiler, for sm_90 (no GPU needed to compile): every kernel and format compiles with the
+    launch settings and the tiles chosen for Mixtral 8x7B, its weights reach shared memory by 16-byte
+    asynchronous copies (the wide loads), it multiplies on tensor cores, and int8 and int4 weights are
+    made floats without one conversion instruction per element. (int4's group scales may come in
+    8-byte copies: a tile's row has 4 groups of 32, 4 bf16 scales.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H200], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")[:-1]
+    assert len(lines) == 6, result.stdout
+    for line in lines:
+        name, quant, _, copies, _, conversions, _, mma = line.split(" ")
+        assert copies == "0x10" or (quant == "2" and copies == "0x10,0x8"), line
+        assert int(conversions) == 0 and int(mma) > 0, line
