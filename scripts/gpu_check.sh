@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call (at most 10 minutes on one H100/H200): full-width Mixtral 8x7B with random weights,
 # 16 of its 32 layers, at batch 1, compiled with CUDA graphs, decoding 200 new tokens after prompts of
-# 5 and 512 tokens, four runs:
+# 5 and 512 tokens, five runs:
 #   1. int8 weights, today's compiled path (inductor's kernels), and prefill of 512 tokens;
 #   2. int8 weights, the Triton kernels (kernels/triton_moe.py, MIXTRAL_TRITON=1 via --triton);
-#   3. and 4. the same in bf16 (fewer layers where the free memory cannot hold 16).
-# 16 layers, not 32: compilation takes most of a run and grows with the layers, and four runs must fit
+#   3. and 4. the same in bf16 (fewer layers where the free memory cannot hold 16);
+#   5. int4 weights (groups of 32), the Triton kernels (its compiled path dequantizes: no contender).
+# 16 layers, not 32: compilation takes most of a run and grows with the layers, and five runs must fit
 # one call; each run's fraction of the limit counts the bytes of the layers it has.
 # Each run first checks its compiled decode step against the eager model on a tiny shape (--verify),
 # then prints tokens/s, achieved bandwidth, the card's measured read/copy bandwidth and the fraction of
@@ -38,7 +39,7 @@ else
   lengths=(--decode_prompts 5 512 --max_new_tokens 200 --runs 3)
   prefill=(--prefill_lengths 512)
   compile=(--compile --verify)
-  limit=135  # seconds per run: four runs and the start fit in one 10-minute call
+  limit=110  # seconds per run: five runs and the start fit in one 10-minute call
   layers=16
   # bf16 layers: what fits in the free memory after the head, the 4 GiB bandwidth probe and headroom
   # for the KV cache, CUDA graphs and compilation (16 on any card of 80 GB or more).
@@ -68,4 +69,5 @@ run "int8, ${layers} layers, compiled path" --n_layer "$layers" --int8 "${prefil
 run "int8, ${layers} layers, Triton kernels" --n_layer "$layers" --int8 --triton --prefill_lengths
 run "bf16, ${bf16_layers} layers, compiled path" --n_layer "$bf16_layers" --precision bfloat16 "${prefill[@]}"
 run "bf16, ${bf16_layers} layers, Triton kernels" --n_layer "$bf16_layers" --precision bfloat16 --triton --prefill_lengths
+run "int4, ${layers} layers, Triton kernels" --n_layer "$layers" --int4 --triton --prefill_lengths
 exit $status

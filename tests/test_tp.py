@@ -73,21 +73,6 @@ def test_two_ranks_greedy_text_matches_one_process_and_transformers(checkpoint, 
     assert tp.stderr.count("Time to load model") == 1
 
 
-def test_two_ranks_build_the_cpu_kernels_once_between_them(checkpoint, tokenizer, tmp_path):
-    """With an empty extension cache, both ranks start at once: one compiles kernels/cpu.cpp while the
-    other waits on the cache's lock, then both load the same library and decode with it."""
-    cache = tmp_path / "torch_extensions"
-    result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
-                        "--prompt", PROMPT, "--max_new_tokens", "8", "--num_samples", "1", "--precision", "float32",
-                        "--temperature", "0", env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "kernels" not in result.stderr  # rank 0 had them (a failed build says so in a line)
-    # One compilation: ninja logs each object it builds, and a second, racing build would log it again.
-    log, = cache.rglob(".ninja_log")
-    assert [line.split()[3] for line in log.read_text().splitlines()[1:]] == ["cpu.o", "mixtral_cpu_kernels.so"]
-    assert text_of(result) == one_process_text(checkpoint, tokenizer, temperature=0, max_new_tokens=8)
-
-
 def test_two_ranks_sample_a_batch_of_prompts_as_one_process(checkpoint, tokenizer, tmp_path):
     """Sampling draws from each rank's own generator: with the same seed every rank must pick the
     same tokens, or the ranks would feed different tokens into the next all-reduce (garbage text). A
@@ -259,15 +244,25 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_scales(fmt):
     torch.testing.assert_close(sum_moe, whole_moe, **tolerance)
 
 
-@pytest.mark.parametrize("mode, written", [("int8", "model_int8.pth"), ("int4", "model_int4.g32.pth")])
-def test_two_ranks_quantized_greedy_text_matches_one_process(checkpoint, tokenizer, tmp_path, mode, written):
-    """A quantized checkpoint shards with its scales: 2 ranks print what one process prints."""
+def test_two_ranks_of_int4_print_one_process_text_and_build_the_kernels_once(checkpoint, tokenizer, tmp_path):
+    """An int4 checkpoint shards with its group scales: 2 ranks print what one int4 process prints (int8
+    slices the same way, its scales by rows only: test_rank_shards_sum_to_the_whole_layer_and_carry_their_scales).
+    With an empty extension cache both ranks start at once: one compiles kernels/cpu.cpp while the
+    other waits on the cache's lock, then both load the same library and decode with it."""
     import shutil
-    folder = tmp_path / mode
+    folder = tmp_path / "int4"
     shutil.copytree(checkpoint, folder)
-    quantized = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", "--mode", mode)
+    quantized = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", "--mode", "int4")
     assert quantized.returncode == 0, quantized.stderr
     (folder / "model.pth").unlink()
-    (folder / written).rename(folder / "model.pth")  # run_two_ranks reads model.pth
-    tp = run_two_ranks(folder, "--temperature", "0")
+    (folder / "model_int4.g32.pth").rename(folder / "model.pth")
+    cache = tmp_path / "torch_extensions"
+    tp = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", folder / "model.pth",
+                    "--prompt", PROMPT, "--max_new_tokens", "24", "--num_samples", "1", "--precision", "float32",
+                    "--temperature", "0", env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=TIMEOUT)
+    assert tp.returncode == 0, tp.stderr[-4000:]
+    assert "kernels" not in tp.stderr  # rank 0 had them (a failed build says so in a line)
+    # One compilation: ninja logs each object it builds, and a second, racing build would log it again.
+    log, = cache.rglob(".ninja_log")
+    assert [line.split()[3] for line in log.read_text().splitlines()[1:]] == ["cpu.o", "mixtral_cpu_kernels.so"]
     assert text_of(tp) == one_process_text(folder, tokenizer, temperature=0)

@@ -17,34 +17,19 @@ from formats import FORMATS
 from kernels import triton_moe
 # The same bound as the CPU kernels': half a unit of the output dtype, plus float32 sums (interpreted,
 # the kernels compute in float32 throughout, over at most a few hundred terms).
-from test_kernels import assert_within_rounding, exact as cpu_exact
+from test_kernels import assert_within_rounding, exact
 
 # Not multiples of the tiles (16 to 64 rows, 128 columns): I spans two column tiles, so that the down
 # kernel's reduction can be split in two; E = 4 experts, K = 2 of them per token.
 D, I, E = 40, 200, 4
 # int4 stores whole groups along each row: widths that are multiples of the group (160: a tile of 128
 # and a tail), rows that are not multiples of 16.
-INT4_GROUP, INT4_D, INT4_I, INT4_ROWS = 32, 160, 96, 40
+INT4_D, INT4_I, INT4_ROWS = 160, 96, 40
 
 
-def stored(fmt: str, w: torch.Tensor, dtype, g: torch.Generator) -> dict:
-    """w [..., out, in] in format fmt, in dtype. int4: random packed bytes and group scales, as the int4
-    format lays them out (byte j of a row = q[2j] | q[2j + 1] << 4, value (q - 8) * scale); the
-    kernels must multiply whatever is stored, so no quantizer is needed."""
-    if fmt != "int4":
-        return FORMATS[fmt].quantize(w.to(dtype))
-    *lead, out, width = w.shape
-    packed = torch.randint(0, 256, (*lead, out, width // 2), dtype=torch.uint8, generator=g)
-    scales = (torch.rand(*lead, out, width // INT4_GROUP, generator=g) / (4 * width ** 0.5)).to(dtype)
-    return {"": packed, "scales": scales}
-
-
-def exact(fmt: str, t: dict) -> torch.Tensor:
-    """The weights the kernels must multiply, in float64, computed here from the stored tensors."""
-    if fmt == "int4":
-        q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # [..., out, in]
-        return q * t["scales"].double().repeat_interleave(INT4_GROUP, dim=-1)
-    return cpu_exact(fmt, t)
+def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
+    """w [..., out, in] in format fmt (int4: groups of 32), in dtype."""
+    return FORMATS[fmt].quantize(w.to(dtype))
 
 
 def experts_float64(x, experts, weights, w1, w3, w2):
@@ -68,9 +53,9 @@ def test_experts_match_float64(fmt, dtype, experts):
     experts = torch.tensor(experts)
     x = torch.randn(experts.size(0), d, generator=g).to(dtype)
     weights = torch.rand(experts.shape, generator=g).to(dtype)  # any weights: the kernels only multiply by them
-    w1, w3 = (stored(fmt, torch.randn(E, i, d, generator=g) / d ** 0.5, dtype, g) for _ in range(2))
-    w2 = stored(fmt, torch.randn(E, d, i, generator=g) / i ** 0.5, dtype, g)
-    got = FORMATS["full precision"].cuda_experts(x, experts, weights, w1, w3, w2)  # the int4 format inherits it
+    w1, w3 = (stored(fmt, torch.randn(E, i, d, generator=g) / d ** 0.5, dtype) for _ in range(2))
+    w2 = stored(fmt, torch.randn(E, d, i, generator=g) / i ** 0.5, dtype)
+    got = FORMATS[fmt].cuda_experts(x, experts, weights, w1, w3, w2)
     assert got.dtype == dtype and got.shape == x.shape
     assert_within_rounding(got, experts_float64(x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2)),
                            dtype)
@@ -94,8 +79,8 @@ def test_linear_matches_float64(fmt, dtype, tokens):
     g = torch.Generator().manual_seed(tokens)
     width = INT4_D if fmt == "int4" else D
     x = torch.randn(tokens, width, generator=g).to(dtype)
-    t = stored(fmt, torch.randn(INT4_ROWS, width, generator=g) / width ** 0.5, dtype, g)
-    got = FORMATS["full precision"].cuda_linear(x, t)
+    t = stored(fmt, torch.randn(INT4_ROWS, width, generator=g) / width ** 0.5, dtype)
+    got = FORMATS[fmt].cuda_linear(x, t)
     assert got.dtype == dtype and got.shape == (tokens, INT4_ROWS)
     assert_within_rounding(got, x.double() @ exact(fmt, t).T, dtype)
 
