@@ -159,25 +159,6 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
     assert capsys.readouterr().err.startswith(message)
 
 
-def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
-    """The five runs in order, each with its table; prefill measured once per format (the Triton kernels
-    are for decode steps); the Triton runs, on a CPU, say that they measure the CPU's kernels."""
-    import subprocess
-    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "GPU_CHECK_TINY": "1"})
-    out = result.stdout
-    titles = re.findall(r"^== (.*)$", out, re.M)
-    assert titles == ["int8, 1 layers, compiled path", "int8, 1 layers, Triton kernels",
-                      "bf16, 1 layers, compiled path", "bf16, 1 layers, Triton kernels",
-                      "int4, 1 layers, Triton kernels"], out + result.stderr
-    tables = [block for block in out.split("### Mixtral benchmark:")[1:]]
-    assert len(tables) == 5 and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
-                                    for t in tables), out
-    assert ["| prefill | 32 |" in t for t in tables] == [True, False, True, False, False]
-    assert result.stderr.count("note: --triton: the Triton kernels run on CUDA only") == 3, result.stderr
-    assert result.returncode == 0
-
-
 def test_verify_passes_for_the_compiled_int4_step_and_catches_a_wrong_one(capsys, monkeypatch):
     """--verify compares the compiled decode step with the eager CPU model before any timing. On the CPU
     both paths are ours and must agree; a device copy whose weights differ must be refused."""

@@ -1,7 +1,11 @@
-"""The README's commands, run verbatim as a new user would, in a fresh folder.
+"""The README's commands, run verbatim as a new user would, in a fresh folder, and the GPU check's
+rehearsal on the CPU. Minutes of subprocesses, so not part of the quick suite (`python -m pytest tests`):
+CI runs them, with the README's line `MIXTRAL_README_TESTS=1 python -m pytest tests/test_readme.py -q`
+(the demo command itself CI runs verbatim).
 
 The hub stand-in serves a small random-weight checkpoint under the real repo id, so that
 `export MODEL_REPO=mistralai/Mixtral-8x7B-v0.1` and every command after it run unchanged."""
+import os
 import re
 
 import pytest
@@ -59,13 +63,6 @@ def test_download_convert_generate_and_quantize_commands(user_folder, hub):
     assert result.stderr.count("CPU kernels turned off by MIXTRAL_NO_CPU_KERNELS") == 1
 
 
-def test_demo_command(tmp_path, hub):
-    demo, = [block for block in bash_blocks("Set up") if "demo" in block]
-    result = run_bash(f"export CHECKPOINT_DIR={tmp_path}/tiny\n" + demo, REPO, hub)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Time for inference 3:" in result.stdout and "Average tokens/sec:" in result.stdout
-
-
 def test_batch_and_conversation_commands(user_folder, hub):
     download, = bash_blocks("Downloading Weights")
     examples, = bash_blocks("Batches and conversations")
@@ -79,3 +76,22 @@ def test_batch_and_conversation_commands(user_folder, hub):
     assert out.count("tokens/sec, summed over 2 sequences") == 1 and "Time for inference 2:" in out
     # The conversation: two turns, then end of input.
     assert out.count("What is your prompt?") == 3
+
+
+def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
+    """The five runs in order, each with its table; prefill measured once per format (the Triton kernels
+    are for decode steps); the Triton runs, on a CPU, say that they measure the CPU's kernels."""
+    import subprocess
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "GPU_CHECK_TINY": "1"})
+    out = result.stdout
+    titles = re.findall(r"^== (.*)$", out, re.M)
+    assert titles == ["int8, 1 layers, compiled path", "int8, 1 layers, Triton kernels",
+                      "bf16, 1 layers, compiled path", "bf16, 1 layers, Triton kernels",
+                      "int4, 1 layers, Triton kernels"], out + result.stderr
+    tables = [block for block in out.split("### Mixtral benchmark:")[1:]]
+    assert len(tables) == 5 and all("| this repo | decode | 5 + 8 |" in t and "| this repo | decode | 32 + 8 |" in t
+                                    for t in tables), out
+    assert ["| prefill | 32 |" in t for t in tables] == [True, False, True, False, False]
+    assert result.stderr.count("note: --triton: the Triton kernels run on CUDA only") == 3, result.stderr
+    assert result.returncode == 0
