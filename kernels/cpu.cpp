@@ -366,13 +366,17 @@ struct GroupScales {
   int64_t group = 0;
 };
 
-// dots[r * M + m] = dot(rows[r], x[m]) for R rows and any M vectors, two vectors at a time: the rows
+// dots[r * M + m] = dot(rows[r], x[m]) for R rows and any M vectors, a few vectors at a time: the rows
 // stay in L1 while the vectors pass, so the weights come from memory once.
 template <typename W, int R>
 inline void dot_rows(const W* const* rows, const Vectors& x, int64_t M, float* dots, GroupScales gs = {}) {
-  float out[R * 2];
-  for (int64_t m = 0; m < M; m += 2) {
-    const int MC = M - m >= 2 ? 2 : 1;
+  // Float rows take up to 4 vectors a pass: their widening to float32 is then shared by 4 products, and
+  // 4 * R accumulators and 4 vectors still fit the 16 registers (a batch's decode step measured faster
+  // than with 2 a pass). Quantized rows take 2: their integer sums need registers too.
+  constexpr int kMost = is_int4<W>::value || std::is_same_v<W, int8_t> ? 2 : 4;
+  float out[R * 4];
+  for (int64_t m = 0; m < M;) {
+    const int MC = static_cast<int>(std::min<int64_t>(kMost, M - m));
     if constexpr (is_int4<W>::value) {
       using S = typename W::Scale;
       const auto bytes = reinterpret_cast<const uint8_t* const*>(rows);
@@ -383,11 +387,17 @@ inline void dot_rows(const W* const* rows, const Vectors& x, int64_t M, float* d
       if (MC == 2) dot_tile_int8<R, 2>(rows, x.at(m), out);
       else dot_tile_int8<R, 1>(rows, x.at(m), out);
     } else {
-      if (MC == 2) dot_tile<W, R, 2>(rows, x.f + m * x.K, x.K, out);
-      else dot_tile<W, R, 1>(rows, x.f + m * x.K, x.K, out);
+      const float* xm = x.f + m * x.K;
+      switch (MC) {
+        case 4: dot_tile<W, R, 4>(rows, xm, x.K, out); break;
+        case 3: dot_tile<W, R, 3>(rows, xm, x.K, out); break;
+        case 2: dot_tile<W, R, 2>(rows, xm, x.K, out); break;
+        default: dot_tile<W, R, 1>(rows, xm, x.K, out);
+      }
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < MC; ++c) dots[r * M + m + c] = out[r * MC + c];
+    m += MC;
   }
 }
 

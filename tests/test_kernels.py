@@ -117,9 +117,10 @@ def experts_float64(fmt, x, experts, weights, w1, w3, w2):
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]]])
+@pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]], [[0, 2], [2, 1], [3, 2], [2, 0], [1, 2]]])
 def test_moe_matches_float64(fmt, dtype, experts):
-    """One token, and three tokens of which two share expert 2 (read once for both)."""
+    """One token; three tokens, all of which chose expert 2 (read once for all); five, all with expert 2
+    (float rows take 4 tokens a pass, then the fifth)."""
     g = torch.Generator().manual_seed(len(experts))
     D, I = widths(fmt)
     experts = torch.tensor(experts)
