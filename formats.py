@@ -66,8 +66,9 @@ class FullPrecision:
         when the companion is whole on every rank."""
         raise KeyError(key)
 
-    def split_problem(self, inputs: int) -> Optional[str]:
-        """Why a tensor-parallel rank cannot hold `inputs` consecutive inputs of a row, or None."""
+    def row_problem(self, inputs: int) -> Optional[str]:
+        """Why this format cannot store `inputs` consecutive inputs of a row on their own (a whole row, or
+        a tensor-parallel rank's slice of one), or None."""
         return None
 
     # PyTorch: the reference computations of model.py.
@@ -131,8 +132,7 @@ class Int8(FullPrecision):
         if x.device.type != "cpu":
             return F.linear(x, weight.to(x.dtype)) * scales
         if not few_tokens(x) or x.shape[-1] % 16:
-            dtype = matmul_dtype(x)
-            return F.linear(x.to(dtype), self.dequantize(t, dtype)).to(x.dtype)
+            return dequantized_linear(self, x, t)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
         return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -180,9 +180,9 @@ class Int4(Int8):
 
     def quantize(self, w):
         *rows, inputs = w.shape
-        if inputs % self.groupsize:
-            raise UserError(f"the int4 group size {self.groupsize} does not divide rows of {inputs} inputs; "
-                            f"choose a group size that does")
+        problem = self.row_problem(inputs)
+        if problem:
+            raise UserError(f"a row of {inputs} inputs {problem}; choose a group size that divides it")
         groups = w.float().reshape(*rows, inputs // self.groupsize, self.groupsize)  # [..., G, g]
         extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # signed, [..., G, 1]
         scales = (extreme / -8).to(w.dtype)  # rounded first, as for int8: quantize with the stored value
@@ -201,15 +201,14 @@ class Int4(Int8):
     def companion_axis(self, key, axis):
         return axis  # scales [..., out, G] split with the rows, and with the inputs by whole groups
 
-    def split_problem(self, inputs):
+    def row_problem(self, inputs):
         if inputs % self.groupsize:
             return f"is not a whole number of int4 groups of {self.groupsize}"
         return None
 
     def linear(self, x, t):
         """PyTorch's path (GPU, and CPU without the kernels): a copy of the weights in the matmul dtype."""
-        dtype = matmul_dtype(x)
-        return F.linear(x.to(dtype), self.dequantize(t, dtype)).to(x.dtype)
+        return dequantized_linear(self, x, t)
 
     def decode_experts(self, x, experts, weights, w1, w3, w2):
         """model.decode_experts with the chosen experts' weights dequantized first (no host sync)."""
@@ -403,6 +402,12 @@ def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) ->
 def matmul_dtype(x: Tensor) -> torch.dtype:
     """The dtype a prompt's matmuls run in: x's, but float32 on CPUs that multiply half precision slowly."""
     return torch.float32 if x.device.type == "cpu" and reference.half_matmul_is_slow(x.dtype) else x.dtype
+
+
+def dequantized_linear(fmt: FullPrecision, x: Tensor, t: dict) -> Tensor:
+    """x [..., in] times a full-precision copy, in the matmul dtype, of the weight `fmt` stores in t."""
+    dtype = matmul_dtype(x)
+    return F.linear(x.to(dtype), fmt.dequantize(t, dtype)).to(x.dtype)
 
 
 # A custom op is opaque to torch.compile: its body runs as ordinary eager code inside a compiled graph

@@ -87,13 +87,13 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
     checkpoint_path = Path(checkpoint_path)
     config, source = load_source(checkpoint_path)
     quantized = stored_weights(config, fmt)  # source name -> {key: output name}
-    if mode == "int4":
-        for name in quantized:
-            inputs = source[name].shape[-1]
-            if inputs % groupsize:
-                raise UserError(f"--groupsize {groupsize} does not divide the {inputs} inputs of {name} (dim "
-                                f"{config.dim}, intermediate_size {config.intermediate_size} in config.json); "
-                                f"choose a group size that divides them")
+    for name in quantized:  # before any file is written
+        inputs = source[name].shape[-1]
+        problem = fmt.row_problem(inputs)
+        if problem:
+            raise UserError(f"--groupsize {groupsize}: the {inputs} inputs of {name} (dim {config.dim}, "
+                            f"intermediate_size {config.intermediate_size} in config.json) {problem}; "
+                            f"choose a group size that divides them")
     layout = {}  # output name -> (shape, dtype), in the source's order
     for name, t in source.items():
         if name in quantized:

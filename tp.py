@@ -61,7 +61,7 @@ def check_whole_groups(config: ModelArgs, fmt: FullPrecision, world_size: int):
     grouped format (int4): refuse otherwise, naming the dimension and the group size."""
     for what, inputs in (("wo's inputs (num_attention_heads * head_dim)", config.n_head * config.head_dim),
                          ("w2's inputs (intermediate_size)", config.intermediate_size)):
-        problem = fmt.split_problem(inputs // world_size)
+        problem = fmt.row_problem(inputs // world_size)
         if problem:
             raise UserError(f"tensor parallelism over {world_size} ranks gives each rank {inputs // world_size} of "
                             f"{what}, {inputs}, which {problem}; use fewer ranks or a checkpoint quantized with a "
@@ -108,8 +108,7 @@ def shard_experts(moe: MOEFeedForward, rank: int, world_size: int):
     """Rank r holds rows [r*I/N, (r+1)*I/N) of every expert's intermediate dimension: those rows of
     w1 and w3 (and their scales) and the matching input columns of w2. SwiGLU acts row by row of I,
     so the output is a partial sum over its rows; w2's int8 scales stay whole, its int4 group scales go
-    with their inputs. The router stays
-    whole: every rank sends each token to the same experts."""
+    with their inputs. The router stays whole: every rank sends each token to the same experts."""
     take = lambda t, axis: _chunk(t, axis, rank, world_size)  # noqa: E731
     for name, axis in (("w1", -2), ("w3", -2), ("w2", -1)):  # w1/w3 [E, I, D] -> [E, I/N, D]; w2 [E, D, I] -> [E, D, I/N]
         _slice_weight(moe, name, axis, take)

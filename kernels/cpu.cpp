@@ -139,7 +139,8 @@ inline void dot_tile(const W* const* rows, const float* x, int64_t K, float* out
 //    the int4 weights' own (1/16 of a group's range).
 //    Each 64 values ("a chunk", two blocks) are stored evens first, then odds: the order in which the
 //    low and high nibbles of 32 bytes of weights come out. Per chunk, 8 lanes of scales line up with
-//    the 8 int32 sums of the multiply (lanes 0-3 the first block, 4-7 the second).
+//    the 8 int32 sums of the multiply (lanes 0-3 the first block, 4-7 the second): stored once per
+//    vector, they cost the loop one load where expanding them there measured slower.
 enum class Quantized { kNo, kInt16, kInt8 };
 template <typename W>
 constexpr Quantized kActivationsFor = std::is_same_v<W, int8_t> ? Quantized::kInt16
@@ -275,7 +276,7 @@ constexpr int64_t kSegmentBlocks = 128;
 template <typename S, int R, int MC>
 inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, int64_t group, const Vectors& x,
                           float* out) {
-  const int64_t K = x.K, blocks = K / kBlock8, blocks_per_group = group / kBlock8;
+  const int64_t K = x.K, blocks = x.blocks8, blocks_per_group = group / kBlock8;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   // repeat[n / 2][j]: lanes 8j..8j+7 of eight values each repeated n times (n = 1, 2, 4).

@@ -47,7 +47,7 @@ def candidates(rows: int, cols: int, copies: int) -> dict:
         found["kernels/cpu.cpp, bf16"] = (rows * cols * 2, [lambda w=w: FORMATS["full precision"].cpu_linear(x, {"": w})
                                                             for w in bf16])
         found["kernels/cpu.cpp, int8"] = (rows * cols, [lambda t=t: FORMATS["int8"].cpu_linear(x, t) for t in int8])
-        if cols % 32 == 0:  # whole groups of 32; the scales count in the bytes read
+        if FORMATS["int4"].row_problem(cols) is None:  # whole groups of 32; the scales count in the bytes read
             int4 = [FORMATS["int4"].quantize(w) for w in bf16]
             found["kernels/cpu.cpp, int4 (groups of 32)"] = (sum(v.nbytes for v in int4[0].values()), [
                 lambda t=t: FORMATS["int4"].cpu_linear(x, t) for t in int4])

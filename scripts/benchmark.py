@@ -61,10 +61,10 @@ def model_args(name: str, n_layer: Optional[int] = None) -> ModelArgs:
 # ----------------------------------------------------------------------------- building the model
 
 @torch.no_grad()
-def random_model(config: ModelArgs, device: str, precision: torch.dtype, fmt: FullPrecision = FORMATS["full precision"],
-                 seed: int = 0) -> Transformer:
+def random_model(config: ModelArgs, device: str, precision: torch.dtype,
+                 weight_format: FullPrecision = FORMATS["full precision"], seed: int = 0) -> Transformer:
     """Random weights made in place on the device, one block at a time (no checkpoint, no download),
-    then stored in the weight format `fmt` as generate.py would load it (formats.py). Each block is
+    then stored in `weight_format` as generate.py would load it (formats.py). Each block is
     converted as soon as it exists, so that the full-precision model never has to fit in memory next to
     a quantized one."""
     with torch.device("meta"):
@@ -80,8 +80,8 @@ def random_model(config: ModelArgs, device: str, precision: torch.dtype, fmt: Fu
             else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
                 p.normal_(0.0, p.shape[-1] ** -0.5)
         if module in model.layers:
-            quantize_module(module, config, fmt)
-    quantize_module(model, config, fmt)  # the output head; blocks already done are kept
+            quantize_module(module, config, weight_format)
+    quantize_module(model, config, weight_format)  # the output head; blocks already done are kept
     return model.eval()
 
 
@@ -282,32 +282,32 @@ def chosen_format(args) -> FullPrecision:
     return FORMATS["int8" if args.int8 else "full precision"]
 
 
-def format_label(fmt: FullPrecision) -> str:
+def format_label(weight_format: FullPrecision) -> str:
     """'' for full precision (the precision says it), 'int8', 'int4 (groups of 32)'."""
-    if isinstance(fmt, Int4):
-        return f"int4 (groups of {fmt.groupsize})"
-    return "" if fmt is FORMATS["full precision"] else fmt.name
+    if isinstance(weight_format, Int4):
+        return f"int4 (groups of {weight_format.groupsize})"
+    return "" if weight_format is FORMATS["full precision"] else weight_format.name
 
 
 def run(args) -> list:
     device, precision = args.device, PRECISIONS[args.precision]
-    fmt = chosen_format(args)
+    weight_format = chosen_format(args)
     generator = torch.Generator().manual_seed(args.seed)
     t = time.perf_counter()
     if args.checkpoint_path is not None:
         model = load_model(args.checkpoint_path, device, precision)
-        if fmt is not FORMATS["full precision"]:
-            quantize_module(model, model.config, fmt)
+        if weight_format is not FORMATS["full precision"]:
+            quantize_module(model, model.config, weight_format)
         name = str(args.checkpoint_path)
     else:
-        model = random_model(model_args(args.model, args.n_layer), device, precision, fmt, seed=args.seed)
+        model = random_model(model_args(args.model, args.n_layer), device, precision, weight_format, seed=args.seed)
         name = f"{args.model} (random weights)"
     synchronize(device)
     build_s = time.perf_counter() - t
     config = model.config
     weight_bytes = active_weight_bytes(model)
     total_bytes = parameter_bytes(model)
-    kind = format_label(fmt) or args.precision
+    kind = format_label(weight_format) or args.precision
     print(f"model: {name}, {config.n_layer} layers, dim {config.dim}, {config.num_experts} experts top-"
           f"{config.num_activated_experts}, {kind}; weights {total_bytes / 1e9:.2f} GB, "
           f"{weight_bytes / 1e9:.3g} GB read per decoded token; built/loaded in {build_s:.1f} s", flush=True)

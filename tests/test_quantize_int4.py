@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, load_reference, relative_error, run_script
+from conftest import CONFIGS, REPO, fails_cleanly, load_reference, relative_error, run_script
 
 import quantize
 import tp
@@ -289,7 +289,6 @@ def test_tensor_parallel_refuses_slices_that_cut_groups(make_checkpoint, tmp_pat
 # ----------------------------------------------------------------------------- bad input
 
 def test_group_size_that_does_not_divide_is_one_line_and_no_file(make_checkpoint, tmp_path, capsys):
-    from conftest import fails_cleanly
     folder = tmp_path / "ckpt"
     shutil.copytree(make_checkpoint("mha_top1"), folder)  # intermediate_size 96: not a multiple of 64
     before = sorted(folder.iterdir())
@@ -299,7 +298,6 @@ def test_group_size_that_does_not_divide_is_one_line_and_no_file(make_checkpoint
 
 
 def test_int4_of_a_quantized_checkpoint_is_refused(wide, int4_path, tmp_path, capsys):
-    from conftest import fails_cleanly
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for name in ("config.json", "tokenizer.model"):
