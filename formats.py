@@ -83,10 +83,10 @@ class FullPrecision:
 
     # kernels/cpu.cpp
     def cpu_linear(self, x: Tensor, t: dict) -> Tensor:
-        return torch.ops.mixtral_cpu.linear(x, t[""], None)
+        return cpu_kernels.ops().linear(x, t[""], None)
 
     def cpu_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
-        return torch.ops.mixtral_cpu.moe(x, experts, weights, w1[""], w3[""], w2[""], None, None, None)
+        return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], None, None, None)
 
     # kernels/triton_moe.py: one pair of kernels for every format, told apart by the stored dtypes; the
     # scales are whatever the format stores beside its weights (None for full precision).
@@ -117,7 +117,7 @@ class Int8(FullPrecision):
 
     def dequantize(self, t, dtype):
         if use_cpu_dequantize(t[""], dtype):
-            return torch.ops.mixtral_cpu.dequantize_int8(t[""], t["scales"], dtype)  # one pass, not three
+            return cpu_kernels.ops().dequantize_int8(t[""], t["scales"], dtype)  # one pass, not three
         return t[""].to(dtype) * t["scales"].to(dtype)[..., None]
 
     def companion_axis(self, key, axis):
@@ -151,10 +151,10 @@ class Int8(FullPrecision):
         return dequantized_experts(x, experts, weights, self.name, *(list(w.values()) for w in (w1, w3, w2)))
 
     def cpu_linear(self, x, t):
-        return torch.ops.mixtral_cpu.linear(x, t[""], t["scales"])
+        return cpu_kernels.ops().linear(x, t[""], t["scales"])
 
     def cpu_experts(self, x, experts, weights, w1, w3, w2):
-        return torch.ops.mixtral_cpu.moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
+        return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
                                          w2["scales"])
 
 
@@ -193,7 +193,7 @@ class Int4(Int8):
     def dequantize(self, t, dtype):
         packed, scales = t[""], t["scales"]
         if use_cpu_dequantize(packed, dtype):
-            return torch.ops.mixtral_cpu.dequantize_int4(packed, scales, dtype)
+            return cpu_kernels.ops().dequantize_int4(packed, scales, dtype)
         q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # [..., out, in], 0..15
         groups = q.unflatten(-1, (scales.shape[-1], -1)).to(dtype) - 8  # [..., out, G, g]
         return (groups * scales.to(dtype)[..., None]).flatten(-2)

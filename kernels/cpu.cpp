@@ -1,14 +1,21 @@
 // CPU kernels for decoding: a few tokens times weight matrices, where every weight is read from memory
-// once and the arithmetic must keep up with memory. PyTorch's own kernels do not on AVX2 CPUs: bf16
-// F.linear converts more slowly than memory delivers, and its int8 kernels are slower still.
+// once and the arithmetic must keep up with memory. PyTorch's own kernels do not: bf16 F.linear
+// converts more slowly than memory delivers, and its int8 kernels are slower still.
 //
-// One primitive does all the work: a tile of 1 or 2 weight rows times up to 2 activation vectors. Float
-// weights are widened to float32 eight at a time in registers (bf16: a shift; fp16: F16C) and multiplied
-// into float32 accumulators, several per row so that the fused multiply-adds' latency stays hidden; int8
-// weights meet int16 activations, int4 weights int8 activations (see Vectors below). Each thread streams
-// its rows in order, prefetching ahead.
+// One primitive does all the work: a tile of 1 or 2 weight rows times a few activation vectors. Float
+// weights meet float32 activations (bf16 weights, where the vector unit has a bf16 dot product, meet
+// bf16 activations); int8 weights meet int16 activations, int4 weights int8 activations (see Vectors
+// below). Each thread streams its rows in order, prefetching ahead.
 //
-// Ops (torch.ops.mixtral_cpu.*), built and registered by kernels/cpu.py:
+// This file is compiled once per instruction set, with that set's flags (kernels/cpu.py chooses the
+// best the CPU has). Everything here is common to all: the activations' quantization, the row loops,
+// threading, the ops and their registration. Only the inner dot products differ, one header per set:
+//   cpu_avx2.h    AVX2 + FMA + F16C (MIXTRAL_ISA_AVX2), and with AVX-VNNI's integer products (MIXTRAL_ISA_AVXVNNI)
+//   cpu_avx512.h  AVX-512 with VNNI and BF16 (MIXTRAL_ISA_AVX512)
+// Each build registers its ops in its own namespace, MIXTRAL_OPS (mixtral_cpu_avx2, ...), so that one
+// process can hold several: the tests compare every set the machine has.
+//
+// Ops (torch.ops.MIXTRAL_OPS.*):
 //   linear(x [M, K], weight [N, K], scales [N]?) -> [M, N]          y = x @ (weight * scales).T
 //   moe(x [T, D], experts [T, Kx], weights [T, Kx], w1 [E, I, D], w3 [E, I, D], w2 [E, D, I],
 //       w1_scales [E, I]?, w3_scales [E, I]?, w2_scales [E, D]?) -> [T, D]
@@ -33,12 +40,18 @@
 #include <type_traits>
 #include <vector>
 
+#ifndef MIXTRAL_OPS
+#error "MIXTRAL_OPS (the ops' namespace) is set by kernels/cpu.py"
+#endif
+
 namespace {
 
 using at::Tensor;
 
-// ---------------------------------------------------------------------------- eight weights as floats
+// ---------------------------------------------------------------------------- weights and activations
 
+// Eight weights as float32 (AVX2, which every instruction set here includes): the tails of the dot
+// products and the dequantization for prompts.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 inline __m256 load8(const c10::BFloat16* p) {
@@ -71,6 +84,7 @@ template <typename W> constexpr int64_t kValuesPer = is_int4<W>::value ? 2 : 1;
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 
 // One core alone keeps too few cache misses in flight to stream at the memory's speed: it waits on
 // latency. Asking for the weights a few KB ahead, into L2 (whose queue of misses is deeper than L1's),
@@ -83,99 +97,90 @@ inline void prefetch_ahead(const W* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1);
 }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// out[r * MC + m] = dot(rows[r], x + m * K) over K values, for R rows and MC vectors (float32). U
-// independent accumulators per (row, vector) pair keep R * MC * U >= 4 multiply-adds in flight.
-template <typename W, int R, int MC>
-inline void dot_tile(const W* const* rows, const float* x, int64_t K, float* out) {
-  constexpr int U = R * MC >= 4 ? 1 : 4 / (R * MC);
-  __m256 acc[R][MC][U];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m)
-      for (int u = 0; u < U; ++u) acc[r][m][u] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 * U <= K; k += 8 * U) {
-    for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + k);
-    for (int u = 0; u < U; ++u) {
-      __m256 xv[MC];
-      for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k + 8 * u);
-      for (int r = 0; r < R; ++r) {
-        __m256 w = load8(rows[r] + k + 8 * u);
-        for (int m = 0; m < MC; ++m) acc[r][m][u] = _mm256_fmadd_ps(w, xv[m], acc[r][m][u]);
-      }
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    for (int r = 0; r < R; ++r) {
-      __m256 w = load8(rows[r] + k);
-      for (int m = 0; m < MC; ++m) acc[r][m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), acc[r][m][0]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) {
-      __m256 a = acc[r][m][0];
-      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[r][m][u]);
-      float s = horizontal_sum(a);
-      for (int64_t j = k; j < K; ++j) s += to_float(rows[r][j]) * x[m * K + j];
-      out[r * MC + m] = s;
-    }
-}
-
-// Activation vectors, M of K values each: float32, and for quantized weights also integers:
+// Activation vectors, M of K values each: float32, and where the weights call for it also:
+//  - bf16 weights, where the instruction set multiplies bf16 pairs and the activations are bf16: the
+//    activations in bf16. A model run in bf16 holds them in bf16 anyway; only the MoE's hidden
+//    activations h, which this file computes in float32, are rounded (to the bf16 the reference
+//    model rounds them to).
 //  - int8 weights: int16 in blocks of 64 values with one float scale per block (x ~= q * scale,
 //    |q| <= 32767). int8 weights times int16 activations multiply and add pairs in one instruction
-//    (vpmaddwd) where widening each int8 to float took three. The step, 2^-15 of a block's largest
-//    value, is finer than bf16's rounding for values down to 1/128 of that largest one.
+//    where widening each int8 to float took three. The step, 2^-15 of a block's largest value, is finer
+//    than bf16's rounding for values down to 1/128 of that largest one.
 //  - int4 weights: int8 in blocks of 32 values (|q| <= 127), llama.cpp's Q8_0. The unsigned nibbles
-//    times int8 activations multiply and add pairs in one instruction (vpmaddubsw); the nibbles'
-//    offset of 8 comes off once per row, as the dot product of the row's scales with each block's
-//    scale * 8 * sum(q) (`offset8`). The step, 1/254 of a block's largest value, is a small fraction of
-//    the int4 weights' own (1/16 of a group's range).
-//    Each 64 values ("a chunk", two blocks) are stored evens first, then odds: the order in which the
-//    low and high nibbles of 32 bytes of weights come out. Per chunk, 8 lanes of scales line up with
-//    the 8 int32 sums of the multiply (lanes 0-3 the first block, 4-7 the second): stored once per
-//    vector, they cost the loop one load where expanding them there measured slower.
-enum class Quantized { kNo, kInt16, kInt8 };
-template <typename W>
-constexpr Quantized kActivationsFor = std::is_same_v<W, int8_t> ? Quantized::kInt16
-                                      : is_int4<W>::value       ? Quantized::kInt8
-                                                                : Quantized::kNo;
-constexpr int64_t kBlock = 64, kBlock8 = 32, kChunk = 64;
+//    times int8 activations multiply and add in one or two instructions; the nibbles' offset of 8 comes
+//    off once per row, as the dot product of the row's scales with each block's scale * 8 * sum(q)
+//    (`offset8`). The step, 1/254 of a block's largest value, is a small fraction of the int4 weights'
+//    own (1/16 of a group's range).
+//    Each isa::kChunk values ("a chunk": the values one load of packed weights holds) are stored evens
+//    first, then odds: the order in which the low and high nibbles of the weights come out. The int32
+//    sums of a chunk's products come out in lanes of 8 consecutive values, four lanes a block: per
+//    chunk, a vector of the activations' block scales lines up with those lanes. Stored once per vector,
+//    they cost the loop one load where expanding them there measured slower.
+enum class Quantized { kNo, kBF16, kInt16, kInt8 };
+constexpr int64_t kBlock = 64, kBlock8 = 32;
+// int4 rows are taken in segments of this many blocks, whose weight scales are first converted to one
+// float per block: the inner loop then neither converts nor divides.
+constexpr int64_t kSegmentBlocks = 128;
 
 struct Vectors {
   const float* f;
-  const int16_t* q = nullptr;        // int16 blocks
+  const c10::BFloat16* bf = nullptr;   // bf16 copy
+  const int16_t* q = nullptr;          // int16 blocks
   const float* scale = nullptr;
-  const int8_t* q8 = nullptr;        // int8 blocks, chunks reordered
+  const int8_t* q8 = nullptr;          // int8 blocks, chunks reordered
   const float* scale8 = nullptr;       // per block
   const float* offset8 = nullptr;      // per block: scale * 8 * sum(q8)
-  const float* chunk_scale = nullptr;  // per chunk, 8 lanes
-  int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0;
+  const float* chunk_scale = nullptr;  // per chunk, a vector's lanes (chunk / 8 of them)
+  int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0, chunk = 0;
 
   Vectors at(int64_t m) const {
     Vectors v = *this;
     v.f = f + m * K;
+    if (bf) v.bf = bf + m * K;
     if (q) v.q = q + m * K, v.scale = scale + m * blocks;
     if (q8) {
       v.q8 = q8 + m * K, v.scale8 = scale8 + m * blocks8, v.offset8 = offset8 + m * blocks8;
-      v.chunk_scale = chunk_scale + m * chunks * 8;
+      v.chunk_scale = chunk_scale + m * chunks * (chunk / 8);
     }
     return v;
   }
 };
 
+#if defined(MIXTRAL_ISA_AVX512)
+#include "cpu_avx512.h"
+#elif defined(MIXTRAL_ISA_AVX2) || defined(MIXTRAL_ISA_AVXVNNI)
+#include "cpu_avx2.h"
+#else
+#error "an instruction set (MIXTRAL_ISA_*) is set by kernels/cpu.py"
+#endif
+
 struct VectorStore {  // owns what a Vectors view points to
+  std::vector<c10::BFloat16> bf;
   std::vector<int16_t> q;
   std::vector<int8_t> q8;
   std::vector<float> scale, scale8, offset8, chunk_scale;
   Vectors view;
 };
+
+void round_bf16(const float* x, int64_t M, int64_t K, VectorStore& v) {
+  v.bf.assign(x, x + M * K);  // rounds to nearest even
+  v.view.bf = v.bf.data();
+}
+
+// The largest magnitude of 8 * n floats (n >= 1), and x * inverse rounded to nearest even (as
+// std::nearbyint does) in int32 lanes: the activations' quantization, 8 values an instruction.
+inline float largest(const float* x, int n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 top = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+  for (int i = 1; i < n; ++i) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)));
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline __m256i rounded(const float* x, float inverse) {
+  return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), _mm256_set1_ps(inverse)));
+}
 
 void quantize_int16(const float* x, int64_t M, int64_t K, VectorStore& v) {
   const int64_t blocks = v.view.blocks;
@@ -183,39 +188,61 @@ void quantize_int16(const float* x, int64_t M, int64_t K, VectorStore& v) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+      const float* xb = x + m * K + k0;
+      int16_t* q = v.q.data() + m * K + k0;
       float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * K + k]));
+      if (k1 - k0 == kBlock) amax = largest(xb, kBlock / 8);
+      else
+        for (int64_t k = 0; k < k1 - k0; ++k) amax = std::max(amax, std::fabs(xb[k]));
       const float scale = amax / 32767.0f, inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
       v.scale[m * blocks + b] = scale;
-      for (int64_t k = k0; k < k1; ++k) v.q[m * K + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] * inverse));
+      int64_t k = 0;
+      if (k1 - k0 == kBlock)
+        for (; k < kBlock; k += 16) {  // packs interleaves the two vectors' 128-bit halves: put them back in order
+          const __m256i both = _mm256_packs_epi32(rounded(xb + k, inverse), rounded(xb + k + 8, inverse));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(both, 0b11011000));
+        }
+      for (; k < k1 - k0; ++k) q[k] = static_cast<int16_t>(std::nearbyint(xb[k] * inverse));
     }
   v.view.q = v.q.data(), v.view.scale = v.scale.data();
 }
 
-// K is a multiple of 32 here (int4 groups are); a last half chunk is stored like a whole one, evens first.
+// K is a multiple of 32 here (int4 groups are); a last, partial chunk is stored like a whole one, evens first.
 void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
+  constexpr int64_t kChunk = isa::kChunk, kLanes = kChunk / 8, kLanesPerBlock = kBlock8 / 8;
   const int64_t blocks = K / kBlock8, chunks = K / kChunk;
-  v.view.blocks8 = blocks, v.view.chunks = chunks;
+  v.view.blocks8 = blocks, v.view.chunks = chunks, v.view.chunk = kChunk;
   v.q8.resize(M * K), v.scale8.resize(M * blocks), v.offset8.resize(M * blocks);
-  v.chunk_scale.resize(M * chunks * 8);
+  v.chunk_scale.resize(M * chunks * kLanes);
+  // Bytes of a block in order (after the packs, which interleave 128-bit halves and 4-byte groups) ...
+  const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // ... then each 16 bytes' evens before its odds, and the two halves' evens before their odds.
+  const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + m * K + b * kBlock8;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < kBlock8; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float amax = largest(xb, kBlock8 / 8);
       const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const __m256i q0 = rounded(xb, inverse), q1 = rounded(xb + 8, inverse), q2 = rounded(xb + 16, inverse),
+                    q3 = rounded(xb + 24, inverse);
+      const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3));
+      __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+      q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(q, in_order), evens_odds), 0b11011000);
+      // The block's 16 evens and 16 odds, each at its place among its chunk's evens and odds.
+      const int64_t c0 = b * kBlock8 / kChunk * kChunk, span = std::min(kChunk, K - c0) / 2;
+      int8_t* at = v.q8.data() + m * K + c0 + (b * kBlock8 - c0) / 2;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm256_castsi256_si128(q));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at + span), _mm256_extracti128_si256(q, 1));
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
       int32_t sum = 0;
-      for (int64_t k = 0; k < kBlock8; ++k) {
-        const int64_t c0 = b / 2 * kChunk, span = std::min(kChunk, K - c0) / 2;  // evens, then odds
-        const int64_t i = b * kBlock8 + k - c0;
-        const int8_t q = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
-        v.q8[m * K + c0 + (i % 2) * span + i / 2] = q;
-        sum += q;
-      }
+      for (int32_t lane : lanes) sum += lane;
       v.scale8[m * blocks + b] = amax / 127.0f, v.offset8[m * blocks + b] = amax / 127.0f * 8 * sum;
     }
     for (int64_t c = 0; c < chunks; ++c)
-      for (int l = 0; l < 8; ++l) v.chunk_scale[(m * chunks + c) * 8 + l] = v.scale8[m * blocks + 2 * c + l / 4];
+      for (int64_t l = 0; l < kLanes; ++l)
+        v.chunk_scale[(m * chunks + c) * kLanes + l] = v.scale8[m * blocks + c * (kChunk / kBlock8) + l / kLanesPerBlock];
   }
   v.view.q8 = v.q8.data(), v.view.scale8 = v.scale8.data(), v.view.offset8 = v.offset8.data();
   v.view.chunk_scale = v.chunk_scale.data();
@@ -224,72 +251,71 @@ void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
 VectorStore make_vectors(const float* x, int64_t M, int64_t K, Quantized quantized) {
   VectorStore v;
   v.view.f = x, v.view.K = K, v.view.blocks = (K + kBlock - 1) / kBlock;
+  if (quantized == Quantized::kBF16) round_bf16(x, M, K, v);
   if (quantized == Quantized::kInt16) quantize_int16(x, M, K, v);
   if (quantized == Quantized::kInt8) quantize_int8(x, M, K, v);
   return v;
 }
 
-// dot_tile for int8 rows and int16 vectors: exact integer sums within a block (64 products of at most
-// 127 * 32767 fit an int32 lane many times over), then scaled and added in float32.
-template <int R, int MC>
-inline void dot_tile_int8(const int8_t* const* rows, const Vectors& x, float* out) {
-  const int64_t K = x.K, full_blocks = K / kBlock;
-  __m256 acc[R][MC];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < full_blocks; ++b) {
-    const int64_t k0 = b * kBlock;
-    for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + k0);
-    __m256i sums[R][MC];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MC; ++m) sums[r][m] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k0 + kBlock; k += 16) {
-      __m256i xv[MC];
-      for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + k));
-      for (int r = 0; r < R; ++r) {
-        __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k)));
-        for (int m = 0; m < MC; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], _mm256_madd_epi16(w, xv[m]));
-      }
-    }
-    for (int m = 0; m < MC; ++m) {
-      const __m256 scale = _mm256_set1_ps(x.scale[m * x.blocks + b]);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][m]), scale, acc[r][m]);
-    }
-  }
+// What weights W meet: bf16_activations says whether the op's activations are bf16.
+template <typename W>
+Quantized activations_for(bool bf16_activations) {
+  if constexpr (std::is_same_v<W, int8_t>) return Quantized::kInt16;
+  if constexpr (is_int4<W>::value) return Quantized::kInt8;
+  if constexpr (std::is_same_v<W, c10::BFloat16> && isa::kBF16Dot) return bf16_activations ? Quantized::kBF16 : Quantized::kNo;
+  return Quantized::kNo;
+}
+
+// ---------------------------------------------------------------------------- dot products
+
+// The values past what an instruction set's tile took (from k on), in scalar float32.
+template <typename W, int R, int MC>
+inline void add_tail(const W* const* rows, const float* x, int64_t k, int64_t K, float* out) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) {
-      float s = horizontal_sum(acc[r][m]);
-      for (int64_t k = full_blocks * kBlock; k < K; ++k)
-        s += float(rows[r][k]) * float(x.q[m * K + k]) * x.scale[m * x.blocks + k / kBlock];
-      out[r * MC + m] = s;
+      float s = 0.0f;
+      for (int64_t j = k; j < K; ++j) s += to_float(rows[r][j]) * x[m * K + j];
+      out[r * MC + m] += s;
     }
 }
 
-// dot_tile for int4 rows (with their group scales) and int8 vectors, a chunk of 64 values at a time:
-// 32 bytes of weights split into their low nibbles (the chunk's even values) and high nibbles (odd),
-// each multiplied with the matching half of the reordered activations into int16 pairs (at most
-// 4 * 15 * 127 per lane: no saturation), summed to int32 per block, then scaled by weight group and
-// activation block in float32. The rows are taken in segments of blocks whose weight scales are first
-// converted to one float per block: the loop then neither converts nor divides.
-constexpr int64_t kSegmentBlocks = 128;
+// out[r * MC + m] = dot(rows[r], x[m]) for float rows (and int8 rows, whose blocks' last, partial one
+// is added here).
+template <typename W, int R, int MC>
+inline void dot_tile(const W* const* rows, const Vectors& x, float* out) {
+  const int64_t K = x.K;
+  if constexpr (std::is_same_v<W, int8_t>) {
+    isa::dot_tile_int8<R, MC>(rows, x, out);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MC; ++m)
+        for (int64_t k = K / kBlock * kBlock; k < K; ++k)
+          out[r * MC + m] += float(rows[r][k]) * float(x.q[m * K + k]) * x.scale[m * x.blocks + k / kBlock];
+    return;
+  }
+  if constexpr (std::is_same_v<W, c10::BFloat16> && isa::kBF16Dot)
+    if (x.bf) {
+      isa::dot_tile_bf16<R, MC>(rows, x.bf, K, out);  // every value, the last through masked loads
+      return;
+    }
+  add_tail<W, R, MC>(rows, x.f, isa::dot_tile<W, R, MC>(rows, x.f, K, out), K, out);
+}
 
+// out[r * MC + m] = dot(rows[r], x[m]) for int4 rows (with their group scales) and int8 vectors, a
+// segment of blocks at a time: the blocks' weight scales converted first, the nibbles' offset (8 *
+// sum(q) per block, weighted by both scales) subtracted per segment, the whole chunks multiplied by the
+// instruction set, and a last, partial chunk here.
 template <typename S, int R, int MC>
 inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, int64_t group, const Vectors& x,
                           float* out) {
-  const int64_t K = x.K, blocks = x.blocks8, blocks_per_group = group / kBlock8;
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const int64_t K = x.K, blocks = x.blocks8, blocks_per_group = group / kBlock8, per_chunk = isa::kChunk / kBlock8;
   // repeat[n / 2][j]: lanes 8j..8j+7 of eight values each repeated n times (n = 1, 2, 4).
   static const __m256i repeat[3][4] = {
       {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)},
       {_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)},
       {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
        _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)}};
-  __m256 acc[R][MC], offset[R][MC];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps(), offset[r][m] = _mm256_setzero_ps();
-  float rest[R][MC] = {};  // what is summed outside the vector lanes
-  alignas(32) float block_scale[R][kSegmentBlocks];
+  for (int i = 0; i < R * MC; ++i) out[i] = 0.0f;
+  alignas(64) float block_scale[R][kSegmentBlocks];
   for (int64_t b0 = 0; b0 < blocks; b0 += kSegmentBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kSegmentBlocks);
     for (int r = 0; r < R; ++r) {
@@ -305,60 +331,40 @@ inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, in
       for (int64_t g = b / blocks_per_group; b < b1; ++g) {
         const float w = to_float(scales[r][g]);
         const int64_t end = std::min(b1, (g + 1) * blocks_per_group);
-        for (; b + 4 <= end; b += 4) _mm_storeu_ps(block_scale[r] + b - b0, _mm_set1_ps(w));
         for (; b < end; ++b) block_scale[r][b - b0] = w;
       }
     }
-    // The nibbles' offset: 8 * sum(q) per block, weighted by both scales (8 blocks at a time).
-    int64_t b = b0;
-    for (; b + 8 <= b1; b += 8)
-      for (int r = 0; r < R; ++r) {
-        const __m256 w = _mm256_load_ps(block_scale[r] + b - b0);
-        for (int m = 0; m < MC; ++m)
-          offset[r][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.offset8 + m * blocks + b), offset[r][m]);
-      }
-    for (; b < b1; ++b)
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MC; ++m) rest[r][m] -= block_scale[r][b - b0] * x.offset8[m * blocks + b];
-    // Whole chunks of this segment (b0 is even: a segment holds whole chunks).
-    for (int64_t c = b0 / 2; c < b1 / 2; ++c) {
-      if (c % 2 == 0)
-        for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + c * kChunk / 2);
-      __m256i even[MC], odd[MC];
+    // The nibbles' offset.
+    for (int r = 0; r < R; ++r)
       for (int m = 0; m < MC; ++m) {
-        even[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk));
-        odd[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q8 + m * K + c * kChunk + 32));
+        __m256 offset = _mm256_setzero_ps();
+        int64_t b = b0;
+        for (; b + 8 <= b1; b += 8)
+          offset = _mm256_fmadd_ps(_mm256_load_ps(block_scale[r] + b - b0), _mm256_loadu_ps(x.offset8 + m * blocks + b), offset);
+        float rest = 0.0f;
+        for (; b < b1; ++b) rest += block_scale[r][b - b0] * x.offset8[m * blocks + b];
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, offset);
+        for (float lane : lanes) rest += lane;
+        out[r * MC + m] -= rest;
       }
-      for (int r = 0; r < R; ++r) {
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + c * kChunk / 2));
-        const __m256i low = _mm256_and_si256(packed, nibble);
-        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-        // [scale of block 2c] * 4, [scale of block 2c + 1] * 4
-        const __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(block_scale[r] + 2 * c - b0)));
-        const __m256 w_scale = _mm256_permutevar8x32_ps(pair, halves);
-        for (int m = 0; m < MC; ++m) {
-          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, even[m]), _mm256_maddubs_epi16(high, odd[m]));
-          const __m256i sums = _mm256_madd_epi16(pairs, ones);
-          const __m256 scale = _mm256_mul_ps(w_scale, _mm256_loadu_ps(x.chunk_scale + m * x.chunks * 8 + c * 8));
-          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][m]);
-        }
-      }
-    }
-    if (b1 == blocks && blocks % 2) {  // a last block of 32 values: 16 bytes, evens then odds in the activations
-      const int64_t k0 = (blocks - 1) * kBlock8;
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MC; ++m) {
-          int32_t sum = 0;
-          for (int64_t j = 0; j < kBlock8 / 2; ++j) {
-            const uint8_t pair = rows[r][k0 / 2 + j];
-            sum += (pair & 15) * x.q8[m * K + k0 + j] + (pair >> 4) * x.q8[m * K + k0 + kBlock8 / 2 + j];
+    // Whole chunks of this segment (it starts on a chunk), then what is left of the last chunk.
+    const int64_t c0 = b0 / per_chunk, c1 = b1 / per_chunk;
+    isa::int4_chunks<R, MC>(rows, block_scale, b0, c0, c1, x, out);
+    if (b1 == blocks && blocks % per_chunk) {  // blocks of 32 values: 16 bytes each, evens then odds in the activations
+      const int64_t k0 = c1 * isa::kChunk, span = (K - k0) / 2;
+      for (int64_t b = c1 * per_chunk; b < blocks; ++b)
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < MC; ++m) {
+            int32_t sum = 0;
+            for (int64_t j = (b * kBlock8 - k0) / 2; j < (b * kBlock8 - k0) / 2 + kBlock8 / 2; ++j) {
+              const uint8_t pair = rows[r][k0 / 2 + j];
+              sum += (pair & 15) * x.q8[m * K + k0 + j] + (pair >> 4) * x.q8[m * K + k0 + span + j];
+            }
+            out[r * MC + m] += float(sum) * x.scale8[m * blocks + b] * block_scale[r][b - b0];
           }
-          rest[r][m] += float(sum) * x.scale8[m * blocks + blocks - 1] * block_scale[r][blocks - 1 - b0];
-        }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) out[r * MC + m] = horizontal_sum(_mm256_sub_ps(acc[r][m], offset[r][m])) + rest[r][m];
 }
 
 // Where each of a tile's int4 rows finds its group scales (unused for other weights).
@@ -371,30 +377,29 @@ struct GroupScales {
 // stay in L1 while the vectors pass, so the weights come from memory once.
 template <typename W, int R>
 inline void dot_rows(const W* const* rows, const Vectors& x, int64_t M, float* dots, GroupScales gs = {}) {
-  // Float rows take up to 4 vectors a pass: their widening to float32 is then shared by 4 products, and
-  // 4 * R accumulators and 4 vectors still fit the 16 registers (a batch's decode step measured faster
-  // than with 2 a pass). Quantized rows take 2: their integer sums need registers too.
-  constexpr int kMost = is_int4<W>::value || std::is_same_v<W, int8_t> ? 2 : 4;
+  constexpr bool quantized = is_int4<W>::value || std::is_same_v<W, int8_t>;
+  constexpr int kMost = quantized ? isa::kMostQuantized : isa::kMostFloat;
+  static_assert(kMost <= 4);
   float out[R * 4];
   for (int64_t m = 0; m < M;) {
     const int MC = static_cast<int>(std::min<int64_t>(kMost, M - m));
-    if constexpr (is_int4<W>::value) {
-      using S = typename W::Scale;
-      const auto bytes = reinterpret_cast<const uint8_t* const*>(rows);
-      const auto scales = reinterpret_cast<const S* const*>(gs.rows);
-      if (MC == 2) dot_tile_int4<S, R, 2>(bytes, scales, gs.group, x.at(m), out);
-      else dot_tile_int4<S, R, 1>(bytes, scales, gs.group, x.at(m), out);
-    } else if constexpr (std::is_same_v<W, int8_t>) {
-      if (MC == 2) dot_tile_int8<R, 2>(rows, x.at(m), out);
-      else dot_tile_int8<R, 1>(rows, x.at(m), out);
-    } else {
-      const float* xm = x.f + m * x.K;
-      switch (MC) {
-        case 4: dot_tile<W, R, 4>(rows, xm, x.K, out); break;
-        case 3: dot_tile<W, R, 3>(rows, xm, x.K, out); break;
-        case 2: dot_tile<W, R, 2>(rows, xm, x.K, out); break;
-        default: dot_tile<W, R, 1>(rows, xm, x.K, out);
+    auto tile = [&](auto mc) {
+      constexpr int C = decltype(mc)::value;
+      if constexpr (C <= kMost) {
+        if constexpr (is_int4<W>::value) {
+          using S = typename W::Scale;
+          dot_tile_int4<S, R, C>(reinterpret_cast<const uint8_t* const*>(rows), reinterpret_cast<const S* const*>(gs.rows),
+                                 gs.group, x.at(m), out);
+        } else {
+          dot_tile<W, R, C>(rows, x.at(m), out);
+        }
       }
+    };
+    switch (MC) {
+      case 4: tile(std::integral_constant<int, 4>{}); break;
+      case 3: tile(std::integral_constant<int, 3>{}); break;
+      case 2: tile(std::integral_constant<int, 2>{}); break;
+      default: tile(std::integral_constant<int, 1>{});
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < MC; ++c) dots[r * M + m + c] = out[r * MC + c];
@@ -525,7 +530,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>
   dispatch_weight_type(weight, scales, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const W* w = static_cast<const W*>(weight.data_ptr());
-    const VectorStore xv = make_vectors(xf.data(), M, K, kActivationsFor<W>);
+    const VectorStore xv = make_vectors(xf.data(), M, K, activations_for<W>(x.scalar_type() == at::kBFloat16));
     const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       linear_rows<W>(w, s, groups, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), out, N);
@@ -568,11 +573,12 @@ Groups group_by_expert(const Tensor& experts, int64_t E) {
   return g;
 }
 
-// Scales: int8 one per row, int4 `groups1` per row of w1 and w3 and `groups2` per row of w2.
+// Scales: int8 one per row, int4 `groups1` per row of w1 and w3 and `groups2` per row of w2. bf16: the
+// op's activations are bf16.
 template <typename W>
-void moe_experts(const Groups& g, const float* x, const Floats& pair_weight, const W* w1, const W* w3, const W* w2,
-                 const Floats& s1, const Floats& s3, const Floats& s2, int64_t groups1, int64_t groups2, int64_t D,
-                 int64_t I, float* y) {
+void moe_experts(const Groups& g, const float* x, bool bf16, const Floats& pair_weight, const W* w1, const W* w3,
+                 const W* w2, const Floats& s1, const Floats& s3, const Floats& s2, int64_t groups1, int64_t groups2,
+                 int64_t D, int64_t I, float* y) {
   const int64_t G = g.expert_of.size(), P = g.token.size();
   constexpr int64_t per = kValuesPer<W>;
   constexpr bool int4 = is_int4<W>::value;
@@ -584,7 +590,7 @@ void moe_experts(const Groups& g, const float* x, const Floats& pair_weight, con
   // Each group's tokens side by side, so that an expert's rows meet all of its tokens in one pass.
   std::vector<float> xg(P * D), h(P * I);
   for (int64_t q = 0; q < P; ++q) std::copy(x + g.token[q] * D, x + (g.token[q] + 1) * D, xg.begin() + q * D);
-  const VectorStore xv = make_vectors(xg.data(), P, D, kActivationsFor<W>);
+  const VectorStore xv = make_vectors(xg.data(), P, D, activations_for<W>(bf16));
 
   // w1 and w3 together, row by row: h = silu(w1 x) * (w3 x) over the group's tokens.
   const int64_t tiles_per_expert = (I + kRowsPerTask - 1) / kRowsPerTask;
@@ -608,7 +614,7 @@ void moe_experts(const Groups& g, const float* x, const Floats& pair_weight, con
   });
 
   // w2: each thread owns a range of output rows d and adds every pair's contribution to them.
-  const VectorStore hv = make_vectors(h.data(), P, I, kActivationsFor<W>);
+  const VectorStore hv = make_vectors(h.data(), P, I, activations_for<W>(bf16));
   const int64_t tasks = (D + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dots;
@@ -654,7 +660,7 @@ Tensor moe(const Tensor& x, const Tensor& experts, const Tensor& weights, const 
   const Groups g = group_by_expert(experts, E);
   dispatch_weight_type(w1, w1_scales, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    moe_experts<W>(g, xf.data(), Floats(weights.contiguous()), static_cast<const W*>(w1.data_ptr()),
+    moe_experts<W>(g, xf.data(), x.scalar_type() == at::kBFloat16, Floats(weights.contiguous()), static_cast<const W*>(w1.data_ptr()),
                    static_cast<const W*>(w3.data_ptr()), static_cast<const W*>(w2.data_ptr()), Floats(w1_scales),
                    Floats(w3_scales), Floats(w2_scales), groups1, groups2, D, I, yf.data());
   });
@@ -748,7 +754,11 @@ Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarTyp
 
 }  // namespace
 
-TORCH_LIBRARY(mixtral_cpu, m) {
+// TORCH_LIBRARY names its namespace as written: this indirection expands MIXTRAL_OPS first.
+#define MIXTRAL_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define MIXTRAL_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+MIXTRAL_LIBRARY(MIXTRAL_OPS, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
   m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor? w1_scales, "
         "Tensor? w3_scales, Tensor? w2_scales) -> Tensor");
@@ -756,7 +766,7 @@ TORCH_LIBRARY(mixtral_cpu, m) {
   m.def("dequantize_int4(Tensor packed, Tensor scales, ScalarType dtype) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
+MIXTRAL_LIBRARY_IMPL(MIXTRAL_OPS, CPU, m) {
   m.impl("linear", &linear);
   m.impl("moe", &moe);
   m.impl("dequantize_int8", &dequantize_int8);

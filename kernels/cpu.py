@@ -1,40 +1,91 @@
-# Builds kernels/cpu.cpp on first use and registers its ops (torch.ops.mixtral_cpu.linear, .moe,
-# .dequantize_int8 and .dequantize_int4), with fake implementations so that torch.compile(fullgraph=True) keeps the decode
-# step one graph around them.
+# Builds kernels/cpu.cpp on first use, for the best instruction set this CPU has, and registers its ops
+# (torch.ops.mixtral_cpu_<set>.linear, .moe, .dequantize_int8 and .dequantize_int4) with fake
+# implementations, so that torch.compile(fullgraph=True) keeps the decode step one graph around them.
+#
+# One source, one build per instruction set: cpu.cpp holds what all share and includes the inner dot
+# products of its set (cpu_avx2.h, cpu_avx512.h), compiled with that set's flags. MIXTRAL_CPU_ISA=<set>
+# chooses a lower set than the best (every path can then be run, and measured, on one machine);
+# MIXTRAL_NO_CPU_KERNELS=1 none at all. The first use prints one line naming the set.
 #
 # The build (torch.utils.cpp_extension, ninja) is cached under ~/.cache/torch_extensions (or
 # TORCH_EXTENSIONS_DIR): later runs load it in a fraction of a second. Ranks under torchrun share that
-# cache: the first to arrive takes its lock file and compiles, the others wait and load the result.
-# Where the kernels cannot be had (no compiler, not x86 with AVX2/FMA/F16C, or MIXTRAL_NO_CPU_KERNELS=1)
-# available() says why in one line on stderr and the caller keeps PyTorch's own path.
+# cache: the first to arrive builds, the others wait and load the result. Where the kernels cannot be
+# had (no compiler, not x86 with AVX2/FMA/F16C) available() says why in one line on stderr and the
+# caller keeps PyTorch's own path.
 import contextlib
+import fcntl
 import os
+import signal
+import struct
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from model import UserError
+
 SOURCE = Path(__file__).with_name("cpu.cpp")
 DISABLE_VARIABLE = "MIXTRAL_NO_CPU_KERNELS"
-# The kernels' instruction set: every x86-64 CPU of the last decade (AMD since Zen, Intel since Haswell).
-REQUIRED_FEATURES = ("avx2", "fma3", "f16c")
+ISA_VARIABLE = "MIXTRAL_CPU_ISA"
+# The instruction sets, best first: what the CPU must report (torch.cpu.get_capabilities()), the compiler
+# flags, and the words the one line uses. avx2 is every x86-64 CPU of the last decade (AMD since Zen,
+# Intel since Haswell); avxvnni adds the 256-bit integer dot products of Intel's Alder Lake and later.
+ISAS = {
+    "avx512": (("avx2", "fma3", "f16c", "avx512_f", "avx512_bw", "avx512_vl", "avx512_vnni", "avx512_bf16"),
+               ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16"],
+               "AVX-512 with VNNI and BF16"),
+    "avxvnni": (("avx2", "fma3", "f16c", "avx_vnni"), ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], "AVX2 with AVX-VNNI"),
+    "avx2": (("avx2", "fma3", "f16c"), ["-mavx2", "-mfma", "-mf16c"], "AVX2"),
+}
+_status = {}  # "available": the answer, once found; "isa": the set in use; "loaded": {set: namespace}
 
 
-_status = {}  # "available": the answer, once found
+def supported() -> list:
+    """The instruction sets this CPU runs, best first."""
+    caps = torch.cpu.get_capabilities()
+    if caps.get("architecture") != "x86_64":
+        return []
+    return [isa for isa, (needs, _, _) in ISAS.items() if all(caps.get(f) for f in needs)]
 
 
 # The answer does not change within a process: torch.compile calls this at tracing time (building the
 # kernels then if need be) and keeps the result as a constant, instead of tracing the build.
 @torch.compiler.assume_constant_result
 def available() -> bool:
-    """True once the ops are loaded (built on the first call). Otherwise prints why, once per process,
-    and returns False."""
+    """True once the ops of the chosen instruction set are loaded (built on the first call). Otherwise
+    prints why, once per process, and returns False."""
     if "available" not in _status:
-        reason = why_unavailable()
+        isa, reason = choose()
+        if reason is None:
+            reason = why_not_built(isa)
         if reason is not None:
             print(f"note: {reason}; using PyTorch's kernels instead (slower decoding)", file=sys.stderr, flush=True)
-        _status["available"] = reason is None
+        elif int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank loads the same set
+            print(f"CPU kernels: {isa} ({ISAS[isa][2]}); {ISA_VARIABLE}={'|'.join(supported())} chooses among "
+                  f"this CPU's", file=sys.stderr, flush=True)
+        _status["available"], _status["isa"] = reason is None, isa
     return _status["available"]
+
+
+def choose():
+    """(the instruction set to use, None) or (None, why none can be)."""
+    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+        return None, f"CPU kernels turned off by {DISABLE_VARIABLE}"
+    runs = supported()
+    if not runs:
+        needs = ISAS["avx2"][0]
+        return None, f"the CPU kernels need x86-64 with {', '.join(needs)}; this CPU has not all of them"
+    asked = os.environ.get(ISA_VARIABLE, "")
+    if asked and asked not in runs:
+        what = f"not one of {', '.join(ISAS)}" if asked not in ISAS else "not one this CPU runs"
+        raise UserError(f"{ISA_VARIABLE}={asked} is {what}; this CPU runs {', '.join(runs)}")
+    return asked or runs[0], None
+
+
+def ops(isa: str = None):
+    """The ops' namespace (torch.ops.mixtral_cpu_<set>) of the set in use, or of `isa` (built if need be)."""
+    return getattr(torch.ops, f"mixtral_cpu_{isa or _status['isa']}")
 
 
 @contextlib.contextmanager
@@ -49,36 +100,127 @@ def turned_off():
         _status["available"] = before
 
 
-def why_unavailable():
-    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
-        return f"CPU kernels turned off by {DISABLE_VARIABLE}"
-    caps = torch.cpu.get_capabilities()
-    missing = [f for f in REQUIRED_FEATURES if not caps.get(f)]
-    if caps.get("architecture") != "x86_64" or missing:
-        return f"the CPU kernels need x86-64 with {', '.join(REQUIRED_FEATURES)}; this CPU lacks {', '.join(missing) or 'x86-64'}"
+@contextlib.contextmanager
+def using(isa: str):
+    """Within: eager code takes the kernels of instruction set `isa` (built if need be)."""
+    available()
+    load(isa)
+    before = _status["available"], _status["isa"]
+    _status["available"], _status["isa"] = True, isa
     try:
-        build()
+        yield
+    finally:
+        _status["available"], _status["isa"] = before
+
+
+def why_not_built(isa: str):
+    try:
+        load(isa)
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # no compiler, no ninja, a failed compile: all mean the same to the user
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         return f"could not build the CPU kernels ({detail[:200]})"
     return None
 
 
-def build():
-    """Compiles (or finds in the cache) and loads the kernels into this process."""
+def load(isa: str):
+    """Compiles (or finds in the cache) and loads the kernels of instruction set `isa` into this process."""
+    loaded = _status.setdefault("loaded", {})
+    if isa not in loaded:
+        from torch.utils import cpp_extension
+        try:  # ninja from PyPI: on PATH only inside an activated virtual environment, so say where it is
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # a system ninja may still be on PATH
+        name, folder = f"mixtral_cpu_kernels_{isa}", build_folder(isa)
+        # -fopenmp: at::parallel_for is a template compiled here, and runs serially without it.
+        flags = ["-O3", *ISAS[isa][1], f"-DMIXTRAL_ISA_{isa.upper()}", f"-DMIXTRAL_OPS=mixtral_cpu_{isa}", "-fopenmp"]
+        with build_lock(folder), interrupts_kept():
+            for library in folder.glob("*.so"):
+                remove_if_damaged(library)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags,
+                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+        register_fakes(f"mixtral_cpu_{isa}")
+        loaded[isa] = True
+    return ops(isa)
+
+
+def build_folder(isa: str) -> Path:
+    """Where instruction set isa's build is cached."""
     from torch.utils import cpp_extension
-    try:  # ninja from PyPI: on PATH only inside an activated virtual environment, so say where it is
-        import ninja
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass  # a system ninja may still be on PATH
-    # -fopenmp: at::parallel_for is a template compiled here, and runs serially without it.
-    cpp_extension.load(name="mixtral_cpu_kernels", sources=[str(SOURCE)], is_python_module=False,
-                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       verbose=False)
-    # What torch.compile needs to know of each op: its output's shape and dtype.
-    torch.library.register_fake("mixtral_cpu::linear", lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
-    torch.library.register_fake("mixtral_cpu::moe", lambda x, *_: torch.empty_like(x))
-    torch.library.register_fake("mixtral_cpu::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
-    torch.library.register_fake("mixtral_cpu::dequantize_int4",
+    return Path(cpp_extension._get_build_directory(f"mixtral_cpu_kernels_{isa}", verbose=False))
+
+
+def register_fakes(namespace: str):
+    """What torch.compile needs to know of each op: its output's shape and dtype."""
+    torch.library.register_fake(f"{namespace}::linear", lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::moe", lambda x, *_: torch.empty_like(x))
+    torch.library.register_fake(f"{namespace}::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
+    torch.library.register_fake(f"{namespace}::dequantize_int4",
                                 lambda packed, scales, dtype: packed.new_empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype))
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """One build at a time per folder, among processes (torchrun's ranks share the cache). An flock is
+    released by the kernel when its holder dies, however it dies, so it never goes stale; torch's own
+    lock file inside the folder can, when a build is killed. Holding the flock, no one else builds: any
+    such file left there is stale, and is removed with a note."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "mixtral.flock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process's build of the CPU kernels in {folder}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        torch_lock = folder / "lock"
+        if torch_lock.exists():
+            age = time.time() - torch_lock.stat().st_mtime
+            print(f"note: removing {torch_lock}, left by a build that did not finish ({age:.0f} s ago)",
+                  file=sys.stderr, flush=True)
+            torch_lock.unlink(missing_ok=True)
+        yield
+
+
+def remove_if_damaged(library: Path):
+    """Removes a cached library that is shorter than its own ELF header says (a build or a copy cut
+    short): loading it would crash with a bus error; removed, it is built again."""
+    try:
+        with open(library, "rb") as f:
+            header = f.read(64)
+        size = library.stat().st_size
+    except FileNotFoundError:
+        return
+    # ELF64: section headers at e_shoff (offset 40), e_shentsize and e_shnum (58, 60), at the file's end.
+    intact = len(header) == 64 and header[:4] == b"\x7fELF"
+    if intact:
+        shoff, = struct.unpack_from("<Q", header, 40)
+        shentsize, shnum = struct.unpack_from("<HH", header, 58)
+        intact = shoff + shentsize * shnum <= size
+    if not intact:
+        print(f"note: {library} is damaged; building it again", file=sys.stderr, flush=True)
+        library.unlink()
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Ctrl-C during a build stops the run, as anywhere else. The compiler sees it first and fails, and
+    torch reports that as a failed build, which would otherwise mean 'carry on without the kernels'."""
+    interrupted = []
+    try:
+        before = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if interrupted:
+        raise KeyboardInterrupt

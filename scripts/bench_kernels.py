@@ -1,7 +1,8 @@
 # One matrix times one vector, the whole of a decode step's work, with each CPU kernel on offer: PyTorch's
-# own (F.linear, its int8 kernel, fbgemm's dynamic int8 linear) and this repo's (kernels/cpu.cpp). Prints
-# a markdown table of the weight bytes each reads per second. Several matrices of the given shape are
-# cycled through, more bytes than any cache holds, so every product reads its weights from memory.
+# own (F.linear, its int8 kernel, fbgemm's dynamic int8 linear) and this repo's (kernels/cpu.cpp, built for
+# every instruction set the CPU runs). Prints a markdown table of the weight bytes each reads per second.
+# Several matrices of the given shape are cycled through, more bytes than any cache holds, so every
+# product reads its weights from memory.
 #
 #   python scripts/bench_kernels.py                      # 14336 x 4096: one Mixtral expert's w1
 #   python scripts/bench_kernels.py --rows 32000 --cols 1024 --threads 1
@@ -43,14 +44,16 @@ def candidates(rows: int, cols: int, copies: int) -> dict:
                 lambda p=p: torch.ops.quantized.linear_dynamic(xf, p) for p in packed])
         except (RuntimeError, AttributeError) as e:
             print(f"fbgemm unavailable here: {e}", file=sys.stderr)
-    if cpu_kernels.available():
-        found["kernels/cpu.cpp, bf16"] = (rows * cols * 2, [lambda w=w: FORMATS["full precision"].cpu_linear(x, {"": w})
-                                                            for w in bf16])
-        found["kernels/cpu.cpp, int8"] = (rows * cols, [lambda t=t: FORMATS["int8"].cpu_linear(x, t) for t in int8])
-        if FORMATS["int4"].row_problem(cols) is None:  # whole groups of 32; the scales count in the bytes read
-            int4 = [FORMATS["int4"].quantize(w) for w in bf16]
-            found["kernels/cpu.cpp, int4 (groups of 32)"] = (sum(v.nbytes for v in int4[0].values()), [
-                lambda t=t: FORMATS["int4"].cpu_linear(x, t) for t in int4])
+    # This repo's kernels, built for each instruction set the CPU runs (the first is the default).
+    int4 = [FORMATS["int4"].quantize(w) for w in bf16] if FORMATS["int4"].row_problem(cols) is None else []
+    for isa in cpu_kernels.supported() if cpu_kernels.available() else []:
+        kernels = cpu_kernels.load(isa)
+        found[f"kernels/cpu.cpp {isa}, bf16"] = (rows * cols * 2, [lambda w=w, k=kernels: k.linear(x, w, None) for w in bf16])
+        found[f"kernels/cpu.cpp {isa}, int8"] = (rows * cols, [
+            lambda t=t, k=kernels: k.linear(x, t[""], t["scales"]) for t in int8])
+        if int4:  # whole groups of 32; the scales count in the bytes read
+            found[f"kernels/cpu.cpp {isa}, int4 (groups of 32)"] = (sum(v.nbytes for v in int4[0].values()), [
+                lambda t=t, k=kernels: k.linear(x, t[""], t["scales"]) for t in int4])
     return found
 
 

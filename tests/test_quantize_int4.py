@@ -108,7 +108,7 @@ def test_packing_round_trips_exactly():
     expected = ((q[..., 0::2] + 8) | ((q[..., 1::2] + 8) << 4)).to(torch.uint8)
     assert torch.equal(t[""], expected) and torch.equal(t["scales"], scales)
     assert torch.equal(unpack(t[""]), q)
-    assert torch.equal(torch.ops.mixtral_cpu.dequantize_int4(t[""], t["scales"], torch.float32), w)
+    assert torch.equal(cpu_kernels.ops().dequantize_int4(t[""], t["scales"], torch.float32), w)
     with cpu_kernels.turned_off():  # PyTorch's unpacking, the path of GPUs and of CPUs without a compiler
         assert torch.equal(Int4().dequantize(t, torch.float32), w)
 
