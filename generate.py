@@ -27,23 +27,19 @@ PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": t
 
 # ----------------------------------------------------------------------------- sampling
 
-def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
-    return torch.softmax(logits, dim=-1)
-
-
 def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
     # logits: [B, V] (last position) -> next token ids [B, 1]
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = logits_to_probs(logits, temperature, top_k)
+    ids = None
+    if top_k is not None:  # only the k best can be drawn: the draw then runs over k values, not V
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))  # [B, k] each
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
     # Exponential race instead of torch.multinomial: same distribution, no host sync (CUDA graphs).
     q = torch.empty_like(probs).exponential_(1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True)
+    choice = torch.argmax(probs / q, dim=-1, keepdim=True)  # [B, 1]
+    return choice if ids is None else ids.gather(-1, choice)
 
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int],
