@@ -107,15 +107,14 @@ inline void prefetch_ahead(const W* p) {
 //    where widening each int8 to float took three. The step, 2^-15 of a block's largest value, is finer
 //    than bf16's rounding for values down to 1/128 of that largest one.
 //  - int4 weights: int8 in blocks of 32 values (|q| <= 127), llama.cpp's Q8_0. The unsigned nibbles
-//    times int8 activations multiply and add in one or two instructions; the nibbles' offset of 8 comes
-//    off once per row, as the dot product of the row's scales with each block's scale * 8 * sum(q)
-//    (`offset8`). The step, 1/254 of a block's largest value, is a small fraction of the int4 weights'
-//    own (1/16 of a group's range).
+//    times int8 activations multiply and add in one or two instructions. The step, 1/254 of a block's
+//    largest value, is a small fraction of the int4 weights' own (1/16 of a group's range).
 //    Each isa::kChunk values ("a chunk": the values one load of packed weights holds) are stored evens
 //    first, then odds: the order in which the low and high nibbles of the weights come out. The int32
-//    sums of a chunk's products come out in lanes of 8 consecutive values, four lanes a block: per
-//    chunk, a vector of the activations' block scales lines up with those lanes. Stored once per vector,
-//    they cost the loop one load where expanding them there measured slower.
+//    sums of a chunk's products come out in lanes of 8 consecutive values, four lanes a block. Per
+//    chunk, two vectors line up with those lanes, stored once per activation vector (expanding them in
+//    the loop measured slower): the activations' block scales, and each lane's -8 * sum(q), which
+//    the integer sums start from so that the nibbles' offset of 8 comes off exactly and for free.
 enum class Quantized { kNo, kBF16, kInt16, kInt8 };
 constexpr int64_t kBlock = 64, kBlock8 = 32;
 // int4 rows are taken in segments of this many blocks, whose weight scales are first converted to one
@@ -129,8 +128,8 @@ struct Vectors {
   const float* scale = nullptr;
   const int8_t* q8 = nullptr;          // int8 blocks, chunks reordered
   const float* scale8 = nullptr;       // per block
-  const float* offset8 = nullptr;      // per block: scale * 8 * sum(q8)
   const float* chunk_scale = nullptr;  // per chunk, a vector's lanes (chunk / 8 of them)
+  const int32_t* lane_offset = nullptr;  // per chunk and lane: -8 * the sum of its 8 values of q8
   int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0, chunk = 0;
 
   Vectors at(int64_t m) const {
@@ -139,8 +138,8 @@ struct Vectors {
     if (bf) v.bf = bf + m * K;
     if (q) v.q = q + m * K, v.scale = scale + m * blocks;
     if (q8) {
-      v.q8 = q8 + m * K, v.scale8 = scale8 + m * blocks8, v.offset8 = offset8 + m * blocks8;
-      v.chunk_scale = chunk_scale + m * chunks * (chunk / 8);
+      v.q8 = q8 + m * K, v.scale8 = scale8 + m * blocks8;
+      v.chunk_scale = chunk_scale + m * chunks * (chunk / 8), v.lane_offset = lane_offset + m * chunks * (chunk / 8);
     }
     return v;
   }
@@ -158,7 +157,8 @@ struct VectorStore {  // owns what a Vectors view points to
   std::vector<c10::BFloat16> bf;
   std::vector<int16_t> q;
   std::vector<int8_t> q8;
-  std::vector<float> scale, scale8, offset8, chunk_scale;
+  std::vector<float> scale, scale8, chunk_scale;
+  std::vector<int32_t> lane_offset;
   Vectors view;
 };
 
@@ -209,11 +209,11 @@ void quantize_int16(const float* x, int64_t M, int64_t K, VectorStore& v) {
 
 // K is a multiple of 32 here (int4 groups are); a last, partial chunk is stored like a whole one, evens first.
 void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
-  constexpr int64_t kChunk = isa::kChunk, kLanes = kChunk / 8, kLanesPerBlock = kBlock8 / 8;
+  constexpr int64_t kChunk = isa::kChunk, kLanes = kChunk / 8, kLanesPerBlock = kBlock8 / 8, per_chunk = kChunk / kBlock8;
   const int64_t blocks = K / kBlock8, chunks = K / kChunk;
   v.view.blocks8 = blocks, v.view.chunks = chunks, v.view.chunk = kChunk;
-  v.q8.resize(M * K), v.scale8.resize(M * blocks), v.offset8.resize(M * blocks);
-  v.chunk_scale.resize(M * chunks * kLanes);
+  v.q8.resize(M * K), v.scale8.resize(M * blocks);
+  v.chunk_scale.resize(M * chunks * kLanes), v.lane_offset.resize(M * chunks * kLanes);
   // Bytes of a block in order (after the packs, which interleave 128-bit halves and 4-byte groups) ...
   const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   // ... then each 16 bytes' evens before its odds, and the two halves' evens before their odds.
@@ -226,7 +226,6 @@ void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
       const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
       const __m256i q0 = rounded(xb, inverse), q1 = rounded(xb + 8, inverse), q2 = rounded(xb + 16, inverse),
                     q3 = rounded(xb + 24, inverse);
-      const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3));
       __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
       q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(q, in_order), evens_odds), 0b11011000);
       // The block's 16 evens and 16 odds, each at its place among its chunk's evens and odds.
@@ -234,18 +233,21 @@ void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
       int8_t* at = v.q8.data() + m * K + c0 + (b * kBlock8 - c0) / 2;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm256_castsi256_si128(q));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(at + span), _mm256_extracti128_si256(q, 1));
-      alignas(32) int32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
-      int32_t sum = 0;
-      for (int32_t lane : lanes) sum += lane;
-      v.scale8[m * blocks + b] = amax / 127.0f, v.offset8[m * blocks + b] = amax / 127.0f * 8 * sum;
+      v.scale8[m * blocks + b] = amax / 127.0f;
+      if (b / per_chunk < chunks) {  // the block's 4 lanes of its whole chunk: -8 * the sums of q0 .. q3
+        const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(q0, q1), _mm256_hadd_epi32(q2, q3));
+        const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v.lane_offset.data() + (m * chunks + b / per_chunk) * kLanes +
+                                                    b % per_chunk * kLanesPerBlock),
+                         _mm_mullo_epi32(sums, _mm_set1_epi32(-8)));
+      }
     }
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t l = 0; l < kLanes; ++l)
         v.chunk_scale[(m * chunks + c) * kLanes + l] = v.scale8[m * blocks + c * (kChunk / kBlock8) + l / kLanesPerBlock];
   }
-  v.view.q8 = v.q8.data(), v.view.scale8 = v.scale8.data(), v.view.offset8 = v.offset8.data();
-  v.view.chunk_scale = v.chunk_scale.data();
+  v.view.q8 = v.q8.data(), v.view.scale8 = v.scale8.data();
+  v.view.chunk_scale = v.chunk_scale.data(), v.view.lane_offset = v.lane_offset.data();
 }
 
 VectorStore make_vectors(const float* x, int64_t M, int64_t K, Quantized quantized) {
@@ -301,9 +303,8 @@ inline void dot_tile(const W* const* rows, const Vectors& x, float* out) {
 }
 
 // out[r * MC + m] = dot(rows[r], x[m]) for int4 rows (with their group scales) and int8 vectors, a
-// segment of blocks at a time: the blocks' weight scales converted first, the nibbles' offset (8 *
-// sum(q) per block, weighted by both scales) subtracted per segment, the whole chunks multiplied by the
-// instruction set, and a last, partial chunk here.
+// segment of blocks at a time: the blocks' weight scales converted first, the whole chunks multiplied
+// by the instruction set, and a last, partial chunk here.
 template <typename S, int R, int MC>
 inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, int64_t group, const Vectors& x,
                           float* out) {
@@ -323,8 +324,9 @@ inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, in
       // Groups of 32, 64 or 128 (segments start on a group): eight scales converted at a time and each
       // repeated for its 1, 2 or 4 blocks.
       if (blocks_per_group == 1 || blocks_per_group == 2 || blocks_per_group == 4)
-        for (; b + 8 * blocks_per_group <= b1; b += 8 * blocks_per_group) {
-          const __m256 w = load8(scales[r] + b / blocks_per_group);
+        for (const S* group_scales = scales[r] + b0 / blocks_per_group; b + 8 * blocks_per_group <= b1;
+             b += 8 * blocks_per_group, group_scales += 8) {  // (a division here cost more than the rest)
+          const __m256 w = load8(group_scales);
           for (int64_t j = 0; j < blocks_per_group; ++j)
             _mm256_store_ps(block_scale[r] + b - b0 + 8 * j, _mm256_permutevar8x32_ps(w, repeat[blocks_per_group / 2][j]));
         }
@@ -334,20 +336,6 @@ inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, in
         for (; b < end; ++b) block_scale[r][b - b0] = w;
       }
     }
-    // The nibbles' offset.
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MC; ++m) {
-        __m256 offset = _mm256_setzero_ps();
-        int64_t b = b0;
-        for (; b + 8 <= b1; b += 8)
-          offset = _mm256_fmadd_ps(_mm256_load_ps(block_scale[r] + b - b0), _mm256_loadu_ps(x.offset8 + m * blocks + b), offset);
-        float rest = 0.0f;
-        for (; b < b1; ++b) rest += block_scale[r][b - b0] * x.offset8[m * blocks + b];
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, offset);
-        for (float lane : lanes) rest += lane;
-        out[r * MC + m] -= rest;
-      }
     // Whole chunks of this segment (it starts on a chunk), then what is left of the last chunk.
     const int64_t c0 = b0 / per_chunk, c1 = b1 / per_chunk;
     isa::int4_chunks<R, MC>(rows, block_scale, b0, c0, c1, x, out);
@@ -359,7 +347,7 @@ inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, in
             int32_t sum = 0;
             for (int64_t j = (b * kBlock8 - k0) / 2; j < (b * kBlock8 - k0) / 2 + kBlock8 / 2; ++j) {
               const uint8_t pair = rows[r][k0 / 2 + j];
-              sum += (pair & 15) * x.q8[m * K + k0 + j] + (pair >> 4) * x.q8[m * K + k0 + span + j];
+              sum += ((pair & 15) - 8) * x.q8[m * K + k0 + j] + ((pair >> 4) - 8) * x.q8[m * K + k0 + span + j];
             }
             out[r * MC + m] += float(sum) * x.scale8[m * blocks + b] * block_scale[r][b - b0];
           }

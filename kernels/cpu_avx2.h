@@ -30,14 +30,14 @@ inline __m256i add_products16(__m256i sums, __m256i a, __m256i b) {
 #endif
 }
 
-// The int32 lanes' sums of four unsigned bytes of a times signed bytes of b, plus those of c times d.
-inline __m256i products8(__m256i a, __m256i b, __m256i c, __m256i d) {
+// start + the int32 lanes' sums of four unsigned bytes of a times signed bytes of b, and of c times d.
+inline __m256i products8(__m256i start, __m256i a, __m256i b, __m256i c, __m256i d) {
 #ifdef MIXTRAL_ISA_AVXVNNI
-  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b), c, d);
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(start, a, b), c, d);
 #else
   // At most 2 * 15 * 127 per int16 lane, twice: no saturation.
   const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, b), _mm256_maddubs_epi16(c, d));
-  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  return _mm256_add_epi32(start, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 #endif
 }
 
@@ -140,7 +140,8 @@ inline void int4_chunks(const uint8_t* const* rows, const float (*block_scale)[k
       const __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(block_scale[r] + 2 * c - b0)));
       const __m256 w_scale = _mm256_permutevar8x32_ps(pair, halves);
       for (int m = 0; m < MC; ++m) {
-        const __m256i sums = products8(low, even[m], high, odd[m]);
+        const __m256i start = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.lane_offset + (m * x.chunks + c) * 8));
+        const __m256i sums = products8(start, low, even[m], high, odd[m]);  // start: the nibbles' offset
         const __m256 scale = _mm256_mul_ps(w_scale, _mm256_loadu_ps(x.chunk_scale + (m * x.chunks + c) * 8));
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][m]);
       }

@@ -162,7 +162,8 @@ inline void int4_chunks(const uint8_t* const* rows, const float (*block_scale)[k
       // The scales of blocks 4c .. 4c + 3, each for its four lanes.
       const __m512 w_scale = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(block_scale[r] + 4 * c - b0)));
       for (int m = 0; m < MC; ++m) {
-        const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low, even[m]), high, odd[m]);
+        const __m512i start = _mm512_loadu_si512(x.lane_offset + (m * x.chunks + c) * 16);  // the nibbles' offset
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, low, even[m]), high, odd[m]);
         const __m512 scale = _mm512_mul_ps(w_scale, _mm512_loadu_ps(x.chunk_scale + (m * x.chunks + c) * 16));
         acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][m]);
       }
