@@ -131,9 +131,11 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 class Bandwidth:
     """Memory bandwidth of the device, from a buffer far larger than any cache: a full read (sum) and a
-    copy of one half into the other (read + write, both counted). The limit uses the faster of the two,
-    so that a fraction of it is never flattered by a slow probe. The buffer exists only while a probe
-    runs, so that it never counts in another measurement's peak memory."""
+    copy of one half into the other (read + write, both counted). Decoding reads its weights, so the
+    limit is the read probe's; the copy is printed beside it. Each probe is the median of several
+    passes: on a shared VM the best pass of a few swung by a third from run to run (a burst now and
+    then), the median much less. The buffer exists only while a probe runs, so that it never counts
+    in another measurement's peak memory."""
 
     def __init__(self, device: str, nbytes: Optional[int] = None):
         self.device = device
@@ -149,19 +151,20 @@ class Bandwidth:
         synchronize(self.device)
         return time.perf_counter() - t
 
-    def measure(self, rounds: int = 3) -> float:
-        """Best of `rounds` of each probe, recorded; returns this measurement's bandwidth in bytes/s."""
+    def measure(self, rounds: int = 5) -> float:
+        """Median of `rounds` passes of each probe, recorded; returns this measurement's read bandwidth in
+        bytes/s."""
         # float32 (ones: every page touched before timing): the probe measures memory, not bf16 arithmetic.
         buf = torch.ones(self.nbytes // 4, dtype=torch.float32, device=self.device)
         src, dst = buf.chunk(2)
-        read = self.nbytes / min(self._time(buf.sum) for _ in range(rounds))
-        copy = 2 * src.numel() * 4 / min(self._time(lambda: dst.copy_(src)) for _ in range(rounds))
+        read = self.nbytes / statistics.median(self._time(buf.sum) for _ in range(rounds))
+        copy = 2 * src.numel() * 4 / statistics.median(self._time(lambda: dst.copy_(src)) for _ in range(rounds))
         del buf, src, dst
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         self.read.append(read)
         self.copy.append(copy)
-        return max(read, copy)
+        return read
 
 
 @dataclass
@@ -371,7 +374,7 @@ def run(args) -> list:
     if not bandwidth.read:  # prefill only: probe once
         bandwidth.measure()
     bw_read, bw_copy = statistics.median(bandwidth.read), statistics.median(bandwidth.copy)
-    bw = max(bw_read, bw_copy)
+    bw = bw_read
     matmul = matmul_gflops(device, config) if args.prefill_lengths else None
     print_table(args, name, kind, rows, weight_bytes, total_bytes, bandwidth.read, bw_read, bw_copy, bw, compile_s, matmul)
     return rows
@@ -467,8 +470,8 @@ def print_table(args, name, kind, rows, weight_bytes, total_bytes, bw_probes, bw
     print(f"### Mixtral benchmark: {name}, {kind}, batch {', '.join(map(str, args.batch_sizes))}")
     print()
     print(f"- machine: {machine_name(args.device)}")
-    print(f"- memory bandwidth, same run (median of {len(bw_probes)} probes, each the best of 3): "
-          f"read {bw_read / 1e9:.1f} GB/s, copy {bw_copy / 1e9:.1f} GB/s; limit = {bw / 1e9:.1f} GB/s / "
+    print(f"- memory bandwidth, same run (median of {len(bw_probes)} probes, each the median of 5 passes): "
+          f"read {bw_read / 1e9:.1f} GB/s (copy {bw_copy / 1e9:.1f} GB/s); limit = read {bw / 1e9:.1f} GB/s / "
           f"{weight_bytes / 1e9:.3g} GB per token = {fmt(limit)} tokens/s")
     compiled = ("decode" if args.compile else "none") + (" + prefill" if args.compile_prefill else "")
     warm = f"{compile_s:.1f} s" if compile_s is not None else "-"
