@@ -2,7 +2,6 @@
 # this repo's layout: q/k/v fused into wqkv, each layer's experts stacked into w1/w2/w3 tensors.
 # The folder's config.json stays beside model.pth: the loader reads the shapes from it.
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs, UserError  # noqa: E402
+from model import ModelArgs, UserError, json_entry, read_json_object  # noqa: E402
 
 
 def hub_tensor_shapes(config: ModelArgs) -> dict:
@@ -43,11 +42,8 @@ def find_weight_files(checkpoint_dir: Path) -> dict:
     """Tensor name -> the safetensors file that holds it."""
     index = checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index} is not a valid safetensors index ({e!r}); download it again")
-        return {name: checkpoint_dir / shard for name, shard in weight_map.items()}
+        weight_map = json_entry(read_json_object(index, "download the checkpoint"), "weight_map", "object", index)
+        return {name: checkpoint_dir / json_entry(weight_map, name, "text", index) for name in weight_map}
     single = checkpoint_dir / "model.safetensors"
     if single.is_file():
         with open_shard(single) as f:
