@@ -2,7 +2,6 @@
 # this repo's layout: q/k/v fused into wqkv, each layer's experts stacked into w1/w2/w3 tensors.
 # The folder's config.json stays beside model.pth: the loader reads the shapes from it.
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, UserError, json_entry, read_json_object  # noqa: E402
+from writing import atomic_file  # noqa: E402
 
 
 def hub_tensor_shapes(config: ModelArgs) -> dict:
@@ -108,18 +108,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
                                        else "lm_head.weight")
 
     output = checkpoint_dir / output_name
-    save_atomically(state_dict, output)
+    with atomic_file(output, sum(t.nbytes for t in state_dict.values())) as f:
+        torch.save(state_dict, f)
     return output
-
-
-def save_atomically(obj, path: Path):
-    """torch.save to a temporary name, then rename: an interrupted run never leaves a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):

@@ -3,9 +3,15 @@ is written, a closed stdout, devices this torch cannot use, wrong-typed config v
 memory or context. Each must end with one line and a non-zero exit (a closed pipe: quietly), never a
 traceback, a silently wrong result or a half-written file."""
 import json
+import os
+import resource
+import signal
+
+import pytest
 
 import generate as generate_script
-from conftest import fails_cleanly
+import quantize as quantize_script
+from conftest import fails_cleanly, run_script
 from scripts.convert_hf_checkpoint import main as convert_main
 
 
@@ -29,6 +35,14 @@ def leftovers(folder) -> list:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
+def one_error_line(stderr: str, *words) -> str:
+    """The one line a failed script printed (progress bars aside), naming each of words."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    return lines[0]
+
+
 # ----------------------------------------------------------------------------- config.json and the index
 
 def test_wrong_typed_config_values_are_named_by_converter_and_loader(checkpoint, tmp_path, capsys):
@@ -42,3 +56,96 @@ def test_wrong_typed_config_values_are_named_by_converter_and_loader(checkpoint,
     fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, "model.safetensors.index.json", "weight_map",
                   "[1, 2]")
     assert leftovers(folder) == [] and not (folder / "model.pth").exists()
+
+
+# ----------------------------------------------------------------------------- writing checkpoints
+
+HUB_FILES = ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def limit_file_size(nbytes: int):
+    """In the child, before it runs: files may grow to nbytes, as on a nearly full disk. A write past
+    that fails with EFBIG (Python ignores SIGXFSZ, which would otherwise kill the process)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
+
+
+def test_full_disk_while_quantizing(checkpoint, tmp_path):
+    """quantize.py under a file-size limit: one line naming the file and the space it needs, and no
+    temporary file (it was a RuntimeError traceback, and on a full disk a bare SIGBUS)."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    result = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", preexec_fn=limit_file_size(1 << 20))
+    assert result.returncode == 1
+    one_error_line(result.stderr, str(folder / "model_int8.pth"), "File too large", "MB")
+    assert leftovers(folder) == [] and not (folder / "model_int8.pth").exists()
+
+
+def test_full_disk_while_converting(checkpoint, tmp_path):
+    """The converter under a file-size limit: one line, as for quantize.py (it was torch's writer's
+    RuntimeError traceback), and the model.pth that was there is left as it was."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth", *HUB_FILES)
+    result = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", folder,
+                        preexec_fn=limit_file_size(1 << 20))
+    assert result.returncode == 1
+    one_error_line(result.stderr, str(folder / "model.pth"), "File too large", "MB")
+    assert leftovers(folder) == [] and (folder / "model.pth").is_symlink()
+
+
+def test_quantize_reserves_the_disk_space_before_writing_through_the_map(checkpoint, tmp_path, monkeypatch):
+    """A full disk found while a shared map is written is a SIGBUS: no message, no clean-up. So every
+    block of the output is allocated (a full disk is then an error) before the map is made."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    real_load, seen = quantize_script.torch.load, []
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            stat = os.stat(path)
+            seen.append((stat.st_blocks * 512, stat.st_size))
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(quantize_script.torch, "load", load)
+    quantize_script.quantize_checkpoint(folder / "model.pth", "int8")
+    (allocated, size), = seen
+    assert allocated >= size
+
+
+@pytest.fixture
+def counted_signals():
+    """A handler for SIGTERM and SIGHUP that only counts them, in place of the default (which would end
+    pytest) while a test sends them to its own process; the handlers before it are restored after."""
+    received = []
+
+    def count(signum, frame):
+        received.append(signum)
+    previous = {s: signal.signal(s, count) for s in (signal.SIGTERM, signal.SIGHUP)}
+    yield count, received
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_while_writing_removes_the_temporary_file(checkpoint, tmp_path, capsys, monkeypatch, counted_signals,
+                                                           signum):
+    """A job scheduler's SIGTERM, or a closed terminal's SIGHUP, arriving while the converter or quantize.py
+    writes (sent by the process to itself once its temporary file is written) ends the run as Ctrl-C
+    would: one line, the signal's exit status, no temporary file, no output; and the process's own
+    handler is back afterwards."""
+    folder = linked_folder(checkpoint, tmp_path, *HUB_FILES)
+    real_save = quantize_script.torch.save
+
+    def save_then_signal(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        assert leftovers(folder)
+        os.kill(os.getpid(), signum)
+    monkeypatch.setattr(quantize_script.torch, "save", save_then_signal)  # the one torch module both scripts use
+
+    def stopped(main, args, output):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+        assert exit_.value.code == 128 + signum
+        one_error_line(capsys.readouterr().err, signal.Signals(signum).name, output)
+        assert leftovers(folder) == [] and not (folder / output).exists()
+
+    stopped(convert_main, ["--checkpoint_dir", folder], "model.pth")
+    (folder / "model.pth").symlink_to(checkpoint / "model.pth")  # quantize.py writes beside its source
+    stopped(quantize_script.main, ["--checkpoint_path", folder / "model.pth"], "model_int8.pth")
+    count, received = counted_signals
+    assert received == [] and signal.getsignal(signum) is count
