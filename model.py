@@ -136,13 +136,21 @@ def read_json_object(path, missing: str) -> dict:
     return value
 
 
+def check_checkpoint_file(checkpoint_path: Path):
+    """A UserError unless checkpoint_path is a file: said first, before anything beside it is looked for."""
+    if checkpoint_path.is_dir():
+        raise UserError(f"checkpoint {checkpoint_path} is a folder: give the model.pth (or model_int8.pth, "
+                        f"model_int4.g32.pth) inside it")
+    if not checkpoint_path.is_file():
+        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
+                        f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
+
+
 def load_checkpoint(checkpoint_path) -> tuple:
     """(config, mmapped state dict) of a converted checkpoint: model.pth or model_int8.pth with
     config.json beside it. Raises UserError with a message fit for the user."""
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
-                         f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
+    check_checkpoint_file(checkpoint_path)
     config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
     try:
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
@@ -164,6 +172,14 @@ transformer_configs = {
                                norm_eps=1e-5, num_experts=8, num_activated_experts=2),
 }
 transformer_configs["Mixtral-8x7B-Instruct-v0.1"] = transformer_configs["Mixtral-8x7B-v0.1"]
+
+
+def kv_cache_bytes(config: ModelArgs, batch_size: int, max_seq_length: int, dtype: torch.dtype,
+                   world_size: int = 1) -> int:
+    """Bytes of the KV cache Transformer.setup_caches allocates (on each of world_size tensor-parallel
+    ranks): keys and values, for every layer, sequence, key/value head and position."""
+    heads = config.n_local_heads // world_size
+    return 2 * config.n_layer * batch_size * heads * max_seq_length * config.head_dim * dtype.itemsize
 
 
 class KVCache(nn.Module):

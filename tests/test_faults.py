@@ -2,10 +2,12 @@
 is written, a closed stdout, devices this torch cannot use, wrong-typed config values, requests beyond
 memory or context. Each must end with one line and a non-zero exit (a closed pipe: quietly), never a
 traceback, a silently wrong result or a half-written file."""
+import io
 import json
 import os
 import resource
 import signal
+import sys
 
 import pytest
 
@@ -41,6 +43,43 @@ def one_error_line(stderr: str, *words) -> str:
     assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     assert all(word in lines[0] for word in words), lines[0]
     return lines[0]
+
+
+# ----------------------------------------------------------------------------- generate.py's flags
+
+def test_non_finite_temperature_is_refused(checkpoint, capsys):
+    for value in ("nan", "inf"):
+        fails_cleanly(generate_script.main, argv(checkpoint, "--max_new_tokens", "2", "--temperature", value), capsys,
+                      "--temperature", value)
+
+
+def test_devices_this_torch_cannot_use_are_refused(checkpoint, capsys):
+    from scripts.benchmark import main as benchmark_main
+    for device in ("mps", "xpu", "meta"):
+        fails_cleanly(generate_script.main, argv(checkpoint) + ["--device", device], capsys, f"--device {device}")
+        fails_cleanly(benchmark_main, ["--model", "tiny", "--device", device], capsys, f"--device {device}")
+
+
+def test_kv_cache_beyond_memory_is_refused_before_allocating(checkpoint, capsys):
+    line = fails_cleanly(generate_script.main, argv(checkpoint, "--batch_size", "10000000", "--max_new_tokens", "2000"),
+                         capsys, "--batch_size 10000000", "--max_new_tokens 2000", "KV cache", "GB")
+    assert "7864.3 GB" in line  # 2 (k, v) x 3 layers x 1e7 sequences x 2 heads x 2048 positions x 16 x 2 bytes
+
+
+def test_interactive_max_new_tokens_past_the_context_is_refused(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    fails_cleanly(generate_script.main, argv(checkpoint, "--interactive", "--max_new_tokens", "2100"), capsys,
+                  "--max_new_tokens 2100", "context of 2048")
+
+
+def test_profile_into_an_unwritable_folder_is_refused_up_front(checkpoint, tmp_path, capsys):
+    fails_cleanly(generate_script.main, argv(checkpoint, "--max_new_tokens", "2", "--profile", tmp_path / "no" / "trace"),
+                  capsys, "--profile", str(tmp_path / "no"))
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_such(checkpoint, capsys):
+    fails_cleanly(generate_script.main, ["--checkpoint_path", checkpoint, "--device", "cpu"], capsys, "folder",
+                  str(checkpoint))
 
 
 # ----------------------------------------------------------------------------- config.json and the index
