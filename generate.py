@@ -9,6 +9,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -393,10 +394,21 @@ def main(argv=None):
         with output_of_rank0_only(rank):
             run(args, rank, world_size)
     except UserError as e:  # on every rank: each one stops
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank finds the same fault: one line, from rank 0
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:
+        exit_as_on_sigpipe()
     if rank is not None:
         dist.destroy_process_group()
+
+
+def exit_as_on_sigpipe():
+    """What a Unix tool does when the reader of its output goes away (`generate.py ... | head`): stop,
+    quietly, with the status of a process killed by SIGPIPE. stdout is pointed at nothing first, or
+    Python's flush of it at exit would report the closed pipe again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 @contextlib.contextmanager

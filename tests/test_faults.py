@@ -82,6 +82,29 @@ def test_a_folder_given_as_checkpoint_is_named_as_such(checkpoint, capsys):
                   str(checkpoint))
 
 
+def test_under_torchrun_only_rank_0_prints_the_error(checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            generate_script.main([str(a) for a in argv(checkpoint, "--temperature", "-1")])
+        assert exit_.value.code == 1
+        assert len(capsys.readouterr().err.splitlines()) == lines
+
+
+def test_a_closed_stdout_ends_generation_quietly(checkpoint, capsys, monkeypatch):
+    """`generate.py ... | head -c 10`: the reader has gone; what Unix tools do is stop, with no message."""
+    monkeypatch.setattr(generate_script.cpu_kernels, "available", lambda: False)  # no kernel build: PyTorch's path
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        with pytest.raises(SystemExit) as exit_:
+            generate_script.main([str(a) for a in argv(checkpoint, "--max_new_tokens", "4")])
+        assert exit_.value.code == 128 + signal.SIGPIPE
+    assert not [line for line in capsys.readouterr().err.splitlines() if "rror" in line or "Traceback" in line]
+
+
 # ----------------------------------------------------------------------------- config.json and the index
 
 def test_wrong_typed_config_values_are_named_by_converter_and_loader(checkpoint, tmp_path, capsys):
