@@ -128,11 +128,15 @@ def main(argv=None):
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")
     parser.add_argument("--mode", choices=QUANTIZED_FORMATS, default="int8",
                         help="int8: one scale per output channel; int4: one scale per group of --groupsize inputs")
-    parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32,
-                        help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file)")
+    parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=None,
+                        help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file); "
+                             "default 32")
     args = parser.parse_args(argv)
     try:
-        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize)
+        if args.groupsize is not None and args.mode != "int4":
+            raise UserError(f"--groupsize is for --mode int4 (groups of inputs sharing a scale); --mode {args.mode} "
+                            f"has one scale per row: drop --groupsize")
+        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions

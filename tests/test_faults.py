@@ -120,6 +120,13 @@ def test_wrong_typed_config_values_are_named_by_converter_and_loader(checkpoint,
     assert leftovers(folder) == [] and not (folder / "model.pth").exists()
 
 
+def test_groupsize_with_int8_is_refused(checkpoint, tmp_path, capsys):
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    fails_cleanly(quantize_script.main, ["--checkpoint_path", folder / "model.pth", "--mode", "int8", "--groupsize", "64"],
+                  capsys, "--groupsize", "int4")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pth"]
+
+
 # ----------------------------------------------------------------------------- writing checkpoints
 
 HUB_FILES = ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
