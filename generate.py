@@ -6,8 +6,10 @@
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,9 @@ from torch import Tensor
 
 from formats import detect_format, formatted_model
 from kernels import cpu as cpu_kernels
-from model import ModelArgs, Transformer, UserError, load_checkpoint
+from model import ModelArgs, Transformer, UserError, check_checkpoint_file, kv_cache_bytes, load_checkpoint
 from tp import apply_tp, broadcast_from_rank0, maybe_init_dist, rank_device
+from writing import readable_size
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -314,16 +317,44 @@ def check_args(args):
         raise UserError("--interactive is one conversation: drop --prompts_file and --batch_size")
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    check_device(args.device)
+    if args.profile is not None:
+        check_writable(Path(f"{args.profile}.json"), "--profile")
+
+
+def check_device(name: str):
+    """A UserError unless this torch can run on device `name`: a device type it knows, built in and
+    present (cuda, mps, xpu, ...), with that index; meta holds no data, so it cannot generate."""
     try:
-        torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device torch knows (try cpu or cuda)")
+        raise UserError(f"--device {name!r} is not a device torch knows (try cpu or cuda)") from None
+    if device.type == "cpu":
+        return
+    if device.type == "meta":
+        raise UserError(f"--device {name} holds shapes, not values: it cannot run the model; use --device cpu or cuda")
+    backend = getattr(torch, device.type, None)
+    if not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        raise UserError(f"--device {name}: this torch ({torch.__version__}) has no {device.type} support; "
+                        f"use --device cpu or cuda")
+    if not backend.is_available():
+        raise UserError(f"--device {name} was asked for but {device.type.upper()} is not available to this torch "
+                        f"({torch.__version__}); use --device cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        raise UserError(f"--device {name} was asked for but there are {backend.device_count()} {device.type} devices "
+                        f"(numbered from 0)")
+
+
+def check_writable(path: Path, flag: str):
+    """A UserError unless a file can be written at path: said before any work, not after it."""
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} would write {path}, but {folder} is not a folder this user can write into; "
+                        f"give a path in one")
 
 
 def decode_compile_options(device: str) -> dict:
@@ -359,10 +390,21 @@ def main(argv=None):
         with output_of_rank0_only(rank):
             run(args, rank, world_size)
     except UserError as e:  # on every rank: each one stops
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank finds the same fault: one line, from rank 0
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:
+        exit_as_on_sigpipe()
     if rank is not None:
         dist.destroy_process_group()
+
+
+def exit_as_on_sigpipe():
+    """What a Unix tool does when the reader of its output goes away (`generate.py ... | head`): stop,
+    quietly, with the status of a process killed by SIGPIPE. stdout is pointed at nothing first, or
+    Python's flush of it at exit would report the closed pipe again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 @contextlib.contextmanager
@@ -378,8 +420,13 @@ def output_of_rank0_only(rank: Optional[int]):
 def run(args, rank: Optional[int] = None, world_size: int = 1):
     device = rank_device(args.device) if rank is not None else args.device
     precision = PRECISIONS[args.precision]
+    check_checkpoint_file(args.checkpoint_path)
     tokenizer = load_tokenizer(args.checkpoint_path)
-    block_size = read_config(args.checkpoint_path).block_size
+    config = read_config(args.checkpoint_path)
+    block_size = config.block_size
+    if args.max_new_tokens >= block_size:  # in every mode: no prompt, not even <s>, would fit beside them
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {block_size} tokens; lower it")
     instruct = args.chat_format == "instruct" or (args.chat_format == "auto" and is_instruct(args.checkpoint_path))
 
     def encode(text: str, what: str = "the prompt") -> Tensor:
@@ -394,9 +441,12 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
         prompts = [(f"line {n}", encode(text, f"line {n} of {args.prompts_file}"))
                    for n, text in read_prompts_file(args.prompts_file)]
         size = args.batch_size or len(prompts)
+        check_cache_fits(args, config, min(size, len(prompts)), max(ids.size(0) for _, ids in prompts), device,
+                         precision, world_size)
         batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     elif not args.interactive:
         prompt_ids = encode(args.prompt)
+        check_cache_fits(args, config, args.batch_size or 1, prompt_ids.size(0), device, precision, world_size)
         batches = [[(f"sequence {b + 1}", prompt_ids) for b in range(args.batch_size or 1)]] * args.num_samples
     t0 = time.perf_counter()
     model = load_model(args.checkpoint_path, device, precision, rank, world_size)
@@ -416,6 +466,40 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     print("==========")
     print(f"Average tokens/sec: {sum(tokens_per_sec) / max(len(tokens_per_sec), 1):.2f}")
     print(f"Memory used: {peak_memory_gb(device):.02f} GB")
+
+
+def cache_length(longest_prompt: int, max_new_tokens: int, block_size: int) -> int:
+    """The positions of the KV cache that batches of prompts up to longest_prompt tokens use. Rounded up,
+    so that batches of other lengths share it and a compiled step keeps its shapes."""
+    return min(block_size, round_up(longest_prompt + max_new_tokens))
+
+
+def check_cache_fits(args, config: ModelArgs, batch_size: int, longest_prompt: int, device: str,
+                     precision: torch.dtype, world_size: int):
+    """Refuses, before any allocation, a KV cache larger than the memory the device has available: the
+    allocator's own failure is a traceback, and on a CPU that overcommits, a cache that is zeroed page
+    by page is ended by the kernel's out-of-memory killer instead."""
+    positions = cache_length(longest_prompt, args.max_new_tokens, config.block_size)
+    needed = kv_cache_bytes(config, batch_size, positions, precision, world_size)
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise UserError(f"--batch_size {batch_size} and --max_new_tokens {args.max_new_tokens} ask for a KV cache of "
+                        f"{readable_size(needed)} ({batch_size} sequences of {positions} positions in {args.precision}), "
+                        f"more than the {readable_size(available)} of memory available on {device}; lower them")
+
+
+def available_memory(device: str) -> Optional[int]:
+    """Bytes that can be allocated on the device now without swapping: Linux's MemAvailable (elsewhere
+    the physical memory) on a CPU, the free memory of a CUDA device; None where it cannot be told."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if torch.device(device).type != "cpu":
+        return None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def user_turn(tokenizer, text: str, instruct: bool, first: bool = True) -> list:
@@ -438,7 +522,7 @@ def run_batches(args, model: Transformer, tokenizer, batches: list, sampling: di
     longest = max(ids.size(0) for batch in batches for _, ids in batch)
     # One cache for every batch, so that a compiled step keeps its shapes; rounded up for the same reason.
     with torch.device(device):
-        model.setup_caches(max_batch_size=B, max_seq_length=min(block_size, round_up(longest + args.max_new_tokens)))
+        model.setup_caches(max_batch_size=B, max_seq_length=cache_length(longest, args.max_new_tokens, block_size))
     # Under tensor parallelism each rank reads its own shard (and the replicated parts) per token:
     # the bytes all ranks together read, so the bandwidth line is the sum over the GPUs.
     model_bytes = active_weight_bytes(model) * world_size

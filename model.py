@@ -4,6 +4,7 @@
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,47 +50,42 @@ class ModelArgs:
                              f"{self.num_experts} experts")
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """Reads a Hugging Face Mixtral config.json (transformers 4 or 5 spelling)."""
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UserError(f"config: hidden_act {cfg['hidden_act']!r} is not supported (Mixtral uses silu)")
+    def from_hf_config(cls, cfg: dict, where="config.json") -> "ModelArgs":
+        """Reads a Hugging Face Mixtral config.json (transformers 4 or 5 spelling), every value checked
+        by json_entry; `where` names the file in messages."""
+        def get(key, kind, default=REQUIRED):
+            return json_entry(cfg, key, kind, where, default)
+
+        if get("hidden_act", "text", "silu") != "silu":
+            raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Mixtral uses silu)")
         # transformers 4 writes rope_theta at the top level, transformers 5 inside rope_parameters.
-        rope = cfg.get("rope_parameters") or {}
+        rope = get("rope_parameters", "object", {})
         if rope.get("rope_type", "default") != "default":
-            raise UserError(f"config: rope_type {rope['rope_type']!r} is not supported")
-        rope_base = rope.get("rope_theta", cfg.get("rope_theta", 1e6))
+            raise UserError(f"{where}: rope_type {rope['rope_type']!r} is not supported")
+        n_head, dim = get("num_attention_heads", "count"), get("hidden_size", "count")
         try:
-            n_head = cfg["num_attention_heads"]
             return cls(
-                block_size=cfg["max_position_embeddings"],
-                vocab_size=cfg["vocab_size"],
-                n_layer=cfg["num_hidden_layers"],
+                block_size=get("max_position_embeddings", "count"),
+                vocab_size=get("vocab_size", "count"),
+                n_layer=get("num_hidden_layers", "count"),
                 n_head=n_head,
-                dim=cfg["hidden_size"],
-                intermediate_size=cfg["intermediate_size"],
-                n_local_heads=cfg.get("num_key_value_heads") or n_head,
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-                rope_base=float(rope_base),
-                norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                num_experts=cfg["num_local_experts"],
-                num_activated_experts=cfg["num_experts_per_tok"],
-                sliding_window=cfg.get("sliding_window"),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                dim=dim,
+                intermediate_size=get("intermediate_size", "count"),
+                n_local_heads=get("num_key_value_heads", "count", n_head),
+                head_dim=get("head_dim", "count", dim // n_head),
+                rope_base=float(json_entry(rope, "rope_theta", "number", where, get("rope_theta", "number", 1e6))),
+                norm_eps=get("rms_norm_eps", "number", 1e-5),
+                num_experts=get("num_local_experts", "count"),
+                num_activated_experts=get("num_experts_per_tok", "count"),
+                sliding_window=get("sliding_window", "count", None),
+                tie_word_embeddings=get("tie_word_embeddings", "flag", False),
             )
-        except KeyError as e:
-            raise UserError(f"config: required key {e.args[0]!r} is missing") from None
+        except UserError as e:  # values that do not fit together (__post_init__): name the file too
+            raise UserError(str(e).replace("config:", f"{where}:", 1)) from None
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        try:
-            cfg = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path} not found: the checkpoint folder needs the model's config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{path} is not a JSON object")
-        return cls.from_hf_config(cfg)
+        return cls.from_hf_config(read_json_object(path, "the checkpoint folder needs the model's config.json"), path)
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -98,13 +94,63 @@ class ModelArgs:
         return cls(**transformer_configs[name])
 
 
+# What each kind of value in a JSON file the checkpoint comes with must be: (described, test).
+JSON_KINDS = {
+    "count": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "number": ("a positive number", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0),
+    "flag": ("true or false", lambda v: type(v) is bool),
+    "text": ("a string", lambda v: type(v) is str),
+    "object": ("a JSON object", lambda v: type(v) is dict),
+}
+
+
+REQUIRED = object()  # json_entry's default for a key that must be there
+
+
+def json_entry(obj: dict, key: str, kind: str, where, default=REQUIRED):
+    """obj[key], read from the JSON file `where`, if it is of `kind` (JSON_KINDS); an absent or null key
+    gives the default, where there is one. Otherwise a UserError naming the key, the value and the
+    file. The converter and the loader read config.json and the safetensors index through it, so that
+    a wrong value is named where it is written rather than met later as a TypeError."""
+    if obj.get(key) is None and default is not REQUIRED:
+        return default
+    if key not in obj:
+        raise UserError(f"{where}: required key {key!r} is missing")
+    described, fits = JSON_KINDS[kind]
+    if not fits(obj[key]):
+        raise UserError(f"{where}: {key} is {json.dumps(obj[key])}, but it must be {described}; fix the file or "
+                        f"download it again")
+    return obj[key]
+
+
+def read_json_object(path, missing: str) -> dict:
+    """The JSON object in the file at path; a UserError saying `missing` if there is no such file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
+
+
+def check_checkpoint_file(checkpoint_path: Path):
+    """A UserError unless checkpoint_path is a file: said first, before anything beside it is looked for."""
+    if checkpoint_path.is_dir():
+        raise UserError(f"checkpoint {checkpoint_path} is a folder: give the model.pth (or model_int8.pth, "
+                        f"model_int4.g32.pth) inside it")
+    if not checkpoint_path.is_file():
+        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
+                        f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
+
+
 def load_checkpoint(checkpoint_path) -> tuple:
     """(config, mmapped state dict) of a converted checkpoint: model.pth or model_int8.pth with
     config.json beside it. Raises UserError with a message fit for the user."""
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
-                         f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
+    check_checkpoint_file(checkpoint_path)
     config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
     try:
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
@@ -126,6 +172,14 @@ transformer_configs = {
                                norm_eps=1e-5, num_experts=8, num_activated_experts=2),
 }
 transformer_configs["Mixtral-8x7B-Instruct-v0.1"] = transformer_configs["Mixtral-8x7B-v0.1"]
+
+
+def kv_cache_bytes(config: ModelArgs, batch_size: int, max_seq_length: int, dtype: torch.dtype,
+                   world_size: int = 1) -> int:
+    """Bytes of the KV cache Transformer.setup_caches allocates (on each of world_size tensor-parallel
+    ranks): keys and values, for every layer, sequence, key/value head and position."""
+    heads = config.n_local_heads // world_size
+    return 2 * config.n_layer * batch_size * heads * max_seq_length * config.head_dim * dtype.itemsize
 
 
 class KVCache(nn.Module):

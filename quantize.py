@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from formats import FORMATS, Int4, detect_format, stored_weights
 from model import ModelArgs, Transformer, UserError, load_checkpoint
+from writing import atomic_file, reserve
 
 QUANTIZED_FORMATS = [name for name in FORMATS if name != "full precision"]
 
@@ -77,8 +78,9 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
     Streaming, so that memory use stays a few MB above the interpreter's whatever the model:
     the source is mmapped and read a few rows at a time; the output file is first written with
     its final layout but no data (torch.serialization.skip_data), then mmapped writable and
-    filled in place. Neither checkpoint is ever held in memory. The file is written under a
-    temporary name and renamed when complete, so an interrupted run leaves nothing behind."""
+    filled in place. Neither checkpoint is ever held in memory. The file's disk space is reserved
+    before the map is written, and it is written under a temporary name and renamed when complete,
+    so a full disk or an interrupted run leaves nothing behind (writing.atomic_file)."""
     if mode not in QUANTIZED_FORMATS:
         raise UserError(f"unknown mode {mode!r}: choose one of {', '.join(QUANTIZED_FORMATS)}")
     if mode == "int4" and groupsize not in Int4.GROUP_SIZES:
@@ -102,21 +104,20 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
         else:
             layout[name] = (tuple(t.shape), t.dtype)
     output = output_path(checkpoint_path, mode, groupsize)
-    tmp = output.with_name(output.name + ".tmp")
-    try:
-        with torch.serialization.skip_data():  # torch.empty touches no memory until written
-            torch.save({name: torch.empty(shape, dtype=t_dtype) for name, (shape, t_dtype) in layout.items()}, tmp)
+    empty = {name: torch.empty(shape, dtype=t_dtype) for name, (shape, t_dtype) in layout.items()}  # touches no memory
+    with atomic_file(output, sum(t.nbytes for t in empty.values())) as f:
+        with torch.serialization.skip_data():
+            torch.save(empty, f)
+        f.flush()
+        reserve(f, os.fstat(f.fileno()).st_size)  # the file has holes where the data goes
         with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-            out = torch.load(tmp, mmap=True, weights_only=True)  # writes go to the file
+            out = torch.load(f.name, mmap=True, weights_only=True)  # writes go to the file
         for name, src in tqdm(source.items(), desc="quantizing", unit="tensor"):
             if name in quantized:
                 quantize_into(fmt, src, {key: out[stored] for key, stored in quantized[name].items()})
             else:
                 out[name].copy_(src)  # embedding, norms, router: as they are
         del out  # unmaps: the kernel has every written page
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output
 
 
@@ -127,11 +128,15 @@ def main(argv=None):
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")
     parser.add_argument("--mode", choices=QUANTIZED_FORMATS, default="int8",
                         help="int8: one scale per output channel; int4: one scale per group of --groupsize inputs")
-    parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32,
-                        help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file)")
+    parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=None,
+                        help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file); "
+                             "default 32")
     args = parser.parse_args(argv)
     try:
-        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize)
+        if args.groupsize is not None and args.mode != "int4":
+            raise UserError(f"--groupsize is for --mode int4 (groups of inputs sharing a scale); --mode {args.mode} "
+                            f"has one scale per row: drop --groupsize")
+        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats import FORMATS, TRITON_VARIABLE, FullPrecision, Int4, quantize_module  # noqa: E402
-from generate import (PRECISIONS, active_weight_bytes, compile_steps, count_expert_reads,  # noqa: E402
+from generate import (PRECISIONS, active_weight_bytes, check_device, compile_steps, count_expert_reads,  # noqa: E402
                       generate_batch, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
 from scripts.make_tiny_checkpoint import write_random_checkpoint  # noqa: E402
@@ -562,8 +562,7 @@ def check_args(args):
         raise UserError(f"--batch_sizes must be at least 1, got {min(args.batch_sizes)}")
     if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    check_device(args.device)
 
 
 def main(argv=None):

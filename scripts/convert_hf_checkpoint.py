@@ -2,8 +2,6 @@
 # this repo's layout: q/k/v fused into wqkv, each layer's experts stacked into w1/w2/w3 tensors.
 # The folder's config.json stays beside model.pth: the loader reads the shapes from it.
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +10,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs, UserError  # noqa: E402
+from model import ModelArgs, UserError, json_entry, read_json_object  # noqa: E402
+from writing import atomic_file  # noqa: E402
 
 
 def hub_tensor_shapes(config: ModelArgs) -> dict:
@@ -43,11 +42,8 @@ def find_weight_files(checkpoint_dir: Path) -> dict:
     """Tensor name -> the safetensors file that holds it."""
     index = checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index} is not a valid safetensors index ({e!r}); download it again")
-        return {name: checkpoint_dir / shard for name, shard in weight_map.items()}
+        weight_map = json_entry(read_json_object(index, "download the checkpoint"), "weight_map", "object", index)
+        return {name: checkpoint_dir / json_entry(weight_map, name, "text", index) for name in weight_map}
     single = checkpoint_dir / "model.safetensors"
     if single.is_file():
         with open_shard(single) as f:
@@ -112,18 +108,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
                                        else "lm_head.weight")
 
     output = checkpoint_dir / output_name
-    save_atomically(state_dict, output)
+    with atomic_file(output, sum(t.nbytes for t in state_dict.values())) as f:
+        torch.save(state_dict, f)
     return output
-
-
-def save_atomically(obj, path: Path):
-    """torch.save to a temporary name, then rename: an interrupted run never leaves a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):

@@ -130,11 +130,12 @@ def fails_cleanly(main, argv, capsys, *words) -> str:
     return lines[0]
 
 
-def run_script(*args, timeout=600, env=None, stdin=None, cwd=REPO):
-    """Runs a repo script as a user would, in a fresh process."""
+def run_script(*args, timeout=600, env=None, stdin=None, cwd=REPO, preexec_fn=None):
+    """Runs a repo script as a user would, in a fresh process (preexec_fn: run in it first, e.g. to set
+    a resource limit)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env, input=stdin)
+                          timeout=timeout, env=full_env, input=stdin, preexec_fn=preexec_fn)
 
 
 # ----------------------------------------------------------------------------- hub stand-in

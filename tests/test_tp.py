@@ -157,7 +157,7 @@ def test_world_size_that_does_not_divide_kv_heads_is_refused_on_every_rank(tmp_p
     assert result.returncode != 0
     line = ("error: tensor parallelism over 2 ranks needs n_local_heads (num_key_value_heads in config.json, 3) "
             "to be a multiple of 2")
-    assert result.stderr.count(line) == 2, result.stderr[-4000:]  # one line from each rank
+    assert result.stderr.count(line) == 1, result.stderr[-4000:]  # every rank finds it; rank 0 says it
     assert 'generate.py", line' not in result.stderr  # no traceback from a rank (torchrun adds its own)
 
 

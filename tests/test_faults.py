@@ -1,0 +1,220 @@
+"""Faults a user meets (issue 22): a full disk, a file-size limit, SIGTERM and SIGHUP while a checkpoint
+is written, a closed stdout, devices this torch cannot use, wrong-typed config values, requests beyond
+memory or context. Each must end with one line and a non-zero exit (a closed pipe: quietly), never a
+traceback, a silently wrong result or a half-written file."""
+import io
+import json
+import os
+import resource
+import signal
+import sys
+
+import pytest
+
+import generate as generate_script
+import quantize as quantize_script
+from conftest import fails_cleanly, run_script
+from scripts.convert_hf_checkpoint import main as convert_main
+
+
+def linked_folder(checkpoint, tmp_path, *names, config_changes=None):
+    """A checkpoint folder of links to the test checkpoint's files (nothing copied), with config.json
+    changed as asked."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).symlink_to(checkpoint / name)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    return folder
+
+
+def argv(folder, *extra):
+    return ["--checkpoint_path", folder / "model.pth", "--device", "cpu", "--num_samples", "1", *extra]
+
+
+def leftovers(folder) -> list:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def one_error_line(stderr: str, *words) -> str:
+    """The one line a failed script printed (progress bars aside), naming each of words."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- generate.py's flags
+
+def test_non_finite_temperature_is_refused(checkpoint, capsys):
+    for value in ("nan", "inf"):
+        fails_cleanly(generate_script.main, argv(checkpoint, "--max_new_tokens", "2", "--temperature", value), capsys,
+                      "--temperature", value)
+
+
+def test_devices_this_torch_cannot_use_are_refused(checkpoint, capsys):
+    from scripts.benchmark import main as benchmark_main
+    for device in ("mps", "xpu", "meta"):
+        fails_cleanly(generate_script.main, argv(checkpoint) + ["--device", device], capsys, f"--device {device}")
+        fails_cleanly(benchmark_main, ["--model", "tiny", "--device", device], capsys, f"--device {device}")
+
+
+def test_kv_cache_beyond_memory_is_refused_before_allocating(checkpoint, capsys):
+    line = fails_cleanly(generate_script.main, argv(checkpoint, "--batch_size", "10000000", "--max_new_tokens", "2000"),
+                         capsys, "--batch_size 10000000", "--max_new_tokens 2000", "KV cache", "GB")
+    assert "7864.3 GB" in line  # 2 (k, v) x 3 layers x 1e7 sequences x 2 heads x 2048 positions x 16 x 2 bytes
+
+
+def test_interactive_max_new_tokens_past_the_context_is_refused(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    fails_cleanly(generate_script.main, argv(checkpoint, "--interactive", "--max_new_tokens", "2100"), capsys,
+                  "--max_new_tokens 2100", "context of 2048")
+
+
+def test_profile_into_an_unwritable_folder_is_refused_up_front(checkpoint, tmp_path, capsys):
+    fails_cleanly(generate_script.main, argv(checkpoint, "--max_new_tokens", "2", "--profile", tmp_path / "no" / "trace"),
+                  capsys, "--profile", str(tmp_path / "no"))
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_such(checkpoint, capsys):
+    fails_cleanly(generate_script.main, ["--checkpoint_path", checkpoint, "--device", "cpu"], capsys, "folder",
+                  str(checkpoint))
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            generate_script.main([str(a) for a in argv(checkpoint, "--temperature", "-1")])
+        assert exit_.value.code == 1
+        assert len(capsys.readouterr().err.splitlines()) == lines
+
+
+def test_a_closed_stdout_ends_generation_quietly(checkpoint, capsys, monkeypatch):
+    """`generate.py ... | head -c 10`: the reader has gone; what Unix tools do is stop, with no message."""
+    monkeypatch.setattr(generate_script.cpu_kernels, "available", lambda: False)  # no kernel build: PyTorch's path
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        with pytest.raises(SystemExit) as exit_:
+            generate_script.main([str(a) for a in argv(checkpoint, "--max_new_tokens", "4")])
+        assert exit_.value.code == 128 + signal.SIGPIPE
+    assert not [line for line in capsys.readouterr().err.splitlines() if "rror" in line or "Traceback" in line]
+
+
+# ----------------------------------------------------------------------------- config.json and the index
+
+def test_wrong_typed_config_values_are_named_by_converter_and_loader(checkpoint, tmp_path, capsys):
+    for key, value in (("hidden_size", "256"), ("num_local_experts", None)):
+        folder = linked_folder(checkpoint, tmp_path / key, "model.pth", "tokenizer.model", config_changes={key: value})
+        expected = (str(folder / "config.json"), key, json.dumps(value))
+        fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, *expected)
+        fails_cleanly(generate_script.main, argv(folder), capsys, *expected)
+    folder = linked_folder(checkpoint, tmp_path / "index")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [1, 2]}))
+    fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, "model.safetensors.index.json", "weight_map",
+                  "[1, 2]")
+    assert leftovers(folder) == [] and not (folder / "model.pth").exists()
+
+
+def test_groupsize_with_int8_is_refused(checkpoint, tmp_path, capsys):
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    fails_cleanly(quantize_script.main, ["--checkpoint_path", folder / "model.pth", "--mode", "int8", "--groupsize", "64"],
+                  capsys, "--groupsize", "int4")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pth"]
+
+
+# ----------------------------------------------------------------------------- writing checkpoints
+
+HUB_FILES = ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def limit_file_size(nbytes: int):
+    """In the child, before it runs: files may grow to nbytes, as on a nearly full disk. A write past
+    that fails with EFBIG (Python ignores SIGXFSZ, which would otherwise kill the process)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
+
+
+def test_full_disk_while_quantizing(checkpoint, tmp_path):
+    """quantize.py under a file-size limit: one line naming the file and the space it needs, and no
+    temporary file (it was a RuntimeError traceback, and on a full disk a bare SIGBUS)."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    result = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", preexec_fn=limit_file_size(1 << 20))
+    assert result.returncode == 1
+    one_error_line(result.stderr, str(folder / "model_int8.pth"), "File too large", "MB")
+    assert leftovers(folder) == [] and not (folder / "model_int8.pth").exists()
+
+
+def test_full_disk_while_converting(checkpoint, tmp_path):
+    """The converter under a file-size limit: one line, as for quantize.py (it was torch's writer's
+    RuntimeError traceback), and the model.pth that was there is left as it was."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth", *HUB_FILES)
+    result = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", folder,
+                        preexec_fn=limit_file_size(1 << 20))
+    assert result.returncode == 1
+    one_error_line(result.stderr, str(folder / "model.pth"), "File too large", "MB")
+    assert leftovers(folder) == [] and (folder / "model.pth").is_symlink()
+
+
+def test_quantize_reserves_the_disk_space_before_writing_through_the_map(checkpoint, tmp_path, monkeypatch):
+    """A full disk found while a shared map is written is a SIGBUS: no message, no clean-up. So every
+    block of the output is allocated (a full disk is then an error) before the map is made."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    real_load, seen = quantize_script.torch.load, []
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            stat = os.stat(path)
+            seen.append((stat.st_blocks * 512, stat.st_size))
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(quantize_script.torch, "load", load)
+    quantize_script.quantize_checkpoint(folder / "model.pth", "int8")
+    (allocated, size), = seen
+    assert allocated >= size
+
+
+@pytest.fixture
+def counted_signals():
+    """A handler for SIGTERM and SIGHUP that only counts them, in place of the default (which would end
+    pytest) while a test sends them to its own process; the handlers before it are restored after."""
+    received = []
+
+    def count(signum, frame):
+        received.append(signum)
+    previous = {s: signal.signal(s, count) for s in (signal.SIGTERM, signal.SIGHUP)}
+    yield count, received
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_while_writing_removes_the_temporary_file(checkpoint, tmp_path, capsys, monkeypatch, counted_signals,
+                                                           signum):
+    """A job scheduler's SIGTERM, or a closed terminal's SIGHUP, arriving while the converter or quantize.py
+    writes (sent by the process to itself once its temporary file is written) ends the run as Ctrl-C
+    would: one line, the signal's exit status, no temporary file, no output; and the process's own
+    handler is back afterwards."""
+    folder = linked_folder(checkpoint, tmp_path, *HUB_FILES)
+    real_save = quantize_script.torch.save
+
+    def save_then_signal(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        assert leftovers(folder)
+        os.kill(os.getpid(), signum)
+    monkeypatch.setattr(quantize_script.torch, "save", save_then_signal)  # the one torch module both scripts use
+
+    def stopped(main, args, output):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+        assert exit_.value.code == 128 + signum
+        one_error_line(capsys.readouterr().err, signal.Signals(signum).name, output)
+        assert leftovers(folder) == [] and not (folder / output).exists()
+
+    stopped(convert_main, ["--checkpoint_dir", folder], "model.pth")
+    (folder / "model.pth").symlink_to(checkpoint / "model.pth")  # quantize.py writes beside its source
+    stopped(quantize_script.main, ["--checkpoint_path", folder / "model.pth"], "model_int8.pth")
+    count, received = counted_signals
+    assert received == [] and signal.getsignal(signum) is count

@@ -1,0 +1,105 @@
+# Writing a checkpoint so that no fault leaves part of one behind: the converter and quantize.py write
+# to a temporary name beside the output and rename it when complete. A full disk, a file-size limit
+# or a signal (Ctrl-C, SIGTERM from `timeout` or a job scheduler, SIGHUP from a closed terminal)
+# removes the temporary file and ends the run with one line.
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from model import UserError
+
+# The signals that ask a run to stop, and let it clean up first.
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def readable_size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, needed_bytes: int):
+    """Yields a file opened for writing under path + '.tmp', renamed to path when the block ends.
+    A write error, or a stopping signal, removes it and raises a UserError (SystemExit for a signal)
+    with one line naming the path, and for a full disk the space needed_bytes asks for there.
+    Write torch.save's output through the file object yielded: torch's own writer, given a path,
+    reports a full disk as a RuntimeError that does not say so."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with stop_cleanly_on_signals(f"{path} was not written"):
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+            except (OSError, RuntimeError) as e:
+                raise UserError(write_failure(path, needed_bytes, writer_cause(e))) from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def writer_cause(error: BaseException) -> BaseException:
+    """What made a write fail. torch's writer calls the file object's write() and turns any exception it
+    raises (a full disk's OSError, a signal's SystemExit) into a RuntimeError of its own, keeping the
+    original as the context: that original is the cause, and a stopping signal's exit is raised again."""
+    cause = error
+    while isinstance(cause, RuntimeError) and cause.__context__ is not None:
+        cause = cause.__context__
+    if isinstance(cause, (SystemExit, KeyboardInterrupt)):
+        raise cause
+    if not isinstance(cause, OSError):
+        raise error  # not a write error: a bug, shown as one
+    return cause
+
+
+def write_failure(path: Path, needed_bytes: int, error: OSError) -> str:
+    """The line for a failed write: what happened, where, and for a full disk how much space it needs."""
+    message = f"could not write {path}: {error.strerror or error}"
+    if error.errno == errno.EFBIG:
+        return message + (f"; it needs {readable_size(needed_bytes)}, more than the file-size limit (ulimit -f) "
+                          f"or the file system allows")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free
+        return message + (f"; it needs {readable_size(needed_bytes)} in {path.parent}, which has "
+                          f"{readable_size(free)} free: make room there")
+    return message
+
+
+def reserve(f, nbytes: int):
+    """Allocates the disk blocks of the file's first nbytes now, so that a full disk is an error here and
+    not later: a write through a shared memory map into a block the disk cannot give is a SIGBUS,
+    which kills the process with no message and no clean-up."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        # A file system that cannot reserve: writing every block once, through write() (whose errors
+        # are errors), allocates it; the map's writes then land in blocks the file already has.
+        chunk = 1 << 20
+        for offset in range(0, nbytes, chunk):
+            os.pwrite(f.fileno(), os.pread(f.fileno(), chunk, offset), offset)
+
+
+@contextlib.contextmanager
+def stop_cleanly_on_signals(what: str):
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP exit through Python (running every `finally` that
+    removes a temporary file) with one line and the shell's status for a signal, 128 + its number.
+    Signal handlers belong to the main thread: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(f"error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOPPING_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
