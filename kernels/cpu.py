@@ -74,8 +74,9 @@ def choose():
         return None, f"CPU kernels turned off by {DISABLE_VARIABLE}"
     runs = supported()
     if not runs:
-        needs = ISAS["avx2"][0]
-        return None, f"the CPU kernels need x86-64 with {', '.join(needs)}; this CPU has not all of them"
+        caps, needs = torch.cpu.get_capabilities(), ISAS["avx2"][0]
+        missing = [f for f in needs if not caps.get(f)] if caps.get("architecture") == "x86_64" else ["x86-64"]
+        return None, f"the CPU kernels need x86-64 with {', '.join(needs)}; this CPU lacks {', '.join(missing)}"
     asked = os.environ.get(ISA_VARIABLE, "")
     if asked and asked not in runs:
         what = f"not one of {', '.join(ISAS)}" if asked not in ISAS else "not one this CPU runs"

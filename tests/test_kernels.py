@@ -237,6 +237,17 @@ def test_an_instruction_set_the_cpu_lacks_or_no_one_knows_is_refused_in_one_line
     assert cpu_kernels.choose() == (ISAS[-1], None)
 
 
+def test_a_cpu_without_avx2_keeps_pytorchs_path_and_says_what_it_lacks(monkeypatch):
+    """No set to build for (an older x86 CPU, or an ARM one): no set is chosen, and the reason names what
+    is missing (available() prints it in one line and generation goes on with PyTorch's kernels)."""
+    monkeypatch.delenv("MIXTRAL_CPU_ISA", raising=False)
+    for caps, lacks in (({"architecture": "x86_64", "avx2": True, "fma3": True}, "f16c"),
+                        ({"architecture": "aarch64"}, "x86-64")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert cpu_kernels.supported() == []
+        assert cpu_kernels.choose() == (None, f"the CPU kernels need x86-64 with avx2, fma3, f16c; this CPU lacks {lacks}")
+
+
 def test_a_build_lock_left_by_a_killed_build_is_taken_over_with_a_note(tmp_path, capsys):
     """torch's lock file, left by a build killed before it could remove it, made every later run wait
     forever. Holding the flock (which dies with its holder), any such file is stale: removed, with a note."""
