@@ -322,12 +322,16 @@ def check_args(args):
         raise UserError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    check_device(args.device)
+
+
+def check_device(device: str):
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
     try:
-        torch.device(args.device)
+        torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device torch knows (try cpu or cuda)")
+        raise UserError(f"--device {device!r} is not a device torch knows (try cpu or cuda)")
 
 
 def decode_compile_options(device: str) -> dict:
