@@ -12,20 +12,18 @@
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
 from formats import Scheme
-from generate import (PRECISIONS, active_weight_bytes, check_device, load_model, load_tokenizer, output_of_rank0_only,
-                      read_config)
+from generate import (PRECISIONS, active_weight_bytes, check_device, load_model, load_tokenizer, read_config,
+                      run_on_ranks)
 from model import Transformer, UserError
-from tp import maybe_init_dist, rank_device
+from tp import rank_device
 
 # Published perplexities use other conventions (llama.cpp scores only the second half of each chunk,
 # Hugging Face's guide slides a window), so ours is spelled out in --help and in the README.
@@ -174,18 +172,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_device(args.device)
-        rank = maybe_init_dist(args.device)  # None unless under torchrun
-        world_size = dist.get_world_size() if rank is not None else 1
-        with output_of_rank0_only(rank):
-            run(args, rank, world_size)
-    except UserError as e:  # on every rank: each one stops
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if rank is not None:
-        dist.destroy_process_group()
+    run_on_ranks(parse_args(argv), lambda args: check_device(args.device), run)
 
 
 def run(args, rank: Optional[int] = None, world_size: int = 1):
