@@ -129,7 +129,7 @@ def check_context(context: int, block_size: int):
     if context < 2:
         raise UserError(f"--context must be at least 2 tokens, got {context}")
     if context > block_size:
-        raise UserError(f"--context {context} exceeds the model's context of {block_size} tokens (BOS included)")
+        raise UserError(f"--context {context} exceeds the model's context of {block_size} tokens")
 
 
 def check_same_config(checkpoint_path: Path, reference_path: Path):
@@ -159,7 +159,8 @@ def parse_args(argv=None):
                         default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"), help="Model checkpoint path.")
     parser.add_argument("--text", type=Path, required=True, help="The plain-text (UTF-8) file to score.")
     parser.add_argument("--context", type=int, default=512,
-                        help="Tokens of the text per chunk (BOS comes on top: at most the model's block size).")
+                        help="Tokens of the text per chunk, at most the model's block size (BOS takes the place of "
+                             "the last token, which is scored but never fed).")
     parser.add_argument("--reference_path", type=Path, default=None,
                         help="The full-precision checkpoint to compare with (same config.json), e.g. the model.pth "
                              "the checkpoint was quantized from. Both models are held at once.")
