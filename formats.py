@@ -1,7 +1,8 @@
 # Weight formats: how the model's big matrices are stored, quantized, sliced across ranks and multiplied.
 #
 # model.py is the readable reference, in full precision. At run time the same Transformer holds its
-# linear layers (attention wqkv and wo, the output head) and its experts in one weight format:
+# linear layers (attention wqkv and wo, the output head) and its experts in weight formats (a Scheme
+# says which part is in which: a checkpoint may mix them, as int4 experts with int8 attention do):
 #   FullPrecision  the checkpoint's tensors as they are (bfloat16, float16 or float32)
 #   Int8           symmetric int8, one scale per output row (per expert and row for the experts)
 #   Int4           symmetric 4-bit, one scale per group of 32, 64 or 128 inputs of a row, two values a byte
@@ -17,6 +18,7 @@
 #
 # Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -49,6 +51,7 @@ def stored_name(weight: str, key: str) -> str:
 class FullPrecision:
     """The weights as they are."""
     name = "full precision"
+    quantized = False
 
     def layout(self, shape: tuple, dtype: torch.dtype) -> dict:
         """{key: (shape, dtype)} of the tensors that store one weight of this shape and dtype."""
@@ -102,6 +105,7 @@ class Int8(FullPrecision):
     """Symmetric int8 with one scale per output row: w ~= q * scales[..., None], |q| <= 127. Scales are
     stored in the full-precision dtype (loading casts them to --precision like any weight)."""
     name = "int8"
+    quantized = True
 
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
@@ -222,16 +226,57 @@ class Int4(Int8):
 FORMATS = {"full precision": FullPrecision(), "int8": Int8(), "int4": Int4()}
 
 
-def detect_format(state_dict: dict):
-    """The format a checkpoint is stored in, told by its content, not its file name; for int4, with the
-    group size its scales imply."""
-    for name, t in state_dict.items():
-        if t.dtype == torch.uint8 and name.endswith(".weight"):
-            scales = state_dict[name[:-len("weight")] + "scales"]
-            return Int4(2 * t.shape[-1] // scales.shape[-1])
-    if any(t.dtype == torch.int8 for t in state_dict.values()):
-        return FORMATS["int8"]
-    return FORMATS["full precision"]
+@dataclass(frozen=True)
+class Scheme:
+    """The format of each part of the model that a checkpoint may quantize. The router, the norms and the
+    embedding table always stay in full precision."""
+    attention: FullPrecision  # wqkv and wo of every layer
+    experts: FullPrecision  # w1, w3 and w2 of every layer
+    output: FullPrecision  # the output head
+
+    @classmethod
+    def of(cls, fmt) -> "Scheme":
+        """fmt as it is if a Scheme, else one format for every part."""
+        return fmt if isinstance(fmt, Scheme) else cls(fmt, fmt, fmt)
+
+    def parts(self) -> dict:
+        return {"attention": self.attention, "experts": self.experts, "output": self.output}
+
+    @property
+    def name(self) -> str:
+        """'int8' for one format everywhere, else each part's: 'int4 experts, int8 attention, int8 output head'."""
+        labelled = (("experts", self.experts), ("attention", self.attention), ("output head", self.output))
+        if len({fmt.name for _, fmt in labelled}) == 1:
+            return self.experts.name
+        return ", ".join(f"{fmt.name} {label}" for label, fmt in labelled)
+
+    @property
+    def quantized(self) -> bool:
+        return any(fmt.quantized for fmt in self.parts().values())
+
+
+# The checkpoint name of one weight of each part: its dtype (and int4's scales) tell the part's format.
+PART_WEIGHTS = {"attention": "layers.0.attention.wqkv.weight", "experts": "layers.0.block_sparse_moe.w1",
+                "output": "output.weight"}
+
+
+def stored_format(state_dict: dict, name: str) -> FullPrecision:
+    """The format weight `name` is stored in, told by its content: uint8 is int4 (with the group size its
+    scales imply), int8 is int8, anything else full precision. A weight or scales the checkpoint lacks
+    leave it to loading to say what does not fit."""
+    t = state_dict.get(name)
+    if t is None or t.dtype not in (torch.uint8, torch.int8):
+        return FORMATS["full precision"]
+    prefix, weight = name.rsplit(".", 1)
+    scales = state_dict.get(f"{prefix}.{stored_name(weight, 'scales')}")
+    if t.dtype == torch.int8 or scales is None:
+        return FORMATS["int8" if t.dtype == torch.int8 else "int4"]
+    return Int4(2 * t.shape[-1] // scales.shape[-1])
+
+
+def detect_format(state_dict: dict) -> Scheme:
+    """The formats a checkpoint is stored in, part by part, told by its content, not its file name."""
+    return Scheme(**{part: stored_format(state_dict, name) for part, name in PART_WEIGHTS.items()})
 
 
 # ----------------------------------------------------------------------------- the choice of kernel
@@ -336,35 +381,39 @@ class MOEFeedForward(reference.MOEFeedForward, FormattedWeights):
         return run_experts(self.format, x, experts, weights, w1, w3, w2)
 
 
-def formatted_model(config: ModelArgs, fmt: FullPrecision, dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Transformer with its linear layers and experts in `fmt`. Tensors are made on the current
-    default device: inside `with torch.device("meta")` they cost nothing until loaded with
-    load_state_dict(assign=True)."""
+def formatted_model(config: ModelArgs, fmt, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer with its linear layers and experts in `fmt`, a format or a Scheme (a format per part).
+    Tensors are made on the current default device: inside `with torch.device("meta")` they cost nothing
+    until loaded with load_state_dict(assign=True)."""
+    scheme = Scheme.of(fmt)
     model = Transformer(config)
     for layer in model.layers:
         attention = layer.attention
-        attention.wqkv = Linear(fmt, attention.wqkv.in_features, attention.wqkv.out_features, dtype)
-        attention.wo = Linear(fmt, attention.wo.in_features, attention.wo.out_features, dtype)
-        layer.block_sparse_moe = MOEFeedForward(fmt, config, dtype)
-    model.output = Linear(fmt, config.dim, config.vocab_size, dtype)
+        attention.wqkv = Linear(scheme.attention, attention.wqkv.in_features, attention.wqkv.out_features, dtype)
+        attention.wo = Linear(scheme.attention, attention.wo.in_features, attention.wo.out_features, dtype)
+        layer.block_sparse_moe = MOEFeedForward(scheme.experts, config, dtype)
+    model.output = Linear(scheme.output, config.dim, config.vocab_size, dtype)
     return model
 
 
-def stored_weights(config: ModelArgs, fmt: FullPrecision) -> dict:
-    """Each weight that `fmt` stores its own way: its full-precision checkpoint name -> {key: name of
-    the tensor that stores that part}, e.g. 'output.weight' -> {'': 'output.weight', 'scales': 'output.scales'}."""
+def stored_weights(config: ModelArgs, fmt) -> dict:
+    """Each weight that `fmt` (a format or a Scheme) quantizes: its full-precision checkpoint name ->
+    (its format, {key: name of the tensor that stores that part}), e.g.
+    'output.weight' -> (Int8, {'': 'output.weight', 'scales': 'output.scales'})."""
     with torch.device("meta"):
         model = formatted_model(config, fmt)
-    return {f"{prefix}.{weight}": {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys}
-            for prefix, module in model.named_modules() if isinstance(module, FormattedWeights) and module.format is fmt
-            for weight in module.weight_names}
+    modules = [(prefix, module) for prefix, module in model.named_modules()
+               if isinstance(module, FormattedWeights) and module.format.quantized]
+    return {f"{prefix}.{weight}": (module.format, {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys})
+            for prefix, module in modules for weight in module.weight_names}
 
 
 @torch.no_grad()
-def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) -> nn.Module:
+def quantize_module(module: nn.Module, config: ModelArgs, fmt) -> nn.Module:
     """What quantize.py does to a checkpoint, done to a model in memory (scripts/benchmark.py --int8):
     the TransformerBlock or whole Transformer `module`, in full precision (model.py's own modules or
-    FullPrecision ones), gets its linear layers and experts stored in `fmt`, in place."""
+    FullPrecision ones), gets its linear layers and experts stored in `fmt` (a format or a Scheme), in place."""
+    scheme = Scheme.of(fmt)
     def converted(old: nn.Module, names: tuple, new: FormattedWeights, fmt: FullPrecision) -> FormattedWeights:
         for name in names:
             w = getattr(old, name).detach()
@@ -372,14 +421,14 @@ def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) ->
                 setattr(new, stored_name(name, key), t)
         return new
 
-    def linear_in(old, fmt=fmt):
+    def linear_in(old, fmt):
         if isinstance(old, Linear) and old.format is fmt:
             return old
         with torch.device("meta"):
             new = Linear(fmt, old.in_features, old.out_features, old.weight.dtype)
         return converted(old, ("weight",), new, fmt)
 
-    def experts_in(old):
+    def experts_in(old, fmt):
         if isinstance(old, MOEFeedForward) and old.format is fmt:
             return old
         with torch.device("meta"):
@@ -389,11 +438,11 @@ def quantize_module(module: nn.Module, config: ModelArgs, fmt: FullPrecision) ->
 
     blocks = list(module.layers) if isinstance(module, Transformer) else [module]
     for block in blocks:
-        block.attention.wqkv = linear_in(block.attention.wqkv)
-        block.attention.wo = linear_in(block.attention.wo)
-        block.block_sparse_moe = experts_in(block.block_sparse_moe)
+        block.attention.wqkv = linear_in(block.attention.wqkv, scheme.attention)
+        block.attention.wo = linear_in(block.attention.wo, scheme.attention)
+        block.block_sparse_moe = experts_in(block.block_sparse_moe, scheme.experts)
     if isinstance(module, Transformer):
-        module.output = linear_in(module.output)
+        module.output = linear_in(module.output, scheme.output)
     return module
 
 

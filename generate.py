@@ -382,9 +382,14 @@ def compile_steps(args, device: str):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    run_on_ranks(parse_args(argv), check_args, run)
+
+
+def run_on_ranks(args, check: Callable, run: Callable):
+    """A script's body (generate.py's, eval.py's): check(args), then run(args, rank, world_size) in each
+    process under torchrun (rank None alone). Bad input is one line on stderr and exit status 1."""
     try:
-        check_args(args)
+        check(args)
         rank = maybe_init_dist(args.device)  # None unless under torchrun
         world_size = dist.get_world_size() if rank is not None else 1
         with output_of_rank0_only(rank):

@@ -6,7 +6,9 @@
 # the row is stored as round(row / scale) in int8.
 # int4: symmetric, per group of --groupsize (32, 64 or 128) consecutive inputs of a row: the group's
 # value of largest magnitude becomes -8, the others round to the nearest of -8..7 times its scale;
-# two values a byte.
+# two values a byte. By default only the experts: attention and the output head stay int8, which costs
+# a tenth more bytes per token and measured far closer to the source (README, Quality);
+# --int4_attention puts them in int4 too.
 # Quantized: attention wqkv and wo, the output head, and each expert's w1, w2, w3. Kept as they are:
 # the embedding table (one row is read per token), the norms, and the router (gate), whose few
 # weights decide which experts run.
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from formats import FORMATS, Int4, detect_format, stored_weights
+from formats import FORMATS, Int4, Scheme, detect_format, stored_weights
 from model import ModelArgs, Transformer, UserError, load_checkpoint
 from writing import atomic_file, reserve
 
@@ -40,7 +42,7 @@ def load_source(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
     """The config and the mmapped state dict of an unquantized checkpoint, checked against each other."""
     config, source = load_checkpoint(checkpoint_path)
     fmt = detect_format(source)
-    if fmt is not FORMATS["full precision"]:
+    if fmt.quantized:
         raise UserError(f"{checkpoint_path} is already quantized (it holds {fmt.name} weights); "
                             f"quantize the original model.pth instead")
     with torch.device("meta"):
@@ -66,14 +68,27 @@ def quantize_into(fmt, src: Tensor, out: dict, rows_per_chunk: int = 256):
             out[key].view(-1, *t.shape[1:])[start:start + t.shape[0]] = t
 
 
-def output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
-    """gpt-fast's names: model_int8.pth, model_int4.g32.pth."""
+def output_path(checkpoint_path: Path, mode: str, groupsize: int, int4_attention: bool = False) -> Path:
+    """gpt-fast's names: model_int8.pth, model_int4.g32.pth; model_int4.g32.attn4.pth with int4 attention."""
     suffix = f"_{mode}.g{groupsize}" if mode == "int4" else f"_{mode}"
+    suffix += ".attn4" if mode == "int4" and int4_attention else ""
     return checkpoint_path.with_name(f"{checkpoint_path.stem}{suffix}.pth")
 
 
-def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: int = 32) -> Path:
-    """Writes <name>_int8.pth (int4: <name>_int4.g<groupsize>.pth) beside checkpoint_path and returns its path.
+def quantization_scheme(mode: str, groupsize: int, int4_attention: bool = False) -> Scheme:
+    """int8: everything int8. int4: the experts in int4, and attention and the output head in int8 unless
+    int4_attention (README, Quality: what each costs)."""
+    if mode == "int8":
+        return Scheme.of(FORMATS["int8"])
+    int4 = Int4(groupsize)
+    small_parts = int4 if int4_attention else FORMATS["int8"]
+    return Scheme(attention=small_parts, experts=int4, output=small_parts)
+
+
+def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: int = 32,
+                        int4_attention: bool = False) -> Path:
+    """Writes <name>_int8.pth (int4: <name>_int4.g<groupsize>.pth, and .attn4 before .pth with
+    int4_attention) beside checkpoint_path and returns its path.
 
     Streaming, so that memory use stays a few MB above the interpreter's whatever the model:
     the source is mmapped and read a few rows at a time; the output file is first written with
@@ -85,11 +100,13 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
         raise UserError(f"unknown mode {mode!r}: choose one of {', '.join(QUANTIZED_FORMATS)}")
     if mode == "int4" and groupsize not in Int4.GROUP_SIZES:
         raise UserError(f"unknown group size {groupsize}: choose one of {', '.join(map(str, Int4.GROUP_SIZES))}")
-    fmt = Int4(groupsize) if mode == "int4" else FORMATS[mode]
+    if int4_attention and mode != "int4":
+        raise UserError("--int4_attention is for --mode int4")
     checkpoint_path = Path(checkpoint_path)
     config, source = load_source(checkpoint_path)
-    quantized = stored_weights(config, fmt)  # source name -> {key: output name}
-    for name in quantized:  # before any file is written
+    # source name -> (its format, {key: output name})
+    quantized = stored_weights(config, quantization_scheme(mode, groupsize, int4_attention))
+    for name, (fmt, _) in quantized.items():  # before any file is written
         inputs = source[name].shape[-1]
         problem = fmt.row_problem(inputs)
         if problem:
@@ -99,11 +116,12 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
     layout = {}  # output name -> (shape, dtype), in the source's order
     for name, t in source.items():
         if name in quantized:
+            fmt, stored = quantized[name]
             for key, shape_and_dtype in fmt.layout(tuple(t.shape), t.dtype).items():
-                layout[quantized[name][key]] = shape_and_dtype
+                layout[stored[key]] = shape_and_dtype
         else:
             layout[name] = (tuple(t.shape), t.dtype)
-    output = output_path(checkpoint_path, mode, groupsize)
+    output = output_path(checkpoint_path, mode, groupsize, int4_attention)
     empty = {name: torch.empty(shape, dtype=t_dtype) for name, (shape, t_dtype) in layout.items()}  # touches no memory
     with atomic_file(output, sum(t.nbytes for t in empty.values())) as f:
         with torch.serialization.skip_data():
@@ -114,7 +132,8 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
             out = torch.load(f.name, mmap=True, weights_only=True)  # writes go to the file
         for name, src in tqdm(source.items(), desc="quantizing", unit="tensor"):
             if name in quantized:
-                quantize_into(fmt, src, {key: out[stored] for key, stored in quantized[name].items()})
+                fmt, stored = quantized[name]
+                quantize_into(fmt, src, {key: out[stored_as] for key, stored_as in stored.items()})
             else:
                 out[name].copy_(src)  # embedding, norms, router: as they are
         del out  # unmaps: the kernel has every written page
@@ -127,16 +146,20 @@ def main(argv=None):
                         default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"),
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")
     parser.add_argument("--mode", choices=QUANTIZED_FORMATS, default="int8",
-                        help="int8: one scale per output channel; int4: one scale per group of --groupsize inputs")
+                        help="int8: one scale per output channel; int4: the experts with one scale per group of "
+                             "--groupsize inputs, attention and the output head in int8")
     parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=None,
                         help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file); "
                              "default 32")
+    parser.add_argument("--int4_attention", action="store_true",
+                        help="int4 only: attention and the output head in int4 too (a tenth fewer bytes per token, "
+                             "less accurate: README, Quality)")
     args = parser.parse_args(argv)
     try:
         if args.groupsize is not None and args.mode != "int4":
             raise UserError(f"--groupsize is for --mode int4 (groups of inputs sharing a scale); --mode {args.mode} "
                             f"has one scale per row: drop --groupsize")
-        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32)
+        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.int4_attention)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import _functional_collectives as funcol
 
-from formats import FormattedWeights, FullPrecision, MOEFeedForward, stored_name
+from formats import FormattedWeights, MOEFeedForward, stored_name
 from model import Attention, ModelArgs, Transformer, UserError
 
 
@@ -56,11 +56,14 @@ def check_divisible(config: ModelArgs, world_size: int):
                              f"{size}) to be a multiple of {world_size}; use a world size that divides it")
 
 
-def check_whole_groups(config: ModelArgs, fmt: FullPrecision, world_size: int):
+def check_whole_groups(model: Transformer, world_size: int):
     """Weights sliced along their inputs (wo by heads, w2 by I) must leave each rank whole groups of a
-    grouped format (int4): refuse otherwise, naming the dimension and the group size."""
-    for what, inputs in (("wo's inputs (num_attention_heads * head_dim)", config.n_head * config.head_dim),
-                         ("w2's inputs (intermediate_size)", config.intermediate_size)):
+    grouped format (int4), each in its own part's format: refuse otherwise, naming the dimension and the
+    group size."""
+    config, layer = model.config, model.layers[0]
+    for what, inputs, fmt in (
+            ("wo's inputs (num_attention_heads * head_dim)", config.n_head * config.head_dim, layer.attention.wo.format),
+            ("w2's inputs (intermediate_size)", config.intermediate_size, layer.block_sparse_moe.format)):
         problem = fmt.row_problem(inputs // world_size)
         if problem:
             raise UserError(f"tensor parallelism over {world_size} ranks gives each rank {inputs // world_size} of "
@@ -125,7 +128,7 @@ def apply_tp(model: Transformer, rank: int, world_size: int):
     call it on the mmapped weights, before moving the model to its device, so that each rank only
     ever reads and holds its own slices."""
     check_divisible(model.config, world_size)
-    check_whole_groups(model.config, model.output.format, world_size)
+    check_whole_groups(model, world_size)
     for layer in model.layers:
         shard_attention(layer.attention, rank, world_size)
         shard_experts(layer.block_sparse_moe, rank, world_size)

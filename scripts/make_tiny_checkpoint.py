@@ -50,8 +50,19 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_att
             num_key_value_heads=8, max_position_embeddings=4096)
 
 
+# Trained models have outlier channels: a few dimensions of the residual stream, the same in every
+# layer, that the norms scale far above the others (LLM.int8(), Dettmers et al. 2022). --norm_outliers
+# scales that many channels of every norm weight by this factor, so that the weights reading them
+# (attention, experts, output head) see inputs where those columns' rounding errors weigh the most.
+OUTLIER_SCALE = 20.0
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("layernorm.weight") or name == "model.norm.weight"
+
+
 def random_tensor(name: str, shape, generator) -> torch.Tensor:
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    if is_norm(name):
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
     if name == "model.embed_tokens.weight":
         return torch.randn(shape, generator=generator)
@@ -61,15 +72,20 @@ def random_tensor(name: str, shape, generator) -> torch.Tensor:
 
 
 def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
-                         dtype=torch.bfloat16, n_shards: int = 2) -> Path:
+                         dtype=torch.bfloat16, n_shards: int = 2, norm_outliers: int = 0) -> Path:
+    """norm_outliers: channels 0, 1, ... of every norm weight scaled by OUTLIER_SCALE."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = {**MIXTRAL_CONFIG, **config, "torch_dtype": str(dtype).removeprefix("torch.")}
     if "rope_parameters" in config:  # transformers 5 spelling: the base lives only there
         cfg.pop("rope_theta")
     generator = torch.Generator().manual_seed(seed)
-    tensors = {name: random_tensor(name, shape, generator).to(dtype)
-               for name, shape in hub_tensor_shapes(ModelArgs.from_hf_config(cfg)).items()}
+    shapes = hub_tensor_shapes(ModelArgs.from_hf_config(cfg))
+    tensors = {name: random_tensor(name, shape, generator) for name, shape in shapes.items()}
+    for name, t in tensors.items():
+        if is_norm(name):
+            t[:norm_outliers] *= OUTLIER_SCALE
+    tensors = {name: t.to(dtype) for name, t in tensors.items()}
     # Tensors in order over the shards, as on the hub, where one layer's tensors may straddle two shards.
     names = list(tensors)
     per_shard = -(-len(names) // n_shards)
@@ -132,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a SentencePiece tokenizer.model to ship (default: train a small one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--norm_outliers", type=int, default=0,
+                        help=f"channels of every norm weight to scale by {OUTLIER_SCALE:g}, as trained models' outliers")
     args = parser.parse_args(argv)
     config = dict(TINY)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +160,7 @@ def main(argv=None):
             sys.exit(f"error: tokenizer {tokenizer} not found")
         import sentencepiece as spm
         config["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-        write_hub_checkpoint(args.checkpoint_dir, config, tokenizer, seed=args.seed)
+        write_hub_checkpoint(args.checkpoint_dir, config, tokenizer, seed=args.seed, norm_outliers=args.norm_outliers)
     print(f"wrote a random-weight Mixtral checkpoint to {args.checkpoint_dir}")
 
 

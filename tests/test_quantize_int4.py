@@ -67,11 +67,12 @@ def near_grid(wide, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int4_path(near_grid):
-    """model_int4.g32.pth of the near-grid checkpoint, written by the CLI."""
+    """model_int4.g32.attn4.pth of the near-grid checkpoint, written by the CLI: int4 everywhere (the
+    default keeps attention and the output head in int8: test_quantize_mixed.py)."""
     result = run_script(REPO / "quantize.py", "--checkpoint_path", near_grid / "model.pth", "--mode", "int4",
-                        "--groupsize", "32", env={"OMP_NUM_THREADS": "1"})
+                        "--groupsize", "32", "--int4_attention", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    path = near_grid / "model_int4.g32.pth"
+    path = near_grid / "model_int4.g32.attn4.pth"
     assert result.stdout.strip() == f"wrote {path}" and not path.with_name(path.name + ".tmp").exists()
     return path
 
@@ -186,7 +187,8 @@ def test_cli_writes_packed_weights_and_group_scales(near_grid, int4_path):
     # And generate.py knows it by its content, group size included, whatever the file is called.
     shutil.copy(int4_path, near_grid / "renamed.pth")
     model = load_model(near_grid / "renamed.pth", "cpu", torch.float32)
-    assert isinstance(model.output.format, Int4) and model.output.format.groupsize == 32
+    assert all(isinstance(model.layers[0].attention.wqkv.format, Int4) and fmt.groupsize == 32
+               for fmt in (model.output.format, model.layers[0].attention.wo.format, model.layers[1].block_sparse_moe.format))
     assert model.layers[0].block_sparse_moe.gate.weight.dtype == torch.float32  # the router stays
 
 
@@ -211,7 +213,7 @@ def test_int4_logits_err_as_rounding_the_weights_does(wide, groupsize, tmp_path)
     1/16 of a group's largest): bounded by a tenth of the int4 error itself."""
     reference = load_reference(wide)
     rounded = reference_with_int4_weights(reference, groupsize)
-    path = quantize_checkpoint(wide / "model.pth", "int4", groupsize)
+    path = quantize_checkpoint(wide / "model.pth", "int4", groupsize, int4_attention=True)
     ours = load_model(path, "cpu", torch.float32)
     ours.setup_caches(max_batch_size=1, max_seq_length=64)
     idx = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(0))

@@ -5,6 +5,7 @@ CI runs them, with the README's line `MIXTRAL_README_TESTS=1 python -m pytest te
 
 The hub stand-in serves a small random-weight checkpoint under the real repo id, so that
 `export MODEL_REPO=mistralai/Mixtral-8x7B-v0.1` and every command after it run unchanged."""
+import json
 import os
 import re
 
@@ -30,7 +31,7 @@ def user_folder(hub, tmp_path_factory):
     hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), config, mixtral_tokenizer_path())
     hub.repos["mistralai/Mixtral-8x7B-v0.1"] = {"files": {f.name: f.read_bytes() for f in hub_files.iterdir()}}
     folder = tmp_path_factory.mktemp("user")
-    for name in ("generate.py", "model.py", "formats.py", "quantize.py", "tp.py", "kernels", "scripts"):
+    for name in ("generate.py", "eval.py", "model.py", "formats.py", "quantize.py", "tp.py", "kernels", "scripts"):
         if (REPO / name).exists():
             (folder / name).symlink_to(REPO / name)
     return folder
@@ -76,6 +77,25 @@ def test_batch_and_conversation_commands(user_folder, hub):
     assert out.count("tokens/sec, summed over 2 sequences") == 1 and "Time for inference 2:" in out
     # The conversation: two turns, then end of input.
     assert out.count("What is your prompt?") == 3
+
+
+def test_quality_commands(user_folder, hub):
+    """eval.py on the downloaded checkpoint, as on the real model, with a few lines standing in for
+    wikitext-2 (no network here); then the random-weight table's loop as printed."""
+    download, = bash_blocks("Downloading Weights")
+    _, _, quantize_int4, _ = bash_blocks("Quantization")
+    get_wikitext, real_model, random_weights = bash_blocks("Quality")
+    assert "wikitext-2-raw-v1.zip" in get_wikitext and "wikitext-2-raw/wiki.test.raw" in real_model
+    (user_folder / "wikitext-2-raw").mkdir(exist_ok=True)
+    (user_folder / "wikitext-2-raw" / "wiki.test.raw").write_text(
+        " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing "
+        "video game developed by Sega and Media.Vision for the PlayStation Portable . \n" * 8)
+    result = run_bash(download + quantize_int4 + real_model + random_weights, user_folder, hub, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    # The real model's two commands (the second against its reference), then five per random checkpoint.
+    assert len(figures) == 12 and "kl_mean" not in figures[0] and all("kl_mean" in f for f in figures[1:])
+    assert all(0 < f["kl_mean"] and f["top1_agreement"] < 1 for f in figures[1:])
 
 
 def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():

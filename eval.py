@@ -1,0 +1,214 @@
+# What a checkpoint costs in quality: the perplexity of a text under it and, against a reference (the
+# full-precision model.pth it was quantized from), the KL divergence of its next-token distributions
+# from the reference's and how often both models' most likely token is the same (as llama.cpp's
+# `llama-perplexity --kl-divergence`). Loads any checkpoint generate.py loads (bf16, int8, int4, and
+# their mixes), on CPU or CUDA, tensor-parallel under torchrun.
+#
+# Memory stays bounded whatever the text's length: the two models run chunk by chunk in one process,
+# and a chunk's logits are dropped once scored; only each token's KL divergence (8 bytes) is kept, for
+# its median and percentiles.
+#
+# Shapes in comments: T tokens of a chunk, V vocabulary.
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from formats import Scheme
+from generate import (PRECISIONS, active_weight_bytes, check_device, load_model, load_tokenizer, read_config,
+                      run_on_ranks)
+from model import Transformer, UserError
+from tp import rank_device
+
+# Published perplexities use other conventions (llama.cpp scores only the second half of each chunk,
+# Hugging Face's guide slides a window), so ours is spelled out in --help and in the README.
+CONVENTION = ("The text's tokens (no BOS) are cut into consecutive chunks of --context tokens; the last, shorter "
+              "chunk counts too. Each chunk is evaluated on its own with BOS prepended, and every token of it is "
+              "scored, the first predicted from BOS alone. Perplexity is exp of the mean negative log-likelihood "
+              "over all scored tokens.")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def chunks(ids: list, context: int) -> list:
+    """Consecutive chunks of `context` tokens of ids; the last may be shorter."""
+    return [ids[start:start + context] for start in range(0, len(ids), context)]
+
+
+def forward(model: Transformer, inputs: Tensor, input_pos: Tensor) -> Tensor:
+    return model(inputs, input_pos)  # [1, T, V]
+
+
+@torch.no_grad()
+def next_token_log_probs(model: Transformer, chunk: list, bos: int, step=forward) -> Tensor:
+    """log P(token t | BOS and the chunk's tokens before t) for each token t of the chunk: [T, V], in float64,
+    so that differences of log-probabilities (the KL divergence) keep the logits' own precision. The chunk
+    starts at position 0: the static cache's entries past it are masked, whatever an earlier chunk left."""
+    device = model.norm.weight.device
+    inputs = torch.tensor([[bos] + chunk[:-1]], dtype=torch.int, device=device)  # [1, T]: the last token predicts nothing
+    logits = step(model, inputs, torch.arange(len(chunk), device=device))  # [1, T, V]
+    return torch.log_softmax(logits[0].double(), dim=-1)
+
+
+def kl_divergence(reference: Tensor, ours: Tensor) -> Tensor:
+    """KL(reference || ours) of each token's next-token distributions, from log-probabilities [T, V]: [T]."""
+    return (reference.exp() * (reference - ours)).sum(dim=-1)
+
+
+def percentile(values: Tensor, q: float) -> float:
+    """The q-quantile (0..1) of values, interpolated linearly between order statistics (numpy's default);
+    sorting, since torch.quantile refuses more than 16M values."""
+    ordered = values.sort().values
+    position = q * (ordered.numel() - 1)
+    low = math.floor(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return (ordered[low] + (position - low) * (ordered[high] - ordered[low])).item()
+
+
+class Scores:
+    """Running sums over the scored tokens, chunk by chunk."""
+
+    def __init__(self):
+        self.tokens, self.nll, self.reference_nll, self.agreeing = 0, 0.0, 0.0, 0
+        self.kl = []  # per chunk, [T] float64
+
+    def add(self, targets: Tensor, ours: Tensor, reference: Optional[Tensor] = None):
+        """targets [T]; ours and reference: log-probabilities [T, V] of the chunk's tokens."""
+        self.tokens += targets.numel()
+        self.nll -= ours.gather(-1, targets[:, None]).sum().item()
+        if reference is not None:
+            self.reference_nll -= reference.gather(-1, targets[:, None]).sum().item()
+            self.kl.append(kl_divergence(reference, ours).cpu())
+            self.agreeing += (reference.argmax(dim=-1) == ours.argmax(dim=-1)).sum().item()
+
+    def summary(self) -> dict:
+        """The JSON line's figures: perplexity and tokens; with a reference its perplexity, the KL
+        divergence's mean, median, 99th percentile and maximum, and the top-1 agreement (a fraction)."""
+        result = {"perplexity": math.exp(self.nll / self.tokens), "tokens": self.tokens}
+        if self.kl:
+            kl = torch.cat(self.kl)
+            result.update(reference_perplexity=math.exp(self.reference_nll / self.tokens), kl_mean=kl.mean().item(),
+                          kl_median=percentile(kl, 0.5), kl_p99=percentile(kl, 0.99), kl_max=kl.max().item(),
+                          top1_agreement=self.agreeing / self.tokens)
+        return result
+
+
+def evaluate(models: list, ids: list, context: int, bos: int, step=forward) -> dict:
+    """Scores the text's tokens ids under models[0], against models[1] if given; returns Scores.summary()."""
+    for model in models:
+        with torch.device(model.norm.weight.device):
+            model.setup_caches(max_batch_size=1, max_seq_length=context)
+    scores = Scores()
+    for chunk in tqdm(chunks(ids, context), desc="chunks", unit="chunk"):
+        targets = torch.tensor(chunk, device=models[0].norm.weight.device)  # [T]
+        log_probs = [next_token_log_probs(model, chunk, bos, step) for model in models]
+        scores.add(targets, *log_probs)
+    return scores.summary()
+
+
+# ----------------------------------------------------------------------------- input
+
+def read_text(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--text {path} not found; give a plain-text file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--text {path} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    if not text.strip():
+        raise UserError(f"--text {path} is empty; give it the text to score")
+    return text
+
+
+def check_context(context: int, block_size: int):
+    if context < 2:
+        raise UserError(f"--context must be at least 2 tokens, got {context}")
+    if context > block_size:
+        raise UserError(f"--context {context} exceeds the model's context of {block_size} tokens")
+
+
+def check_same_config(checkpoint_path: Path, reference_path: Path):
+    """The reference must be the same model (any format): the same config.json, field by field."""
+    ours, reference = read_config(checkpoint_path), read_config(reference_path)
+    for field, value in vars(ours).items():
+        if getattr(reference, field) != value:
+            raise UserError(f"--reference_path {reference_path} is another model: its config.json has {field} "
+                            f"{getattr(reference, field)}, the checkpoint's has {value}")
+
+
+def format_name(model: Transformer) -> str:
+    layer = model.layers[0]
+    return Scheme(layer.attention.wqkv.format, layer.block_sparse_moe.format, model.output.format).name
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Perplexity of a text under a Mixtral checkpoint and, with --reference_path, the KL divergence of "
+                    "its next-token distributions from the reference's. " + CONVENTION + " The last line printed is "
+                    "one JSON object: perplexity, tokens, and with a reference reference_perplexity, kl_mean, "
+                    "kl_median, kl_p99, kl_max (KL(reference || model) per scored token, in nats) and top1_agreement "
+                    "(the fraction of scored tokens where both models' most likely next token is the same).")
+    parser.add_argument("--checkpoint_path", type=Path,
+                        default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"), help="Model checkpoint path.")
+    parser.add_argument("--text", type=Path, required=True, help="The plain-text (UTF-8) file to score.")
+    parser.add_argument("--context", type=int, default=512,
+                        help="Tokens of the text per chunk, at most the model's block size (BOS takes the place of "
+                             "the last token, which is scored but never fed).")
+    parser.add_argument("--reference_path", type=Path, default=None,
+                        help="The full-precision checkpoint to compare with (same config.json), e.g. the model.pth "
+                             "the checkpoint was quantized from. Both models are held at once.")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Device to use (default: cuda when available, else cpu).")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16",
+                        help="dtype of activations and unquantized weights.")
+    parser.add_argument("--compile", action="store_true", help="Compile the forward pass (dynamic shapes).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    run_on_ranks(parse_args(argv), lambda args: check_device(args.device), run)
+
+
+def run(args, rank: Optional[int] = None, world_size: int = 1):
+    """Checks every input before loading anything, then scores the text and prints the table and the JSON line."""
+    check_context(args.context, read_config(args.checkpoint_path).block_size)
+    if args.reference_path is not None:
+        check_same_config(args.checkpoint_path, args.reference_path)
+    tokenizer = load_tokenizer(args.checkpoint_path)
+    ids = tokenizer.encode(read_text(args.text))
+    device = rank_device(args.device) if rank is not None else args.device
+    paths = [args.checkpoint_path] + ([args.reference_path] if args.reference_path is not None else [])
+    models = [load_model(path, device, PRECISIONS[args.precision], rank, world_size) for path in paths]
+    # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
+    step = torch.compile(forward, fullgraph=True, dynamic=True) if args.compile else forward
+    summary = evaluate(models, ids, args.context, tokenizer.bos_id(), step)
+    print_table(args, summary, [(path, format_name(model), active_weight_bytes(model) * world_size)
+                                for path, model in zip(paths, models)])
+    print(json.dumps(summary))
+
+
+def print_table(args, summary: dict, checkpoints: list):
+    """A markdown table of the figures; checkpoints: (path, format name, weight bytes a token reads) of
+    the model and the reference."""
+    print(f"### {args.text}: {summary['tokens']} tokens in chunks of {args.context}, {args.precision}")
+    print("| | checkpoint | format | weights read per token | perplexity |")
+    print("|---|---|---|---|---|")
+    perplexities = [summary["perplexity"], summary.get("reference_perplexity")]
+    for role, (path, name, nbytes), perplexity in zip(("model", "reference"), checkpoints, perplexities):
+        print(f"| {role} | {path} | {name} | {nbytes / 1e6:.4g} MB | {perplexity:.4f} |")
+    if "kl_mean" in summary:
+        print("\n| KL(reference ‖ model) per token, nats: mean | median | 99th percentile | max | top-1 agreement |")
+        print("|---|---|---|---|---|")
+        print(f"| {summary['kl_mean']:.6f} | {summary['kl_median']:.6f} | {summary['kl_p99']:.6f} | "
+              f"{summary['kl_max']:.6f} | {100 * summary['top1_agreement']:.2f} % |")
+
+
+if __name__ == "__main__":
+    main()
