@@ -56,9 +56,15 @@ def available() -> bool:
     """True once the ops of the chosen instruction set are loaded (built on the first call). Otherwise
     prints why, once per process, and returns False."""
     if "available" not in _status:
-        isa, reason = choose()
-        if reason is None:
+        candidates, reason = choose()
+        for isa in candidates:  # a compiler too old for the best set may still build a lower one
             reason = why_not_built(isa)
+            if reason is None:
+                break
+            if isa != candidates[-1]:
+                print(f"note: {reason}; trying {candidates[candidates.index(isa) + 1]}", file=sys.stderr, flush=True)
+        else:
+            isa = None
         if reason is not None:
             print(f"note: {reason}; using PyTorch's kernels instead (slower decoding)", file=sys.stderr, flush=True)
         elif int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank loads the same set
@@ -69,19 +75,19 @@ def available() -> bool:
 
 
 def choose():
-    """(the instruction set to use, None) or (None, why none can be)."""
+    """([the instruction sets to try, best first], None) or ([], why none can be)."""
     if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
-        return None, f"CPU kernels turned off by {DISABLE_VARIABLE}"
+        return [], f"CPU kernels turned off by {DISABLE_VARIABLE}"
     runs = supported()
     if not runs:
         caps, needs = torch.cpu.get_capabilities(), ISAS["avx2"][0]
         missing = [f for f in needs if not caps.get(f)] if caps.get("architecture") == "x86_64" else ["x86-64"]
-        return None, f"the CPU kernels need x86-64 with {', '.join(needs)}; this CPU lacks {', '.join(missing)}"
+        return [], f"the CPU kernels need x86-64 with {', '.join(needs)}; this CPU lacks {', '.join(missing)}"
     asked = os.environ.get(ISA_VARIABLE, "")
     if asked and asked not in runs:
         what = f"not one of {', '.join(ISAS)}" if asked not in ISAS else "not one this CPU runs"
         raise UserError(f"{ISA_VARIABLE}={asked} is {what}; this CPU runs {', '.join(runs)}")
-    return asked or runs[0], None
+    return [asked] if asked else runs, None
 
 
 def ops(isa: str = None):
@@ -121,7 +127,7 @@ def why_not_built(isa: str):
         raise
     except Exception as e:  # no compiler, no ninja, a failed compile: all mean the same to the user
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        return f"could not build the CPU kernels ({detail[:200]})"
+        return f"could not build the {isa} CPU kernels ({detail[:200]})"
     return None
 
 

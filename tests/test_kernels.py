@@ -234,7 +234,9 @@ def test_an_instruction_set_the_cpu_lacks_or_no_one_knows_is_refused_in_one_line
         with pytest.raises(UserError, match=f"{asked} is not one this CPU runs"):
             cpu_kernels.choose()
     monkeypatch.setenv("MIXTRAL_CPU_ISA", ISAS[-1])
-    assert cpu_kernels.choose() == (ISAS[-1], None)
+    assert cpu_kernels.choose() == ([ISAS[-1]], None)  # that set alone
+    monkeypatch.delenv("MIXTRAL_CPU_ISA")
+    assert cpu_kernels.choose() == (ISAS, None)  # the best first; a lower one where the best fails to build
 
 
 def test_a_cpu_without_avx2_keeps_pytorchs_path_and_says_what_it_lacks(monkeypatch):
@@ -245,7 +247,25 @@ def test_a_cpu_without_avx2_keeps_pytorchs_path_and_says_what_it_lacks(monkeypat
                         ({"architecture": "aarch64"}, "x86-64")):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         assert cpu_kernels.supported() == []
-        assert cpu_kernels.choose() == (None, f"the CPU kernels need x86-64 with avx2, fma3, f16c; this CPU lacks {lacks}")
+        assert cpu_kernels.choose() == ([], f"the CPU kernels need x86-64 with avx2, fma3, f16c; this CPU lacks {lacks}")
+
+
+def test_a_set_that_fails_to_build_gives_way_to_the_next_lower_one(monkeypatch, capsys):
+    """A compiler too old for the best set's flags: the next set is tried, with a line saying so; where
+    none builds, PyTorch's kernels, with a line saying so."""
+    monkeypatch.delenv("MIXTRAL_CPU_ISA", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_status", {"loaded": cpu_kernels._status["loaded"]})  # a fresh first use
+    built = cpu_kernels.why_not_built
+    monkeypatch.setattr(cpu_kernels, "why_not_built",
+                        lambda isa: f"could not build the {isa} CPU kernels (old compiler)" if isa == ISAS[0] else built(isa))
+    lines = [f"note: could not build the {ISAS[0]} CPU kernels (old compiler); " +
+             (f"trying {ISAS[1]}" if len(ISAS) > 1 else "using PyTorch's kernels instead (slower decoding)")]
+    assert cpu_kernels.available() == (len(ISAS) > 1)
+    if len(ISAS) > 1:
+        assert cpu_kernels._status["isa"] == ISAS[1]
+        lines.append(f"CPU kernels: {ISAS[1]} ({cpu_kernels.ISAS[ISAS[1]][2]}); MIXTRAL_CPU_ISA={'|'.join(ISAS)} "
+                     "chooses among this CPU's")
+    assert capsys.readouterr().err.splitlines() == lines
 
 
 def test_a_build_lock_left_by_a_killed_build_is_taken_over_with_a_note(tmp_path, capsys):
