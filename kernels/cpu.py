@@ -38,7 +38,7 @@ ISAS = {
     "avxvnni": (("avx2", "fma3", "f16c", "avx_vnni"), ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], "AVX2 with AVX-VNNI"),
     "avx2": (("avx2", "fma3", "f16c"), ["-mavx2", "-mfma", "-mf16c"], "AVX2"),
 }
-_status = {}  # "available": the answer, once found; "isa": the set in use; "loaded": {set: namespace}
+_status = {}  # "available": the answer, once found; "isa": the set in use; "loaded": the sets loaded
 
 
 def supported() -> list:
@@ -133,7 +133,7 @@ def why_not_built(isa: str):
 
 def load(isa: str):
     """Compiles (or finds in the cache) and loads the kernels of instruction set `isa` into this process."""
-    loaded = _status.setdefault("loaded", {})
+    loaded = _status.setdefault("loaded", set())
     if isa not in loaded:
         from torch.utils import cpp_extension
         try:  # ninja from PyPI: on PATH only inside an activated virtual environment, so say where it is
@@ -150,7 +150,7 @@ def load(isa: str):
             cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
         register_fakes(f"mixtral_cpu_{isa}")
-        loaded[isa] = True
+        loaded.add(isa)
     return ops(isa)
 
 
