@@ -180,7 +180,8 @@ def build_lock(folder: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process's build of the CPU kernels in {folder}", file=sys.stderr, flush=True)
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for all the ranks that wait
+                print(f"waiting for another process's build of the CPU kernels in {folder}", file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         torch_lock = folder / "lock"
         if torch_lock.exists():
