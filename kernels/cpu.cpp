@@ -84,7 +84,6 @@ template <typename W> constexpr int64_t kValuesPer = is_int4<W>::value ? 2 : 1;
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
-inline float to_float(int8_t v) { return static_cast<float>(v); }
 
 // One core alone keeps too few cache misses in flight to stream at the memory's speed: it waits on
 // latency. Asking for the weights a few KB ahead, into L2 (whose queue of misses is deeper than L1's),
@@ -292,14 +291,14 @@ inline void dot_tile(const W* const* rows, const Vectors& x, float* out) {
       for (int m = 0; m < MC; ++m)
         for (int64_t k = K / kBlock * kBlock; k < K; ++k)
           out[r * MC + m] += float(rows[r][k]) * float(x.q[m * K + k]) * x.scale[m * x.blocks + k / kBlock];
-    return;
+  } else {
+    if constexpr (std::is_same_v<W, c10::BFloat16> && isa::kBF16Dot)
+      if (x.bf) {
+        isa::dot_tile_bf16<R, MC>(rows, x.bf, K, out);  // every value, the last through masked loads
+        return;
+      }
+    add_tail<W, R, MC>(rows, x.f, isa::dot_tile<W, R, MC>(rows, x.f, K, out), K, out);
   }
-  if constexpr (std::is_same_v<W, c10::BFloat16> && isa::kBF16Dot)
-    if (x.bf) {
-      isa::dot_tile_bf16<R, MC>(rows, x.bf, K, out);  // every value, the last through masked loads
-      return;
-    }
-  add_tail<W, R, MC>(rows, x.f, isa::dot_tile<W, R, MC>(rows, x.f, K, out), K, out);
 }
 
 // out[r * MC + m] = dot(rows[r], x[m]) for int4 rows (with their group scales) and int8 vectors, a

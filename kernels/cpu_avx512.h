@@ -25,9 +25,6 @@ inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a flo
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 
 // Float rows times float32 vectors over the first K rounded down to 16 values (returned). U independent
 // accumulators per (row, vector) pair keep R * MC * U >= 4 multiply-adds in flight.
