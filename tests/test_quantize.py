@@ -231,7 +231,10 @@ def test_file_size_and_bounded_memory(big_bf16, mode, written):
     bf16_size = big_bf16.stat().st_size
     # Quantize in a fresh process, sampling its anonymous (non-file) memory: reading the mmapped
     # source and filling the mmapped output use page cache, not the process's own memory. The
-    # first run pays torch's one-time start-up allocations (~70 MB); the second is measured.
+    # first run pays torch's one-time start-up allocations (~70 MB); the second is measured. glibc's
+    # malloc would keep freed blocks of a few hundred KB (the chunks' float32 temporaries) in its heap
+    # and grow it by fragmentation, a few MB that say nothing about what the script holds: a fixed
+    # mmap threshold hands every block of 64 KiB or more back to the system when freed.
     child = textwrap.dedent(f"""
         import sys, threading, time
         sys.path.insert(0, {str(REPO)!r})
@@ -253,7 +256,7 @@ def test_file_size_and_bounded_memory(big_bf16, mode, written):
         done.set()
         print(max(peak) - peak[0])
     """)
-    result = run_script("-c", child, env=ONE_THREAD)
+    result = run_script("-c", child, env={**ONE_THREAD, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1]) * 1024
     size = big_bf16.with_name(written).stat().st_size
