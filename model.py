@@ -241,17 +241,25 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
         # idx: [B, T] token ids; input_pos: their positions in the sequence, [T] for the whole batch or
-        # [B, T] for sequences of a batch that stand at different lengths (prompts of different lengths)
-        assert self.max_seq_length > 0, "call setup_caches() first"
-        cache_pos = torch.arange(self.max_seq_length, device=idx.device)
+        # [B, T] for sequences of a batch that stand at different lengths (prompts of different lengths).
+        # Without setup_caches (training, scoring a whole text) idx is the whole sequence: positions
+        # 0..T-1, and each token attends to those before it in idx.
+        if self.max_seq_length > 0:
+            assert input_pos is not None, "with a KV cache, say where the tokens go"
+            cache_pos = torch.arange(self.max_seq_length, device=idx.device)  # [S]
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, Dh] or [B, T, Dh]
+        else:
+            assert input_pos is None, "positions need a KV cache: call setup_caches() first"
+            input_pos = cache_pos = torch.arange(idx.size(1), device=idx.device)  # [T]
+            cos, sin = (t.to(idx.device) for t in precompute_rope(idx.size(1), self.config.head_dim,
+                                                                  self.config.rope_base))
         mask = input_pos[..., None] >= cache_pos  # [T, S] or [B, T, S] causal
         if self.config.sliding_window is not None:
             mask = mask & (input_pos[..., None] - cache_pos < self.config.sliding_window)
         if input_pos.dim() == 2:
             mask = mask[:, None]  # [B, 1, T, S]: the same for every head
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, Dh] or [B, T, Dh]
         x = self.tok_embeddings(idx)  # [B, T, D]
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin, mask)
@@ -290,27 +298,16 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, Dh]
-        k, v = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, Dh]
-        if T == 1 and x.device.type == "cpu":
-            y = decode_attention(q, k, v, mask)  # [B, H, 1, Dh]
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, Dh]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, KV, S, Dh]
+        y = self.attend(q, k, v, mask)  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * Dh]
         return self.wo(y)
 
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """One new token's attention over the cache, written out so that torch.compile fuses it into the
-    decode step. On CPU the SDPA kernel's fixed cost per call was a tenth of a cpu-bench token for
-    this small product; written out it costs a fraction of that. On a GPU SDPA's kernels are kept.
-    q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] or [B, 1, T, S] -> [B, H, T, Dh]"""
-    B, H, T, Dh = q.shape
-    KV = k.shape[1]
-    qg = q.reshape(B, KV, H // KV * T, Dh).float()  # [B, KV, H/KV, Dh]: the query heads sharing each kv head
-    scores = (qg @ k.float().transpose(-1, -2)) * Dh ** -0.5  # [B, KV, H/KV, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    y = scores.softmax(dim=-1) @ v.float()  # [B, KV, H/KV, Dh]
-    return y.to(q.dtype).view(B, H, T, Dh)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(Dh), masked) v, each group of H/KV query heads sharing one key/value head.
+        q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] or [B, 1, T, S] -> [B, H, T, Dh]"""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class MOEFeedForward(nn.Module):
@@ -333,18 +330,17 @@ class MOEFeedForward(nn.Module):
         return self.run_experts(x, experts, weights).view(B, T, D)
 
     def run_experts(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
-        """Each token's K experts, weighted: x [N, D] -> [N, D]. (formats.py stores the experts in other
-        weight formats, with faster kernels, and overrides this; the routing above stays.)"""
-        if few_enough_to_decode(experts, self.w1.size(0)):
-            return decode_experts(x, experts, weights, self.w1, self.w3, self.w2)
-        return grouped_experts(x, experts, weights, self.w1, self.w3, self.w2)
-
-
-def few_enough_to_decode(experts: Tensor, num_experts: int) -> bool:
-    """Whether decode_experts suits these (token, expert) pairs [N, K]: a few tokens (decode) read at most
-    as many experts one matrix-vector product at a time as a grouped pass over all E would read; a
-    prompt shares each expert among many tokens, and grouped_experts reads each expert once for them."""
-    return experts.numel() <= num_experts
+        """Each token's K experts, weighted: x [N, D], experts/weights [N, K] -> [N, D]. One expert at a time
+        over the tokens that chose it: the definition, written to be read (and trained: it is
+        differentiable). formats.py stores the experts in other weight formats and runs the same sum
+        with faster kernels (dispatch.py chooses which)."""
+        y = torch.zeros_like(x)
+        for e in range(self.w1.size(0)):
+            token, slot = torch.where(experts == e)  # the tokens that chose expert e, and in which of their K slots
+            xe = x[token]  # [n_e, D]
+            h = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)  # [n_e, I]: SwiGLU
+            y = y.index_add(0, token, (h @ self.w2[e].T) * weights[token, slot, None])  # [N, D]
+        return y
 
 
 def route(gate: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -353,103 +349,6 @@ def route(gate: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     probs = F.softmax(gate(x).float(), dim=-1)  # [N, E]
     weights, experts = torch.topk(probs, k, dim=-1)  # [N, K]
     return (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), experts
-
-
-def decode_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """Each token's K experts as matrix-vector products: the decode path, where memory bandwidth rules.
-
-    Written as (indexed weights) @ (column vector) so that torch.compile turns each product into one
-    reduction that reads the chosen experts' rows in place: inductor lowers a batched matmul with a
-    single output column to multiply-and-sum on CPU and fuses the indexing w1[experts] into it, so the
-    weights are read once, with no gathered copy (w1 and w3 even share one loop). Eager mode gathers
-    copies of the N*K chosen experts first, which is why this path is kept to a few tokens.
-    """
-    xe = x[:, None, :, None]  # [N, 1, D, 1]
-    h = F.silu(w1[experts] @ xe) * (w3[experts] @ xe)  # [N, K, I, 1]
-    y = (w2[experts] @ h).squeeze(-1)  # [N, K, D]
-    return (y * weights[..., None]).sum(dim=1)  # [N, D]
-
-
-def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The (token, expert) pairs of experts [N, K] sorted by expert: order [N*K] (positions in
-    experts.flatten()), the token of each sorted pair [N*K], and each expert's count of pairs [E].
-    All stay on the device: no host sync."""
-    flat_experts = experts.flatten()  # [N*K]
-    order = flat_experts.argsort(stable=True)  # pairs sorted by expert
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device).scatter_add_(
-        0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
-    return order, order // experts.size(1), counts
-
-
-@torch.library.custom_op("mixtral::grouped_experts", mutates_args=())
-def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """Runs each expert once over the tokens routed to it. x: [N, D], experts/weights: [N, K] -> [N, D].
-
-    Gathering w1[experts] per token would copy N*K expert matrices (gigabytes for a long prompt);
-    sorting the (token, expert) pairs by expert instead lets one grouped matmul read every expert's
-    weights in place. On a GPU the group sizes stay on the device: no host sync.
-    A custom op, so torch.compile treats it as one opaque kernel: torch._grouped_mm runs any float
-    dtype eagerly, but its tracing rule accepts bf16 only.
-    """
-    order, token_of_pair, counts = sort_by_expert(experts, w1.shape[0])
-    xs = x[token_of_pair]  # [N*K, D]
-    if x.device.type == "cpu" and half_matmul_is_slow(x.dtype):
-        ys = experts_in_float32(xs, counts.tolist(), w1, w3, w2)  # on a CPU the host sync is free
-    else:
-        offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's group
-        h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)) \
-            * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)  # [N*K, I]
-        ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [N*K, D]
-    ys = ys * weights.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
-
-
-# A constant to torch.compile: a compiled step that asks (an int8 matmul of more than a few tokens) gets
-# the answer at tracing time instead of a graph break on torch.cpu.get_capabilities().
-@torch.compiler.assume_constant_result
-def half_matmul_is_slow(dtype: torch.dtype) -> bool:
-    """True on x86 CPUs without bf16 / fp16 matrix instructions (AVX512-BF16, AVX512-FP16, AMX):
-    there torch multiplies bf16 matrices about three times slower than float32 ones (the README's
-    CPU figures)."""
-    if dtype not in HALF_MATMUL_IS_SLOW:  # asked once per dtype
-        native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-        caps = torch.cpu.get_capabilities()
-        HALF_MATMUL_IS_SLOW[dtype] = (dtype in native and caps.get("architecture") == "x86_64"
-                                      and not any(caps.get(f) for f in native[dtype]))
-    return HALF_MATMUL_IS_SLOW[dtype]
-
-
-HALF_MATMUL_IS_SLOW = {}
-
-
-# Below this many tokens an expert keeps its own dtype: converting its weights costs about as much as
-# that many rows of the slow half-precision matmul (measured on the same CPU).
-MIN_ROWS_TO_CONVERT = 8
-
-
-def experts_in_float32(xs: Tensor, counts: list, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """grouped_experts' matmuls where half-precision matmuls are slow: each busy expert's weights are
-    converted into one reused float32 buffer (one extra read of them, no new allocation per expert)
-    and multiplied in float32. xs: [N*K, D] sorted by expert, counts[e] rows each -> [N*K, D]."""
-    E, I, D = w1.shape
-    buffer = torch.empty(I * D, dtype=torch.float32, device=xs.device)  # one expert matrix at a time
-    ys = []
-    for e, xs_e in enumerate(xs.split(counts)):  # xs_e: [count_e, D]
-        if counts[e] == 0:
-            continue
-        if counts[e] < MIN_ROWS_TO_CONVERT:
-            ys.append(F.linear(F.silu(F.linear(xs_e, w1[e])) * F.linear(xs_e, w3[e]), w2[e]))
-            continue
-        x32 = xs_e.float()
-        x1 = F.silu(F.linear(x32, buffer.view(I, D).copy_(w1[e])))  # [count_e, I]
-        h = x1 * F.linear(x32, buffer.view(I, D).copy_(w3[e]))
-        ys.append(F.linear(h, buffer.view(D, I).copy_(w2[e])).to(xs.dtype))  # [count_e, D]
-    return torch.cat(ys)
-
-
-@grouped_experts.register_fake
-def _(x, experts, weights, w1, w3, w2):
-    return torch.empty_like(x)
 
 
 class RMSNorm(nn.Module):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from formats import FORMATS, Int4, Scheme, detect_format, stored_weights
+from formats import FORMATS, Int4, Scheme, detect_format, parse_format, stored_weights
 from model import ModelArgs, Transformer, UserError, load_checkpoint
 from writing import atomic_file, reserve
 
@@ -75,16 +75,6 @@ def output_path(checkpoint_path: Path, mode: str, groupsize: int, int4_attention
     return checkpoint_path.with_name(f"{checkpoint_path.stem}{suffix}.pth")
 
 
-def quantization_scheme(mode: str, groupsize: int, int4_attention: bool = False) -> Scheme:
-    """int8: everything int8. int4: the experts in int4, and attention and the output head in int8 unless
-    int4_attention (README, Quality: what each costs)."""
-    if mode == "int8":
-        return Scheme.of(FORMATS["int8"])
-    int4 = Int4(groupsize)
-    small_parts = int4 if int4_attention else FORMATS["int8"]
-    return Scheme(attention=small_parts, experts=int4, output=small_parts)
-
-
 def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: int = 32,
                         int4_attention: bool = False) -> Path:
     """Writes <name>_int8.pth (int4: <name>_int4.g<groupsize>.pth, and .attn4 before .pth with
@@ -105,7 +95,8 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
     checkpoint_path = Path(checkpoint_path)
     config, source = load_source(checkpoint_path)
     # source name -> (its format, {key: output name})
-    quantized = stored_weights(config, quantization_scheme(mode, groupsize, int4_attention))
+    chosen = parse_format(f"int4:g{groupsize}" if mode == "int4" else mode)
+    quantized = stored_weights(config, Scheme.quantizing(chosen, int4_attention))
     for name, (fmt, _) in quantized.items():  # before any file is written
         inputs = source[name].shape[-1]
         problem = fmt.row_problem(inputs)

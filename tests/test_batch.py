@@ -239,7 +239,7 @@ def test_chat_format_flag_overrides_the_checkpoint(checkpoint, tokenizer, tmp_pa
 
 
 def test_int8_linear_of_more_than_8_tokens_compiles_in_one_graph():
-    """A decode step of a batch above formats.CPU_KERNEL_MAX_TOKENS takes int8's PyTorch path, which asks
+    """A decode step of a batch above dispatch.CPU_KERNEL_MAX_TOKENS takes int8's PyTorch path, which asks
     whether half-precision matmuls are slow: a constant at tracing time, not a graph break."""
     from formats import FORMATS, Linear
     torch.manual_seed(0)

@@ -1,11 +1,12 @@
-"""The decode path (model.decode_experts) compiled as generate.py compiles it: same logits as transformers,
+"""The decode path (formats.decode_experts) compiled as generate.py compiles it: same logits as transformers,
 one graph for every step (no recompiles per token), and no gathered copy of the experts in the kernels."""
 import pytest
 import torch
 
 from conftest import load_ours, load_reference, relative_error
 from generate import decode_compile_options
-from model import decode_experts, grouped_experts, route
+from formats import decode_experts, grouped_experts
+from model import route
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3])

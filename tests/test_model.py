@@ -51,12 +51,14 @@ def test_half_precisions_run_end_to_end_near_float32(checkpoint, dtype):
 
 @pytest.mark.parametrize("float32_path", [False, True])
 def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
-    """grouped_experts in bf16, with and without the float32 conversion taken on CPUs whose half-precision
-    matmuls are slow, against each token's experts computed one by one in float64. Expert 0 and 1 get
-    many tokens (converted), 2 and 3 a few (left in bf16): both branches run, sharing one buffer."""
-    import model
-    assert not model.half_matmul_is_slow(torch.float32)  # float32 models are never converted
-    monkeypatch.setattr(model, "half_matmul_is_slow", lambda dtype: float32_path)
+    """A prompt's full-precision experts in bf16: the grouped matmul, and (on CPUs whose half-precision
+    matmuls are slow) each expert one by one in float32, against each token's experts computed one by one
+    in float64. Expert 0 and 1 get many tokens (converted), 2 and 3 a few (left in bf16): both branches of
+    the float32 path run."""
+    import dispatch
+    from formats import FullPrecision
+    assert not dispatch.half_matmul_is_slow(torch.float32)  # float32 models are never converted
+    monkeypatch.setattr(dispatch, "half_matmul_is_slow", lambda dtype: float32_path)
     g = torch.Generator().manual_seed(3)
     E, I, D, N = 4, 48, 32, 20
     w1, w3 = (torch.randn(E, I, D, generator=g) / D ** 0.5 for _ in range(2))
@@ -65,7 +67,9 @@ def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
     experts = torch.stack([torch.zeros(N, dtype=torch.long), torch.tensor([1] * 15 + [2] * 3 + [3] * 2)], dim=1)
     weights = torch.softmax(torch.randn(N, 2, generator=g), dim=-1)
     bf16 = [t.to(torch.bfloat16) for t in (x, weights, w1, w3, w2)]
-    out = model.grouped_experts(bf16[0], experts, bf16[1], *bf16[2:])
+    fmt, (w1, w3, w2) = FullPrecision(), ({"": w} for w in bf16[2:])
+    assert dispatch.experts_path(fmt, bf16[0], experts, E) == ("one by one" if float32_path else "grouped")
+    out = dispatch.run_experts(fmt, bf16[0], experts, bf16[1], w1, w3, w2)
     x, weights, w1, w3, w2 = (t.double() for t in bf16)  # the same rounded inputs, exact arithmetic
     ref = torch.stack([sum(weights[n, k] * w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n]))
                            for k, e in enumerate(experts[n].tolist())) for n in range(N)])

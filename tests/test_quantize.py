@@ -92,7 +92,7 @@ def test_router_gate_is_untouched_in_the_int8_model(checkpoint, int8_path):
     ours, ours_int8 = load_ours(checkpoint), load_model(int8_path, "cpu", torch.float32)
     for layer, layer8 in zip(ours.layers, ours_int8.layers):
         assert isinstance(layer8.block_sparse_moe, formats.MOEFeedForward)
-        assert layer8.block_sparse_moe.format is FORMATS["int8"] and layer8.block_sparse_moe.w1.dtype == torch.int8
+        assert layer8.block_sparse_moe.format == FORMATS["int8"] and layer8.block_sparse_moe.w1.dtype == torch.int8
         assert isinstance(layer8.attention.wqkv, formats.Linear) and layer8.attention.wqkv.weight.dtype == torch.int8
         assert torch.equal(layer8.block_sparse_moe.gate.weight, layer.block_sparse_moe.gate.weight)
     assert isinstance(ours_int8.output, formats.Linear) and ours_int8.output.weight.dtype == torch.int8

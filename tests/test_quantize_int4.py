@@ -160,7 +160,7 @@ def test_pytorch_paths_multiply_the_dequantized_weights():
     with cpu_kernels.turned_off():
         assert relative_error(fmt.linear(x, dense), x.double() @ exact(dense).T) < 1e-6
         assert relative_error(fmt.decode_experts(x, experts, weights, w1, w3, w2), want) < 1e-6
-        grouped = dequantized_experts(x, experts, weights, "int4", *(list(w.values()) for w in (w1, w3, w2)))
+        grouped = dequantized_experts(x, experts, weights, "int4:g32", *(list(w.values()) for w in (w1, w3, w2)))
         assert relative_error(grouped, want) < 1e-6
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dispatch
 import formats
 from conftest import REPO  # it sets TRITON_INTERPRET=1 before anything imports triton
 from formats import FORMATS
@@ -123,22 +124,22 @@ def test_mixtral_triton_chooses_the_kernels_on_cuda(monkeypatch, variable):
     """MIXTRAL_TRITON=1: both ops on CUDA tensors of a decode step; =experts: the MoE only; unset:
     today's path (F.linear). A prompt (more tokens than a tile holds) keeps PyTorch's path."""
     if variable is None:
-        monkeypatch.delenv(formats.TRITON_VARIABLE, raising=False)
+        monkeypatch.delenv(dispatch.TRITON_VARIABLE, raising=False)
     else:
-        monkeypatch.setenv(formats.TRITON_VARIABLE, variable)
+        monkeypatch.setenv(dispatch.TRITON_VARIABLE, variable)
     fmt, bf16 = FORMATS["int8"], torch.bfloat16
     weight = {"": ((D, D), torch.int8), "scales": ((D,), bf16)}
 
     def linear(x, q, scales):
-        return formats.linear(fmt, x, {"": q, "scales": scales})
+        return dispatch.linear(fmt, x, {"": q, "scales": scales})
 
     def experts(x, ids, weights, w1, s1, w3, s3, w2, s2):
-        return formats.run_experts(fmt, x, ids, weights, {"": w1, "scales": s1}, {"": w3, "scales": s3},
+        return dispatch.run_experts(fmt, x, ids, weights, {"": w1, "scales": s1}, {"": w3, "scales": s3},
                                    {"": w2, "scales": s2})
 
     linear_ops = traced_ops(linear, ((1, 1, D), bf16), *weight.values())
     assert ("mixtral_triton.linear.default" in linear_ops) == (variable == "1"), linear_ops
-    prompt_ops = traced_ops(linear, ((1, formats.TRITON_MAX_TOKENS + 1, D), bf16), *weight.values())
+    prompt_ops = traced_ops(linear, ((1, dispatch.TRITON_MAX_TOKENS + 1, D), bf16), *weight.values())
     assert not any("mixtral_triton" in op for op in prompt_ops)
     if variable is not None:  # (unset, the reference's decode path cannot be traced on fake CUDA tensors)
         w13 = [((E, I, D), torch.int8), ((E, I), bf16)] * 2
@@ -150,12 +151,12 @@ def test_mixtral_triton_chooses_the_kernels_on_cuda(monkeypatch, variable):
 def test_the_choice_is_a_constant_to_torch_compile(monkeypatch):
     """triton_kernels_requested is read once at tracing time, not traced: one graph, whatever it says."""
     from torch._dynamo.testing import CompileCounterWithBackend
-    monkeypatch.setenv(formats.TRITON_VARIABLE, "experts")
+    monkeypatch.setenv(dispatch.TRITON_VARIABLE, "experts")
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
 
     def step(x):
-        return x + formats.triton_kernels_requested("experts") + 2 * formats.triton_kernels_requested("linear")
+        return x + dispatch.triton_kernels_requested("experts") + 2 * dispatch.triton_kernels_requested("linear")
 
     assert torch.equal(torch.compile(step, fullgraph=True, backend=counter)(torch.zeros(2)), torch.ones(2))
     assert counter.frame_count == 1
