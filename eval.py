@@ -20,8 +20,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from formats import Scheme
-from generate import (PRECISIONS, active_weight_bytes, check_device, load_model, load_tokenizer, read_config,
-                      run_on_ranks)
+from generation import PRECISIONS, check_device, load_model, load_tokenizer, read_config, run_on_ranks
+from measuring import active_weight_bytes
 from model import Transformer, UserError
 from tp import rank_device
 

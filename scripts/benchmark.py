@@ -14,6 +14,7 @@
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile --triton
 #   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
 import argparse
+import contextlib
 import datetime
 import gc
 import inspect
@@ -30,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats import FORMATS, TRITON_VARIABLE, FullPrecision, Int4, quantize_module  # noqa: E402
-from generate import (PRECISIONS, active_weight_bytes, check_device, compile_steps, count_expert_reads,  # noqa: E402
-                      generate_batch, load_model, peak_memory_gb, reset_peak_memory, round_up, synchronize)
+from generation import PRECISIONS, check_device, compile_steps, generate_batch, load_model, round_up  # noqa: E402
+from measuring import (active_weight_bytes, counting_expert_reads, peak_memory_gb, reset_peak_memory,  # noqa: E402
+                       synchronize)
 from model import ModelArgs, Transformer, UserError, transformer_configs  # noqa: E402
 from scripts.make_tiny_checkpoint import write_random_checkpoint  # noqa: E402
 
@@ -316,7 +318,7 @@ def run(args) -> list:
           f"{weight_bytes / 1e9:.3g} GB read per decoded token; built/loaded in {build_s:.1f} s", flush=True)
 
     bandwidth = Bandwidth(device, args.probe_mb and args.probe_mb << 20)
-    prefill_fn, decode_fn = compile_steps(args, device)
+    prefill_fn, decode_fn = compile_steps(device, args.compile, args.compile_prefill)
     engine = "this repo" + (" (compiled)" if args.compile else "") + triton_label(device)
     rows = []
 
@@ -326,7 +328,9 @@ def run(args) -> list:
         decode_len = round_up(max(args.decode_prompts) + max(args.batch_sizes) + args.max_new_tokens)
         with torch.device(device):
             model.setup_caches(max_batch_size=max(args.batch_sizes), max_seq_length=min(decode_len, config.block_size))
-    reset_counts, read_counts = count_expert_reads(model) if max(args.batch_sizes) > 1 else (None, None)
+    counting = contextlib.ExitStack()  # kept open to the end of the run
+    counts = counting.enter_context(counting_expert_reads(model)) if max(args.batch_sizes) > 1 else None
+    reset_counts, read_counts = (counts.reset, counts.read) if counts is not None else (None, None)
     for prompt_len in args.decode_prompts:
         for batch in args.batch_sizes:
             # Warm-up: compiles the decode step on the first prompt (timed), settles caches on the others.

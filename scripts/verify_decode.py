@@ -10,7 +10,7 @@ import copy
 import torch
 
 from formats import FORMATS, FullPrecision
-from generate import decode_compile_options
+from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
 from model import Transformer, UserError
 from scripts.benchmark import format_label, model_args, random_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from generate import active_weight_bytes
+from measuring import active_weight_bytes
 from model import ModelArgs, Transformer
 from scripts.benchmark import (BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, prefill_flops,
                                random_model)
@@ -225,7 +225,7 @@ def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, caps
     assert f"wrote {tmp_path / 'model.pth'}" in capsys.readouterr().out
     assert ModelArgs.from_json(tmp_path / "config.json") == model_args("tiny")
     from conftest import load_reference
-    from generate import load_model
+    from generation import load_model
     ours, ref = load_model(tmp_path / "model.pth", "cpu", torch.float32), load_reference(tmp_path)
     torch.testing.assert_close(ours.output.weight, ref.lm_head.weight)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import load_ours, load_reference, relative_error
-from generate import decode_compile_options
+from generation import decode_compile_options
 from model import decode_experts, grouped_experts, route
 
 
