@@ -9,8 +9,8 @@ import torch
 from conftest import REPO, run_script
 from measuring import active_weight_bytes
 from model import ModelArgs, Transformer
-from scripts.benchmark import (BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, prefill_flops,
-                               random_model)
+from scripts.bench_common import BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, random_model
+from scripts.benchmark import prefill_flops
 
 SCRIPT = REPO / "scripts" / "benchmark.py"
 COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB read per step", "GB/s", "GFLOP/s", "% of limit", "peak memory GB"]
