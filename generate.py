@@ -130,8 +130,9 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     if args.interactive:
         tokens_per_sec = chat(model, tokenizer, instruct, settings, rank)
     else:
-        trace = None if args.profile is None else f"{args.profile}.json" if rank is None else \
-            f"{args.profile}_rank_{rank}.json"
+        trace = None
+        if args.profile is not None:  # under torchrun, a trace per rank
+            trace = f"{args.profile}.json" if rank is None else f"{args.profile}_rank_{rank}.json"
         tokens_per_sec = run_batches(model, tokenizer, batches, settings, warm_up=args.compile or args.compile_prefill,
                                      stream=args.prompts_file is None, trace=trace)
     if world_size > 1:
