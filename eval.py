@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from formats import Scheme
-from generate import (PRECISIONS, active_weight_bytes, check_device, load_model, load_tokenizer, read_config,
-                      run_on_ranks)
+from formats import model_scheme
+from generation import PRECISIONS, check_device, load_model, load_tokenizer, read_config, run_on_ranks
+from measuring import active_weight_bytes
 from model import Transformer, UserError
 from tp import rank_device
 
@@ -141,11 +141,6 @@ def check_same_config(checkpoint_path: Path, reference_path: Path):
                             f"{getattr(reference, field)}, the checkpoint's has {value}")
 
 
-def format_name(model: Transformer) -> str:
-    layer = model.layers[0]
-    return Scheme(layer.attention.wqkv.format, layer.block_sparse_moe.format, model.output.format).name
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
@@ -189,7 +184,7 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
     step = torch.compile(forward, fullgraph=True, dynamic=True) if args.compile else forward
     summary = evaluate(models, ids, args.context, tokenizer.bos_id(), step)
-    print_table(args, summary, [(path, format_name(model), active_weight_bytes(model) * world_size)
+    print_table(args, summary, [(path, model_scheme(model).name, active_weight_bytes(model) * world_size)
                                 for path, model in zip(paths, models)])
     print(json.dumps(summary))
 

@@ -333,6 +333,12 @@ def stored_format(state_dict: dict, name: str) -> WeightFormat:
     return Int4(2 * t.shape[-1] // scales.shape[-1])
 
 
+def model_scheme(model: Transformer) -> Scheme:
+    """The formats a built model holds its parts in (its first layer's, as every layer's)."""
+    layer = model.layers[0]
+    return Scheme(layer.attention.wqkv.format, layer.block_sparse_moe.format, model.output.format)
+
+
 def detect_format(state_dict: dict) -> Scheme:
     """The formats a checkpoint is stored in, part by part, told by its content, not its file name."""
     return Scheme(**{part: stored_format(state_dict, name) for part, name in PART_WEIGHTS.items()})

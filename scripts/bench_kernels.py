@@ -9,7 +9,6 @@
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats import FORMATS  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
-from scripts.benchmark import Bandwidth, fmt, machine_name  # noqa: E402
+from measuring import seconds  # noqa: E402
+from scripts.bench_common import Bandwidth, fmt, machine_name  # noqa: E402
 
 
 def candidates(rows: int, cols: int, copies: int) -> dict:
@@ -30,7 +30,7 @@ def candidates(rows: int, cols: int, copies: int) -> dict:
     int8 = [FORMATS["int8"].quantize(w) for w in bf16]
     x = torch.randn(1, cols, generator=g).to(torch.bfloat16)
     found = {"torch F.linear, bf16": (rows * cols * 2, [lambda w=w: F.linear(x, w) for w in bf16])}
-    if cols % 16 == 0:  # otherwise its bf16 path returns inf and nan, or crashes (torch 2.13)
+    if cols % 16 == 0:  # otherwise its bf16 path returns inf and nan, or crashes
         found["torch _weight_int8pack_mm"] = (rows * cols, [
             lambda t=t: torch.ops.aten._weight_int8pack_mm(x, t[""], t["scales"]) for t in int8])
     with warnings.catch_warnings():  # torch marks fbgemm's Python-side quantization deprecated
@@ -77,13 +77,11 @@ def main(argv=None):
     with torch.no_grad():
         for name, (nbytes, calls) in candidates(args.rows, args.cols, copies).items():
             calls[0]()  # warm-up
-            rates = []
-            for _ in range(args.runs):
-                t = time.perf_counter()
+
+            def every_copy():
                 for call in calls:
                     call()
-                rates.append(nbytes * len(calls) / (time.perf_counter() - t))
-            rate = statistics.median(rates)
+            rate = statistics.median(nbytes * len(calls) / seconds(every_copy) for _ in range(args.runs))
             weights = rate * args.rows * args.cols / nbytes
             print(f"| {name} | {fmt(rate / 1e9)} | {fmt(weights / 1e9)} |", flush=True)
 

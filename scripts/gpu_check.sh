@@ -2,7 +2,7 @@
 # One device call (at most 10 minutes on one H100/H200): full-width Mixtral 8x7B with random weights,
 # 16 of its 32 layers, at batch 1, compiled with CUDA graphs, decoding 200 new tokens after prompts of
 # 5 and 512 tokens, five runs:
-#   1. int8 weights, today's compiled path (inductor's kernels), and prefill of 512 tokens;
+#   1. int8 weights, the compiled path (inductor's kernels), and prefill of 512 tokens;
 #   2. int8 weights, the Triton kernels (kernels/triton_moe.py, MIXTRAL_TRITON=1 via --triton);
 #   3. and 4. the same in bf16 (fewer layers where the free memory cannot hold 16);
 #   5. int4 weights (groups of 32), the Triton kernels (its compiled path dequantizes: no contender).

@@ -9,11 +9,11 @@ import copy
 
 import torch
 
-from formats import FORMATS, FullPrecision
-from generate import decode_compile_options
+from formats import FullPrecision, WeightFormat
+from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
 from model import Transformer, UserError
-from scripts.benchmark import format_label, model_args, random_model
+from scripts.bench_common import model_args, random_model
 
 # float32 on both sides: kernels differ in summation order only (TF32 stays off for float32 matmuls);
 # on the CPU, the int8 kernels' int16 activations are further within 2^-15 of each block's largest value,
@@ -27,7 +27,7 @@ def device_twin(model: Transformer, device: str) -> Transformer:
 
 
 @torch.no_grad()
-def verify_decode(device: str, fmt: FullPrecision = FORMATS["full precision"], steps: int = 6, seed: int = 0) -> float:
+def verify_decode(device: str, fmt: WeightFormat = FullPrecision(), steps: int = 6, seed: int = 0) -> float:
     """The largest relative error of the compiled step's logits over `steps` decoded positions."""
     config = model_args("tiny")
     reference = random_model(config, "cpu", torch.float32, fmt, seed=seed)
@@ -49,11 +49,11 @@ def verify_decode(device: str, fmt: FullPrecision = FORMATS["full precision"], s
     return max(errors)
 
 
-def check(device: str, fmt: FullPrecision = FORMATS["full precision"]):
-    """Prints the verdict; raises UserError (the benchmark stops) when the two disagree."""
+def check(device: str, fmt: WeightFormat = FullPrecision(), label: str = ""):
+    """Prints the verdict; raises UserError (the benchmark stops) when the two disagree. label: the
+    format's, as the benchmark's table names it ('' for full precision)."""
     error = verify_decode(device, fmt)
     verdict = "agree" if error < TOLERANCE else "DISAGREE"
-    label = format_label(fmt)
     print(f"verify: compiled decode on {device} vs eager on cpu (tiny shape, float32{', ' + label if label else ''}): "
           f"logits {verdict}, relative error {error:.2e}", flush=True)
     if error >= TOLERANCE:

@@ -12,7 +12,8 @@ import torch
 
 import generate as generate_script
 from conftest import fails_cleanly, load_ours, load_reference
-from generate import count_expert_reads, generate, generate_batch, prefill, user_turn
+from generation import generate, generate_batch, prefill, user_turn
+from measuring import counting_expert_reads
 
 # Different lengths (a blank line between them: labels are line numbers of the file).
 PROMPTS = ["Hello, my name is", "", "The quick brown fox jumps over the lazy dog", "Hi"]
@@ -92,19 +93,23 @@ def test_expert_reads_counted_are_the_distinct_experts_transformers_routes_to(ch
     transformers' router logits for those 3 tokens, layer by layer."""
     model = load_ours(checkpoint)
     model.setup_caches(max_batch_size=3, max_seq_length=256)
-    reset, read = count_expert_reads(model)
     torch.manual_seed(0)
     prompts = torch.randint(3, 32000, (3, 5), dtype=torch.int)
-    with torch.no_grad():
+    with torch.no_grad(), counting_expert_reads(model) as counts:
         first = prefill(model, prompts, torch.arange(5), 0, None)  # [3, 1]
-        reset()
+        counts.reset()
         model(first.int(), torch.tensor([5]))
+        read = counts.read()
+    with torch.no_grad():
         config = json.loads((checkpoint / "config.json").read_text())
         reference = load_reference(checkpoint)
         router_logits = reference(torch.cat([prompts, first], 1).long(), output_router_logits=True).router_logits
     expected = sum(logits.view(3, 6, -1)[:, -1].topk(config["num_experts_per_tok"]).indices.unique().numel()
                    for logits in router_logits)
-    assert read() == expected
+    assert read == expected
+    # Counting stops on leaving: no hook and no count left on the model.
+    assert all(not layer.block_sparse_moe.gate._forward_hooks for layer in model.layers)
+    assert not any("expert_reads" in name for name, _ in model.named_buffers())
     assert config["num_hidden_layers"] * config["num_experts_per_tok"] < expected  # the 3 tokens did not all agree
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from generate import active_weight_bytes
+from measuring import active_weight_bytes
 from model import ModelArgs, Transformer
-from scripts.benchmark import (BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, prefill_flops,
-                               random_model)
+from scripts.bench_common import BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, random_model
+from scripts.benchmark import prefill_flops
 
 SCRIPT = REPO / "scripts" / "benchmark.py"
 COLUMNS = ["engine", "phase", "tokens", "tokens/s", "GB read per step", "GB/s", "GFLOP/s", "% of limit", "peak memory GB"]
@@ -160,6 +160,24 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
     assert capsys.readouterr().err.startswith(message)
 
 
+@pytest.mark.parametrize("stored, asked", [("int8", "--int4"), ("int4", "--int8"), ("int4", "--int4")])
+def test_a_quantized_checkpoint_is_not_quantized_again(checkpoint, tmp_path, capsys, stored, asked):
+    """--int8/--int4 on a checkpoint that quantize.py already wrote: one line, not its codes quantized as if
+    they were weights (int4's file keeps attention in int8, so even --int4 would requantize that)."""
+    import shutil
+    from quantize import quantize_checkpoint
+    from scripts.benchmark import main
+    for name in ("config.json", "model.pth"):
+        shutil.copy(checkpoint / name, tmp_path / name)
+    path = quantize_checkpoint(tmp_path / "model.pth", stored)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint_path", str(path), asked, "--probe_mb", "8", "--runs", "1"])
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("CPU kernels:")]
+    assert len(err) == 1 and err[0].startswith("error: the model is already quantized"), err
+
+
 def test_verify_passes_for_the_compiled_int4_step_and_catches_a_wrong_one(capsys, monkeypatch):
     """--verify compares the compiled decode step with the eager CPU model before any timing. On the CPU
     both paths are ours and must agree; a device copy whose weights differ must be refused."""
@@ -225,7 +243,7 @@ def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, caps
     assert f"wrote {tmp_path / 'model.pth'}" in capsys.readouterr().out
     assert ModelArgs.from_json(tmp_path / "config.json") == model_args("tiny")
     from conftest import load_reference
-    from generate import load_model
+    from generation import load_model
     ours, ref = load_model(tmp_path / "model.pth", "cpu", torch.float32), load_reference(tmp_path)
     torch.testing.assert_close(ours.output.weight, ref.lm_head.weight)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import load_ours, load_reference, relative_error
-from generate import decode_compile_options
 from formats import decode_experts, grouped_experts
+from generation import decode_compile_options
 from model import route
 
 

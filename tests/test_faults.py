@@ -94,7 +94,7 @@ def test_under_torchrun_only_rank_0_prints_the_error(checkpoint, capsys, monkeyp
 
 def test_a_closed_stdout_ends_generation_quietly(checkpoint, capsys, monkeypatch):
     """`generate.py ... | head -c 10`: the reader has gone; what Unix tools do is stop, with no message."""
-    monkeypatch.setattr(generate_script.cpu_kernels, "available", lambda: False)  # no kernel build: PyTorch's path
+    monkeypatch.setattr("kernels.cpu.available", lambda: False)  # no kernel build: PyTorch's path
     read_end, write_end = os.pipe()
     os.close(read_end)
     with open(write_end, "w") as closed_pipe:

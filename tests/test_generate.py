@@ -8,7 +8,8 @@ import torch
 
 import generate as generate_script
 from conftest import fails_cleanly, load_ours, load_reference, run_script
-from generate import active_weight_bytes, generate
+from generation import generate
+from measuring import active_weight_bytes
 
 PROMPT = "Hello, my name is"
 REPORT = re.compile(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ tokens/sec$", re.M)

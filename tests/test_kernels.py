@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, load_ours, load_reference, relative_error, run_script
 from formats import FORMATS, Int4, formatted_model
-from generate import decode_compile_options
+from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
 from model import UserError
 
@@ -423,7 +423,7 @@ def test_every_instruction_set_decodes_grid_weights_as_closely_as_the_lowest(gri
     meet int8 activations, whose step is 1/127 of a block's largest value, which outliers make coarse:
     no more than the lowest set's there). In bf16, every set's error is within a tenth of the
     lowest's (AVX2, the kernels before the faster sets) or of bf16's own rounding."""
-    from generate import load_model
+    from generation import load_model
     from quantize import quantize_checkpoint
     folder = grid_checkpoints[name]
     path = folder / "model.pth" if name == "bf16" else quantize_checkpoint(folder / "model.pth", name[:4], 32)

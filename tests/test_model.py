@@ -106,7 +106,7 @@ def test_long_prompt_matches_transformers_with_bounded_memory(tmp_path, tokenize
     child = textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from generate import load_model
+        from generation import load_model
         model = load_model({str(tmp_path / 'model.pth')!r}, "cpu", torch.float32)
         model.setup_caches(1, {T})
         idx = torch.load({str(tmp_path / 'idx.pt')!r})

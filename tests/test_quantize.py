@@ -12,7 +12,7 @@ from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, r
 import formats
 import quantize
 from formats import FORMATS, dequantized_experts
-from generate import load_model
+from generation import load_model
 from quantize import quantize_checkpoint
 
 # Which tensors must be int8, written out here rather than taken from quantize.py.

@@ -12,7 +12,7 @@ from conftest import CONFIGS, REPO, fails_cleanly, load_reference, relative_erro
 import quantize
 import tp
 from formats import Int4
-from generate import load_model
+from generation import load_model
 from kernels import cpu as cpu_kernels
 from model import UserError
 from quantize import quantize_checkpoint

@@ -12,7 +12,7 @@ from test_quantize_int4 import QUANTIZED_HF, round_to_nearest, unpack
 
 import tp
 from formats import FORMATS, Int4, Int8, Scheme, quantize_module
-from generate import load_model
+from generation import load_model
 from model import ModelArgs, Transformer, UserError
 from quantize import quantize_checkpoint
 

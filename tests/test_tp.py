@@ -9,7 +9,7 @@ import torch
 from conftest import CONFIGS, REPO, load_ours, load_reference, run_script
 from formats import FORMATS, quantize_module
 from kernels import cpu as cpu_kernels
-from generate import generate, generate_batch
+from generation import generate, generate_batch
 from model import ModelArgs, Transformer
 from tp import check_divisible, shard_attention, shard_experts
 

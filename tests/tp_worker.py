@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import load_model  # noqa: E402
+from generation import load_model  # noqa: E402
 from tp import maybe_init_dist  # noqa: E402
 
 parser = argparse.ArgumentParser()
