@@ -293,7 +293,7 @@ class Scheme:
     @classmethod
     def quantizing(cls, fmt: WeightFormat, int4_attention: bool = False) -> "Scheme":
         """What quantize.py writes for a format: int8 everywhere; int4 in the experts, with attention and
-        the output head in int8 unless int4_attention (README, Quality: what each costs)."""
+        the output head in int8 unless int4_attention (what each costs: BENCHMARKS.md, quality)."""
         if not isinstance(fmt, Int4) or int4_attention:
             return cls.of(fmt)
         return cls(attention=Int8(), experts=fmt, output=Int8())

@@ -7,7 +7,7 @@
 # int4: symmetric, per group of --groupsize (32, 64 or 128) consecutive inputs of a row: the group's
 # value of largest magnitude becomes -8, the others round to the nearest of -8..7 times its scale;
 # two values a byte. By default only the experts: attention and the output head stay int8, which costs
-# a tenth more bytes per token and measured far closer to the source (README, Quality);
+# a tenth more bytes per token and keeps the model far closer to the source (BENCHMARKS.md, quality);
 # --int4_attention puts them in int4 too.
 # Quantized: attention wqkv and wo, the output head, and each expert's w1, w2, w3. Kept as they are:
 # the embedding table (one row is read per token), the norms, and the router (gate), whose few

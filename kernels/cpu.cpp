@@ -1,6 +1,8 @@
 // CPU kernels for decoding: a few tokens times weight matrices, where every weight is read from memory
-// once and the arithmetic must keep up with memory. PyTorch's own kernels do not: bf16 F.linear
-// converts more slowly than memory delivers, and its int8 kernels are slower still.
+// once and the arithmetic must keep up with memory. PyTorch's own matrix-vector kernels need not: on
+// CPUs without bf16 or int8 dot-product instructions they convert weights more slowly than memory
+// delivers them, and none of them reads an MoE's chosen experts in place. kernels/README.md explains
+// the layouts and the tricks below.
 //
 // One primitive does all the work: a tile of 1 or 2 weight rows times a few activation vectors. Float
 // weights meet float32 activations (bf16 weights, where the vector unit has a bf16 dot product, meet
@@ -88,7 +90,7 @@ inline float to_float(c10::Half v) { return static_cast<float>(v); }
 // One core alone keeps too few cache misses in flight to stream at the memory's speed: it waits on
 // latency. Asking for the weights a few KB ahead, into L2 (whose queue of misses is deeper than L1's),
 // lets far more reads overlap; the hardware prefetcher also stops at every 4 KB page, this does not.
-// The distance and the L2 hint measured best (against 512 B to 8 KB, and L1) on rows of 1024 to 4096 values.
+// The distance and the L2 hint are the best of those tried (BENCHMARKS.md, kernel design).
 constexpr int kPrefetchBytes = 4096;
 
 template <typename W>
@@ -111,9 +113,10 @@ inline void prefetch_ahead(const W* p) {
 //    Each isa::kChunk values ("a chunk": the values one load of packed weights holds) are stored evens
 //    first, then odds: the order in which the low and high nibbles of the weights come out. The int32
 //    sums of a chunk's products come out in lanes of 8 consecutive values, four lanes a block. Per
-//    chunk, two vectors line up with those lanes, stored once per activation vector (expanding them in
-//    the loop measured slower): the activations' block scales, and each lane's -8 * sum(q), which
-//    the integer sums start from so that the nibbles' offset of 8 comes off exactly and for free.
+//    chunk, two vectors line up with those lanes, stored once per activation vector (the inner loop,
+//    run once per weight row, then only loads them): the activations' block scales, and each lane's
+//    -8 * sum(q), which the integer sums start from so that the nibbles' offset of 8 comes off exactly
+//    and for free.
 enum class Quantized { kNo, kBF16, kInt16, kInt8 };
 constexpr int64_t kBlock = 64, kBlock8 = 32;
 // int4 rows are taken in segments of this many blocks, whose weight scales are first converted to one
@@ -324,7 +327,7 @@ inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, in
       // repeated for its 1, 2 or 4 blocks.
       if (blocks_per_group == 1 || blocks_per_group == 2 || blocks_per_group == 4)
         for (const S* group_scales = scales[r] + b0 / blocks_per_group; b + 8 * blocks_per_group <= b1;
-             b += 8 * blocks_per_group, group_scales += 8) {  // (a division here cost more than the rest)
+             b += 8 * blocks_per_group, group_scales += 8) {  // no division: it would cost more than the rest
           const __m256 w = load8(group_scales);
           for (int64_t j = 0; j < blocks_per_group; ++j)
             _mm256_store_ps(block_scale[r] + b - b0 + 8 * j, _mm256_permutevar8x32_ps(w, repeat[blocks_per_group / 2][j]));
@@ -403,7 +406,8 @@ constexpr int64_t kRowsPerTask = 64;
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // A float32, bf16 or fp16 tensor's values read (and written) as float32 where they are used: converting
-// whole tensors with torch ops cost a dozen small ops per call, a tenth of an int8 decode step.
+// whole tensors with torch ops would add a dozen small ops to every call, whose fixed costs are a
+// noticeable share of a decode step.
 struct Floats {
   void* data = nullptr;
   at::ScalarType type = at::kFloat;
@@ -442,7 +446,7 @@ struct Floats {
 
 // y[m, n] = scale[n] * dot(w[n], x[m]) for rows n in [n0, n1). One row at a time: the rows lie one after
 // another in memory, so a thread reads one sequential stream, which the hardware prefetcher follows
-// best (tiles of several rows measured slower on rows of 1024 values).
+// best (tiles of several rows interleave streams: BENCHMARKS.md, kernel design).
 // int4: scales are the rows' group scales, `groups` per row, and no scale per row.
 template <typename W>
 void linear_rows(const W* w, const Floats& scales, int64_t groups, const Vectors& x, int64_t M, int64_t K, int64_t n0,

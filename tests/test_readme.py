@@ -49,17 +49,20 @@ def test_download_convert_generate_and_quantize_commands(user_folder, hub):
     download, = bash_blocks("Downloading Weights")
     generate, = bash_blocks("Generate Text")
     quantize, generate_int8, quantize_int4, generate_int4 = bash_blocks("Quantization")
-    without_kernels, = bash_blocks("CPU kernels")
+    cpu_kernels, = bash_blocks("CPU kernels")  # a forced instruction set, then no kernels at all
     assert "python scripts/download.py --repo_id $MODEL_REPO" in download
+    assert "MIXTRAL_CPU_ISA=avx2 " in cpu_kernels and "MIXTRAL_NO_CPU_KERNELS=1 " in cpu_kernels
     assert "--mode int8" in quantize and "model_int8.pth" in generate_int8
     assert "--mode int4 --groupsize 32" in quantize_int4 and "model_int4.g32.pth" in generate_int4
-    result = run_bash(download + generate + quantize + generate_int8 + quantize_int4 + generate_int4 + without_kernels,
+    result = run_bash(download + generate + quantize + generate_int8 + quantize_int4 + generate_int4 + cpu_kernels,
                       user_folder, hub)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1"
     assert all((folder / name).is_file() for name in ("model.pth", "model_int8.pth", "model_int4.g32.pth"))
     # Each generate command: five timed samples (after the compile warm-up where compiled), then the summary.
-    assert result.stdout.count("Time for inference 5:") == 4 and result.stdout.count("Average tokens/sec:") == 4
+    assert result.stdout.count("Time for inference 5:") == 5 and result.stdout.count("Average tokens/sec:") == 5
+    # The last run that loads the CPU kernels is the one that forces AVX2, and it says so.
+    assert re.findall(r"^CPU kernels: (\S+) ", result.stderr, re.M)[-1] == "avx2", result.stderr[-3000:]
     # Only the run told to do without the CPU kernels says so.
     assert result.stderr.count("CPU kernels turned off by MIXTRAL_NO_CPU_KERNELS") == 1
 
