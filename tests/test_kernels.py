@@ -13,9 +13,8 @@ from formats import FORMATS, Int4, formatted_model
 from generate import decode_compile_options
 from kernels import cpu as cpu_kernels
 from model import UserError
+from rounding import HALF_ULP, QUANTIZED_HF, assert_within_rounding, exact
 
-# Half a unit in the last place, relative: the rounding of one result to the output dtype.
-HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 # D, I and the row counts are odd, below and above the kernels' tiles (4 rows, 8 columns, 64 rows a task).
 D, I, E, VOCAB = 37, 77, 4, 131
 # int4 rows hold whole groups. Groups of 32 (a scale per block of the activations) and 96 (groups that
@@ -56,18 +55,6 @@ def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
     return format_of(fmt).quantize(w.to(dtype))
 
 
-def exact(fmt: str, t: dict) -> torch.Tensor:
-    """The weights the kernel must multiply, in float64, computed here from the stored tensors: int4
-    unpacked from two values a byte (low nibble first), less 8, times the scale of its group."""
-    if fmt == "int8":
-        return t[""].double() * t["scales"].double()[..., None]
-    if fmt.startswith("int4"):
-        q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # [..., out, in]
-        group = q.shape[-1] // t["scales"].shape[-1]
-        return q * t["scales"].double().repeat_interleave(group, dim=-1)
-    return t[""].double()
-
-
 def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
     """x [..., K] in float64 as the quantized kernels take it (written here from the kernels'
     description, not from their code), each block scaled by its largest magnitude and rounded to nearest:
@@ -85,14 +72,6 @@ def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
     inverse = torch.full_like(largest, top) / largest  # a division (top / tensor would multiply by a reciprocal)
     q = torch.where(largest > 0, blocks * inverse, 0.0).round()
     return (q.double() * (largest.double() / top)).flatten(-2)[..., :K]
-
-
-def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, dtype, slack=0.0):
-    """Each value within half a unit of the output dtype of the float64 value, plus float32 summation
-    error (a few units of 2^-24 of the largest value), plus any slack the caller can account for."""
-    err = (got.double() - want).abs()
-    bound = HALF_ULP[dtype] * want.abs() + 1e-5 * want.abs().max() + slack
-    assert (err <= bound).all(), (err - bound).max()
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
@@ -371,10 +350,9 @@ def test_int8_linear_without_the_kernels_matches_float64(dtype, width):
 
 # ----------------------------------------------------------------------------- each instruction set, end to end
 
-# Wide enough for int4's groups, with the hub's names of the weights the formats quantize.
+# Wide enough for int4's groups.
 GRID = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=2048)
-QUANTIZED_HF = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "lm_head.weight")
 
 
 def on_grid(shape, fmt: str, g) -> torch.Tensor:

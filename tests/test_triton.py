@@ -17,7 +17,7 @@ from formats import FORMATS
 from kernels import triton_moe
 # The same bound as the CPU kernels': half a unit of the output dtype, plus float32 sums (interpreted,
 # the kernels compute in float32 throughout, over at most a few hundred terms).
-from test_kernels import assert_within_rounding, exact
+from rounding import assert_within_rounding, exact
 
 # Not multiples of the tiles (16 to 64 rows, 128 columns): I spans two column tiles, so that the down
 # kernel's reduction can be split in two; E = 4 experts, K = 2 of them per token.
