@@ -2,7 +2,6 @@
 transformers, the generator on it (eager and compiled), its size, memory use, and bad input."""
 import hashlib
 import shutil
-import textwrap
 
 import pytest
 import torch
@@ -235,28 +234,8 @@ def test_file_size_and_bounded_memory(big_bf16, mode, written):
     # malloc would keep freed blocks of a few hundred KB (the chunks' float32 temporaries) in its heap
     # and grow it by fragmentation, a few MB that say nothing about what the script holds: a fixed
     # mmap threshold hands every block of 64 KiB or more back to the system when freed.
-    child = textwrap.dedent(f"""
-        import sys, threading, time
-        sys.path.insert(0, {str(REPO)!r})
-        from quantize import quantize_checkpoint
-
-        def anon_kib():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-
-        quantize_checkpoint({str(big_bf16)!r}, {mode!r})
-        peak, done = [anon_kib()], threading.Event()
-        def sample():
-            while not done.is_set():
-                peak.append(anon_kib())
-                time.sleep(0.001)
-        threading.Thread(target=sample, daemon=True).start()
-        quantize_checkpoint({str(big_bf16)!r}, {mode!r})
-        done.set()
-        print(max(peak) - peak[0])
-    """)
-    result = run_script("-c", child, env={**ONE_THREAD, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    result = run_script(REPO / "tests" / "memory_worker.py", "quantize", big_bf16, mode,
+                        env={**ONE_THREAD, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1]) * 1024
     size = big_bf16.with_name(written).stat().st_size
