@@ -23,7 +23,7 @@ def exact(fmt: str, t: dict) -> torch.Tensor:
     if fmt == "int8":
         return t[""].double() * t["scales"].double()[..., None]
     if fmt.startswith("int4"):
-        q = unpack(t[""]).double()  # [..., out, in]
+        q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # unpacked: [..., out, in]
         group = q.shape[-1] // t["scales"].shape[-1]
         return q * t["scales"].double().repeat_interleave(group, dim=-1)
     return t[""].double()
