@@ -5,9 +5,9 @@ before it): one step of the repo's work, measured from after the imports, printi
                                                    logits; prints the peak resident KiB before and after
   memory_worker.py convert FOLDER                  the converter on a hub-layout folder; prints the growth of
                                                    the peak resident size, in bytes
-  memory_worker.py quantize CHECKPOINT MODE        quantize.py's work, twice (the first pays torch's one-time
-                                                   allocations); prints the growth of the anonymous memory
-                                                   during the second, in KiB"""
+  memory_worker.py quantize CHECKPOINT MODE...     quantize.py's work in each mode, twice (the first pays the
+                                                   one-time allocations); prints the growth of the anonymous
+                                                   memory during the second, in KiB, a line per mode"""
 import resource
 import sys
 import threading
@@ -50,19 +50,22 @@ def convert(folder: str):
     print((peak_kib() - before) * 1024)
 
 
-def quantize(checkpoint: str, mode: str):
+def quantize(checkpoint: str, *modes: str):
     from quantize import quantize_checkpoint
-    quantize_checkpoint(checkpoint, mode)
-    peak, done = [anon_kib()], threading.Event()
+    for mode in modes:
+        quantize_checkpoint(checkpoint, mode)
+        peak, done = [anon_kib()], threading.Event()
 
-    def sample():
-        while not done.is_set():
-            peak.append(anon_kib())
-            time.sleep(0.001)
-    threading.Thread(target=sample, daemon=True).start()
-    quantize_checkpoint(checkpoint, mode)
-    done.set()
-    print(max(peak) - peak[0])
+        def sample():
+            while not done.is_set():
+                peak.append(anon_kib())
+                time.sleep(0.001)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        quantize_checkpoint(checkpoint, mode)
+        done.set()
+        sampler.join()
+        print(max(peak) - peak[0], flush=True)
 
 
 if __name__ == "__main__":
