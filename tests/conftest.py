@@ -1,22 +1,27 @@
 """Shared fixtures: small random-weight Mixtral checkpoints in the exact hub layout, converted by the
 real converter, and the reference implementation (Hugging Face transformers) loaded from the same files."""
-import hashlib
-import json
 import os
 import subprocess
 import sys
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
-# tests/test_triton.py runs the GPU kernels on CPU tensors through Triton's interpreter, which triton
-# must be told of before it is first imported (torch's compiler may import it): so here, before torch.
-# Only triton reads it, and the CPU paths under test never import triton.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
 
-import pytest  # noqa: E402
+# tests/test_triton.py runs the GPU kernels on CPU tensors through Triton's interpreter. Triton reads
+# TRITON_INTERPRET whenever @triton.jit decorates a function: its own library's (tl.max, tl.cdiv, ...)
+# when triton is first imported, which torch._dynamo's import does (so in every session, before any
+# test runs), and kernels/triton_moe.py's when test_triton imports it; and again in modules the
+# interpreter imports as it runs them. So triton is imported here with the variable set for that import
+# only, and test_triton sets it again for its own tests. No other test, and no process a test starts,
+# sees it (the CPU paths never import the kernels).
+with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # no triton: test_triton fails on its own, the other tests never need it
+        pass
+
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +33,8 @@ collect_ignore = [] if os.environ.get(README_TESTS_VARIABLE, "") not in ("", "0"
 
 from scripts.convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
 from scripts.make_tiny_checkpoint import write_hub_checkpoint  # noqa: E402
+
+import fake_hub  # noqa: E402
 
 # Small shapes that still exercise every branch the issue names: grouped-query attention (kv < heads)
 # and plain multi-head (kv == heads), top-1 and top-2 routing, several layers, both rope bases.
@@ -94,7 +101,7 @@ def load_reference(folder: Path):
 
 
 def load_ours(folder: Path, dtype=torch.float32, max_seq_length: int = 256):
-    from generate import load_model
+    from generation import load_model
     model = load_model(folder / "model.pth", "cpu", dtype)
     model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
     return model
@@ -138,102 +145,8 @@ def run_script(*args, timeout=600, env=None, stdin=None, cwd=REPO, preexec_fn=No
                           timeout=timeout, env=full_env, input=stdin, preexec_fn=preexec_fn)
 
 
-# ----------------------------------------------------------------------------- hub stand-in
-# Serves only what huggingface_hub's snapshot_download(local_dir=...) calls:
-#   GET  /api/models/{repo_id}/revision/{revision}  -> {"id", "sha", "siblings"}  (HfApi.repo_info)
-#   GET  /api/models/{repo_id}/tree/{sha}           -> [{"type", "path", "size", "oid"}]  (list_repo_tree)
-#   HEAD /{repo_id}/resolve/{sha}/{filename}        -> X-Repo-Commit + ETag + Content-Length
-#   GET  /{repo_id}/resolve/{sha}/{filename}        -> the bytes
-# Safetensors files are served like LFS files on the real Hub: the HEAD answers 302 to another host
-# ("localhost" instead of "127.0.0.1", a "CDN") with X-Linked-Etag / X-Linked-Size. Errors carry the
-# X-Error-Code header that huggingface_hub maps to its exceptions.
-HUB_SHA = "0123456789abcdef0123456789abcdef01234567"  # a 40-hex commit hash
-
-
-class HubHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
-
-    def _reply(self, status, body=b"", headers=(), send_body=True):
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def _error(self, status, code, send_body):
-        self._reply(status, json.dumps({"error": code}).encode(), [("X-Error-Code", code)], send_body)
-
-    def _serve(self, body):
-        self.server.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        path = unquote(urlsplit(self.path).path).strip("/").split("/")
-        if path[0] == "cdn":  # the "CDN" host of LFS files, keyed by sha256
-            blob = self.server.blobs.get(path[1])
-            return self._reply(200, blob, send_body=body) if blob else self._error(404, "EntryNotFound", body)
-
-        api = path[0] == "api"
-        if api:  # api/models/{org}/{name}/{revision|tree}/{rev}
-            repo_id, kind = "/".join(path[2:4]), path[4] if len(path) > 4 else ""
-        else:  # {org}/{name}/resolve/{rev}/{filename}
-            repo_id, kind = "/".join(path[:2]), path[2] if len(path) > 2 else ""
-        repo = self.server.repos.get(repo_id)
-        if repo is None:
-            return self._error(404, "RepoNotFound", body)
-        status, code, where = repo.get("error", (None, None, None))
-        if code and where == ("api" if api else "resolve"):
-            return self._error(status, code, body)
-        files = repo["files"]
-
-        if api and kind == "revision":
-            info = {"id": repo_id, "sha": HUB_SHA, "siblings": [{"rfilename": f} for f in files]}
-            return self._reply(200, json.dumps(info).encode(), [("Content-Type", "application/json")])
-        if api and kind == "tree":
-            tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                    for f, b in files.items()]
-            return self._reply(200, json.dumps(tree).encode(), [("Content-Type", "application/json")])
-        if not api and kind == "resolve" and "/".join(path[4:]) in files:
-            data = files["/".join(path[4:])]
-            headers = [("X-Repo-Commit", HUB_SHA)]
-            if path[-1].endswith(".safetensors"):  # LFS file: redirect to the CDN
-                sha256 = hashlib.sha256(data).hexdigest()
-                self.server.blobs[sha256] = data
-                headers += [("X-Linked-Etag", f'"{sha256}"'), ("X-Linked-Size", str(len(data))),
-                            ("Location", f"http://localhost:{self.server.server_port}/cdn/{sha256}")]
-                return self._reply(302, headers=headers, send_body=body)
-            headers.append(("ETag", f'"{hashlib.sha1(data).hexdigest()}"'))
-            return self._reply(200, data, headers, send_body=body)
-        return self._error(404, "EntryNotFound", body)
-
-
 @pytest.fixture(scope="session")
 def hub():
-    """A stand-in for the Hugging Face Hub on 127.0.0.1; tests add repos to hub.repos."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)  # loopback only, free port
-    server.daemon_threads = True
-    server.requests, server.blobs, server.repos = [], {}, {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
-
-
-def hub_client_env(hf_home, endpoint: str) -> dict:
-    """The environment for a huggingface_hub client pointed at the stand-in: no real token or proxy
-    leaks in, no progress bars, short timeouts."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGING_FACE_")) and "proxy" not in k.lower()}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
-    return env
+    """tests/fake_hub.py's stand-in for the Hugging Face Hub on 127.0.0.1; tests add repos to hub.repos."""
+    with fake_hub.serving() as server:
+        yield server

@@ -135,16 +135,18 @@ def test_benchmark_runs_end_to_end_on_a_tiny_shape():
     assert bw and float(bw[1]) > 0 and float(bw[2]) > 0 and bw[3] == bw[1]
 
 
-def test_compare_hf_adds_transformers_rows(checkpoint):
-    result = run_script(SCRIPT, "--checkpoint_path", checkpoint / "model.pth", "--precision", "float32",
-                        "--device", "cpu", "--runs", "1", "--max_new_tokens", "4", "--decode_prompts", "4",
-                        "--prefill_lengths", "32", "--probe_mb", "64", "--compare-hf", timeout=300)
-    assert result.returncode == 0, result.stderr
-    header, rows = parse_table(result.stdout)
+def test_compare_hf_adds_transformers_rows(checkpoint, capsys):
+    """benchmark.py's main in this process (the end-to-end run above is the one in a fresh process)."""
+    from scripts.benchmark import main
+    main([str(a) for a in ("--checkpoint_path", checkpoint / "model.pth", "--precision", "float32", "--device", "cpu",
+                           "--runs", "1", "--max_new_tokens", "4", "--decode_prompts", "4", "--prefill_lengths", "32",
+                           "--probe_mb", "64", "--compare-hf")])
+    out = capsys.readouterr().out
+    header, rows = parse_table(out)
     engines = {(r[0].split(" ")[0], r[1]) for r in rows}
     assert engines == {("this", "decode"), ("this", "prefill"), ("transformers", "decode"), ("transformers", "prefill")}
     assert all(number(r[3]) > 0 for r in rows)
-    assert "prefill 32: this repo / transformers = " in result.stdout
+    assert "prefill 32: this repo / transformers = " in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -216,10 +218,13 @@ def test_gpu_check_without_a_gpu_is_one_line_error():
     assert "==" not in result.stdout  # no run was started
 
 
-def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys):
-    """scripts/bench_kernels.py, in this process, on a shape that is quick to cycle through."""
-    from scripts.bench_kernels import main
-    main(["--rows", "67", "--cols", "96", "--mb", "1", "--runs", "1", "--threads", "1"])
+def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys, monkeypatch):
+    """scripts/bench_kernels.py, in this process, on a shape that is quick to cycle through (and a small
+    bandwidth probe: it only prints a figure, which is not checked here)."""
+    import scripts.bench_kernels as bench_kernels
+    from scripts.benchmark import Bandwidth
+    monkeypatch.setattr(bench_kernels, "Bandwidth", lambda device: Bandwidth(device, 8 << 20))
+    bench_kernels.main(["--rows", "67", "--cols", "96", "--mb", "1", "--runs", "1", "--threads", "1"])
     out = capsys.readouterr().out
     header, rows = parse_table(out)
     assert header == ["kernel", "GB/s of weights", "G weights/s"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, fails_cleanly, load_ours, load_reference, relative_error, run_script
+from conftest import CONFIGS, REPO, fails_cleanly, load_ours, load_reference, relative_error, run_script
 from scripts.convert_hf_checkpoint import main as convert_main
 from scripts.make_tiny_checkpoint import write_hub_checkpoint
 
@@ -111,13 +111,6 @@ def test_peak_memory_stays_near_one_copy_of_the_weights(tmp_path, tokenizer_path
                num_key_value_heads=2, num_local_experts=8)
     write_hub_checkpoint(tmp_path, cfg, tokenizer_path, dtype=torch.float32, n_shards=3)
     size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
-    child = (
-        "import resource, sys; sys.path.insert(0, '.')\n"
-        "from scripts.convert_hf_checkpoint import convert_hf_checkpoint\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"convert_hf_checkpoint({str(tmp_path)!r})\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n"
-    )
-    result = run_script("-c", child)
+    result = run_script(REPO / "tests" / "memory_worker.py", "convert", tmp_path)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) < 1.3 * size

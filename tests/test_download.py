@@ -1,4 +1,4 @@
-"""scripts/download.py against conftest's stand-in for the Hugging Face Hub served on 127.0.0.1."""
+"""scripts/download.py against tests/fake_hub.py's stand-in for the Hugging Face Hub served on 127.0.0.1."""
 import os
 import socket
 import subprocess
@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from conftest import hub_client_env
+from fake_hub import hub_client_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download.py"
 

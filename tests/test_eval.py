@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, fails_cleanly, load_reference, run_script
-from test_quantize_int4 import reference_with_int4_weights
+from rounding import reference_with_int4_weights
 
 import eval as eval_script
 from quantize import quantize_checkpoint

@@ -2,6 +2,7 @@
 multiples of the kernels' tiles, one and several tokens), built for every instruction set this CPU
 runs; inside the compiled decode step (one graph, no recompiles, the eager tokens); and generation
 without them."""
+import functools
 import re
 
 import pytest
@@ -13,9 +14,8 @@ from formats import FORMATS, Int4, formatted_model
 from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
 from model import UserError
+from rounding import HALF_ULP, QUANTIZED_HF, assert_within_rounding, exact
 
-# Half a unit in the last place, relative: the rounding of one result to the output dtype.
-HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 # D, I and the row counts are odd, below and above the kernels' tiles (4 rows, 8 columns, 64 rows a task).
 D, I, E, VOCAB = 37, 77, 4, 131
 # int4 rows hold whole groups. Groups of 32 (a scale per block of the activations) and 96 (groups that
@@ -56,18 +56,6 @@ def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
     return format_of(fmt).quantize(w.to(dtype))
 
 
-def exact(fmt: str, t: dict) -> torch.Tensor:
-    """The weights the kernel must multiply, in float64, computed here from the stored tensors: int4
-    unpacked from two values a byte (low nibble first), less 8, times the scale of its group."""
-    if fmt == "int8":
-        return t[""].double() * t["scales"].double()[..., None]
-    if fmt.startswith("int4"):
-        q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # [..., out, in]
-        group = q.shape[-1] // t["scales"].shape[-1]
-        return q * t["scales"].double().repeat_interleave(group, dim=-1)
-    return t[""].double()
-
-
 def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
     """x [..., K] in float64 as the quantized kernels take it (written here from the kernels'
     description, not from their code), each block scaled by its largest magnitude and rounded to nearest:
@@ -87,35 +75,42 @@ def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
     return (q.double() * (largest.double() / top)).flatten(-2)[..., :K]
 
 
-def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, dtype, slack=0.0):
-    """Each value within half a unit of the output dtype of the float64 value, plus float32 summation
-    error (a few units of 2^-24 of the largest value), plus any slack the caller can account for."""
-    err = (got.double() - want).abs()
-    bound = HALF_ULP[dtype] * want.abs() + 1e-5 * want.abs().max() + slack
-    assert (err <= bound).all(), (err - bound).max()
+# The cases below run each instruction set on the same inputs, which do not depend on it; so the sets are
+# the innermost loop (the first parametrize varies fastest) and a case's inputs and float64 values, most
+# of its time, are made once for all of them (lru_cache of one case).
+EACH_ISA = pytest.mark.parametrize("isa", ISAS, indirect=True)
 
 
-@pytest.mark.parametrize("fmt", FORMAT_NAMES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_linear_matches_float64(isa, fmt, dtype, tokens):
+@functools.lru_cache(maxsize=1)
+def linear_case(fmt: str, dtype, tokens: int) -> tuple:
+    """x, the stored weight and the float64 product of x as the kernels take it and the stored weight."""
     g = torch.Generator().manual_seed(tokens)
     D, _ = widths(fmt)
     x = torch.randn(tokens, D, generator=g).to(dtype)
     t = stored(fmt, torch.randn(VOCAB, D, generator=g) / D ** 0.5, dtype)
+    return x, t, activations(fmt, x) @ exact(fmt, t).T
+
+
+@EACH_ISA
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_linear_matches_float64(isa, fmt, dtype, tokens):
+    x, t, want = linear_case(fmt, dtype, tokens)
     got = format_of(fmt).cpu_linear(x, t)
     assert got.dtype == dtype and got.shape == (tokens, VOCAB)
-    assert_within_rounding(got, activations(fmt, x) @ exact(fmt, t).T, dtype)
+    assert_within_rounding(got, want, dtype)
 
 
-def experts_float64(fmt, x, experts, weights, w1, w3, w2, h_in_bf16=False):
+def experts_float64(fmt, x, experts, weights, w1, w3, w2):
     """Each token's chosen experts, one at a time, in float64 (the activations as the kernel takes them).
     Also returns the slack due to h = silu(w1 x) * (w3 x), which the kernel computes in float32: where
     its int8 rounding (int4 weights) nears a tie, float32's last bits may round it a step (1/127 of
     its block's largest value) the other way; each such h may move y by that step times its w2 column.
-    With h_in_bf16 (bf16 weights and activations where the vector unit multiplies bf16 pairs), the
-    kernel rounds each h to bf16, by up to half a bf16 unit of it, which moves y by up to that times w2."""
-    y, slack = torch.zeros(x.shape, dtype=torch.float64), torch.zeros(x.shape, dtype=torch.float64)
+    And the slack where h is in bf16 (bf16 weights and activations where the vector unit multiplies bf16
+    pairs): the kernel rounds each h to bf16, by up to half a bf16 unit of it, which moves y by up to
+    that times w2."""
+    y, slack, h_in_bf16_slack = (torch.zeros(x.shape, dtype=torch.float64) for _ in range(3))
     for n in range(x.size(0)):
         for e, weight in zip(experts[n].tolist(), weights[n].double()):
             xn = activations(fmt, x[n])
@@ -127,17 +122,13 @@ def experts_float64(fmt, x, experts, weights, w1, w3, w2, h_in_bf16=False):
                 scaled = blocks / step
                 near_tie = ((scaled - scaled.floor() - 0.5).abs() < 1e-3).flatten()
                 slack[n] += weight.abs() * (w2[e].abs() @ (near_tie * step.expand_as(blocks).flatten()))
-            if h_in_bf16:
-                slack[n] += weight.abs() * (w2[e].abs() @ (h.abs() * HALF_ULP[torch.bfloat16]))
-    return y, slack
+            h_in_bf16_slack[n] += weight.abs() * (w2[e].abs() @ (h.abs() * HALF_ULP[torch.bfloat16]))
+    return y, slack, h_in_bf16_slack
 
 
-@pytest.mark.parametrize("fmt", FORMAT_NAMES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]], [[0, 2], [2, 1], [3, 2], [2, 0], [1, 2]]])
-def test_moe_matches_float64(isa, fmt, dtype, experts):
-    """One token; three tokens, all of which chose expert 2 (read once for all); five, all with expert 2
-    (float rows take 4 tokens a pass, then the fifth)."""
+@functools.lru_cache(maxsize=1)
+def moe_case(fmt: str, dtype, experts: tuple) -> tuple:
+    """The inputs (x, experts, weights, stored w1, w3, w2) and experts_float64's three results."""
     g = torch.Generator().manual_seed(len(experts))
     D, I = widths(fmt)
     experts = torch.tensor(experts)
@@ -145,11 +136,23 @@ def test_moe_matches_float64(isa, fmt, dtype, experts):
     weights = torch.softmax(torch.randn(experts.shape, generator=g), dim=-1).to(dtype)
     w1, w3 = (stored(fmt, torch.randn(E, I, D, generator=g) / D ** 0.5, dtype) for _ in range(2))
     w2 = stored(fmt, torch.randn(E, D, I, generator=g) / I ** 0.5, dtype)
-    got = format_of(fmt).cpu_experts(x, experts, weights, w1, w3, w2)
+    inputs = (x, experts, weights, w1, w3, w2)
+    return inputs, experts_float64(fmt, x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2))
+
+
+@EACH_ISA
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("experts", [((2, 0),), ((0, 2), (2, 1), (3, 2)), ((0, 2), (2, 1), (3, 2), (2, 0), (1, 2))])
+def test_moe_matches_float64(isa, fmt, dtype, experts):
+    """One token; three tokens, all of which chose expert 2 (read once for all); five, all with expert 2
+    (float rows take 4 tokens a pass, then the fifth)."""
+    inputs, (want, slack, h_in_bf16_slack) = moe_case(fmt, dtype, experts)
+    x = inputs[0]
+    got = format_of(fmt).cpu_experts(*inputs)
     assert got.dtype == dtype and got.shape == x.shape
     h_in_bf16 = isa == "avx512" and fmt == "full precision" and dtype == torch.bfloat16  # vdpbf16ps
-    want, slack = experts_float64(fmt, x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2), h_in_bf16)
-    assert_within_rounding(got, want, dtype, slack)
+    assert_within_rounding(got, want, dtype, slack + h_in_bf16_slack if h_in_bf16 else slack)
 
 
 def test_bad_arguments_are_refused_not_misread(isa):
@@ -371,10 +374,9 @@ def test_int8_linear_without_the_kernels_matches_float64(dtype, width):
 
 # ----------------------------------------------------------------------------- each instruction set, end to end
 
-# Wide enough for int4's groups, with the hub's names of the weights the formats quantize.
+# Wide enough for int4's groups.
 GRID = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=2048)
-QUANTIZED_HF = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "lm_head.weight")
 
 
 def on_grid(shape, fmt: str, g) -> torch.Tensor:

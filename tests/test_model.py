@@ -1,6 +1,4 @@
 """model.py against transformers' MixtralForCausalLM on the same random hub-layout checkpoints."""
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,20 +101,8 @@ def test_long_prompt_matches_transformers_with_bounded_memory(tmp_path, tokenize
     idx = torch.randint(0, 32000, (1, T), generator=torch.Generator().manual_seed(4))
     torch.save(idx, tmp_path / "idx.pt")
     # Measure peak memory in a fresh process: the test process's own peak is polluted by other tests.
-    child = textwrap.dedent(f"""
-        import resource, sys, torch
-        sys.path.insert(0, {str(REPO)!r})
-        from generation import load_model
-        model = load_model({str(tmp_path / 'model.pth')!r}, "cpu", torch.float32)
-        model.setup_caches(1, {T})
-        idx = torch.load({str(tmp_path / 'idx.pt')!r})
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with torch.no_grad():
-            logits = model(idx, torch.arange({T}))
-        torch.save(logits, {str(tmp_path / 'logits.pt')!r})
-        print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    """)
-    result = run_script("-c", child)
+    result = run_script(REPO / "tests" / "memory_worker.py", "prefill", tmp_path / "model.pth", tmp_path / "idx.pt",
+                        tmp_path / "logits.pt")
     assert result.returncode == 0, result.stderr
     before_kib, after_kib = map(int, result.stdout.split())
     # Activations for 1200 tokens (logits alone are 150 MB); a per-token gather would need ~7.5 GB.

@@ -2,7 +2,6 @@
 transformers, the generator on it (eager and compiled), its size, memory use, and bad input."""
 import hashlib
 import shutil
-import textwrap
 
 import pytest
 import torch
@@ -224,41 +223,29 @@ def big_bf16(tmp_path_factory, tokenizer_path):
     return convert_hf_checkpoint(folder)
 
 
+@pytest.fixture(scope="module")
+def quantizing_growth(big_bf16) -> dict:
+    """mode -> bytes by which quantizing big_bf16 in that mode grew the anonymous (non-file) memory of a
+    fresh process: reading the mmapped source and filling the mmapped output use page cache, not the
+    process's own memory. Each mode runs twice and its second run is measured: the first pays torch's
+    one-time start-up allocations (~70 MB) and the mode's own. Both modes in one process, one after the
+    other (one interpreter start-up, not two). glibc's malloc would keep freed blocks of a few hundred KB
+    (the chunks' float32 temporaries) in its heap and grow it by fragmentation, a few MB that say nothing
+    about what the script holds: a fixed mmap threshold hands every block of 64 KiB or more back to the
+    system when freed."""
+    modes = ("int8", "int4")
+    result = run_script(REPO / "tests" / "memory_worker.py", "quantize", big_bf16, *modes,
+                        env={**ONE_THREAD, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert result.returncode == 0, result.stderr
+    return {mode: int(kib) * 1024 for mode, kib in zip(modes, result.stdout.split(), strict=True)}
+
+
 @pytest.mark.parametrize("mode, written", [("int8", "model_int8.pth"), ("int4", "model_int4.g32.pth")])
-def test_file_size_and_bounded_memory(big_bf16, mode, written):
+def test_file_size_and_bounded_memory(big_bf16, quantizing_growth, mode, written):
     """int8: the file at most 0.55x the bf16 one. int4 (groups of 32): the experts' int4 tensors with their
     scales at most 0.30x the bf16 bytes of the same weights. Both: quantizing never holds a checkpoint."""
     bf16_size = big_bf16.stat().st_size
-    # Quantize in a fresh process, sampling its anonymous (non-file) memory: reading the mmapped
-    # source and filling the mmapped output use page cache, not the process's own memory. The
-    # first run pays torch's one-time start-up allocations (~70 MB); the second is measured. glibc's
-    # malloc would keep freed blocks of a few hundred KB (the chunks' float32 temporaries) in its heap
-    # and grow it by fragmentation, a few MB that say nothing about what the script holds: a fixed
-    # mmap threshold hands every block of 64 KiB or more back to the system when freed.
-    child = textwrap.dedent(f"""
-        import sys, threading, time
-        sys.path.insert(0, {str(REPO)!r})
-        from quantize import quantize_checkpoint
-
-        def anon_kib():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-
-        quantize_checkpoint({str(big_bf16)!r}, {mode!r})
-        peak, done = [anon_kib()], threading.Event()
-        def sample():
-            while not done.is_set():
-                peak.append(anon_kib())
-                time.sleep(0.001)
-        threading.Thread(target=sample, daemon=True).start()
-        quantize_checkpoint({str(big_bf16)!r}, {mode!r})
-        done.set()
-        print(max(peak) - peak[0])
-    """)
-    result = run_script("-c", child, env={**ONE_THREAD, "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert result.returncode == 0, result.stderr
-    growth = int(result.stdout.split()[-1]) * 1024
+    growth = quantizing_growth[mode]
     size = big_bf16.with_name(written).stat().st_size
     if mode == "int8":
         assert size <= 0.55 * bf16_size
@@ -274,19 +261,20 @@ def test_file_size_and_bounded_memory(big_bf16, mode, written):
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_missing_checkpoint_is_one_line_error_and_no_file(tmp_path):
-    result = run_script(REPO / "quantize.py", "--checkpoint_path", tmp_path / "model.pth", env=ONE_THREAD)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: checkpoint") and result.stderr.count("\n") == 1, result.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
 def cli_error(argv) -> str:
-    """quantize.py's main in this process: the message it exits with (sys.exit prints it to stderr)."""
+    """quantize.py's main in this process: the message it exits with (sys.exit prints it to stderr, and
+    the process's exit status is 1)."""
     with pytest.raises(SystemExit) as exit_:
         quantize.main([str(a) for a in argv])
     assert isinstance(exit_.value.code, str), exit_.value.code
     return exit_.value.code
+
+
+def test_missing_checkpoint_is_one_line_error_and_no_file(tmp_path, capsys):
+    message = cli_error(["--checkpoint_path", tmp_path / "model.pth"])
+    assert message.startswith("error: checkpoint") and "\n" not in message, message
+    assert capsys.readouterr().err == ""  # nothing besides that line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_already_quantized_is_a_clear_error(int8_path):

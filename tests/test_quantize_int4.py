@@ -1,7 +1,6 @@
 """quantize.py --mode int4: the packing, the rounding against an independent float64 round-to-nearest,
 the file, the model's logits against transformers with the same rounding done here, the generator on it
 (greedy text against transformers), tensor-parallel slicing by whole groups, and bad input."""
-import copy
 import shutil
 
 import pytest
@@ -16,12 +15,11 @@ from generation import load_model
 from kernels import cpu as cpu_kernels
 from model import UserError
 from quantize import quantize_checkpoint
+from rounding import QUANTIZED_HF, reference_with_int4_weights, round_to_nearest, unpack
 
 # Wide enough for every group size (dim 128, intermediate 256), small enough to run in a second.
 WIDE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=2048)
-# transformers' names of the weights int4 must round (everything else stays as it is).
-QUANTIZED_HF = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "lm_head.weight")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
@@ -75,24 +73,6 @@ def int4_path(near_grid):
     path = near_grid / "model_int4.g32.attn4.pth"
     assert result.stdout.strip() == f"wrote {path}" and not path.with_name(path.name + ".tmp").exists()
     return path
-
-
-def round_to_nearest(w: torch.Tensor, groupsize: int, dtype=None) -> tuple:
-    """The int4 rounding, written here from quantize.py's description in float64: per group of
-    `groupsize` inputs, scale = (the value of largest magnitude) / -8, rounded to the scales' dtype;
-    q = round(w / scale) clamped to [-8, 7]. Returns q [..., in] and the scales [..., in/groupsize]."""
-    dtype = dtype or w.dtype
-    groups = w.double().unflatten(-1, (-1, groupsize))
-    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))
-    scale = (extreme / -8).to(dtype).double()
-    q = torch.where(scale != 0, groups / scale, 0.0).round().clamp(-8, 7)
-    return q.flatten(-2), scale.squeeze(-1)
-
-
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., in/2] -> q [..., in] in -8..7: value 2j in the low nibble of byte j, 2j+1 in the high one."""
-    low, high = (packed & 15).long() - 8, (packed >> 4).long() - 8
-    return torch.stack((low, high), dim=-1).flatten(-2)
 
 
 # ----------------------------------------------------------------------------- packing and rounding
@@ -193,17 +173,6 @@ def test_cli_writes_packed_weights_and_group_scales(near_grid, int4_path):
 
 
 # ----------------------------------------------------------------------------- accuracy
-
-def reference_with_int4_weights(reference, groupsize: int):
-    """transformers' model with every weight int4 rounds replaced by its round-to-nearest (done here)."""
-    rounded = copy.deepcopy(reference)
-    with torch.no_grad():
-        for name, p in rounded.named_parameters():
-            if name.endswith(QUANTIZED_HF) or ".experts." in name:
-                q, scale = round_to_nearest(p, groupsize)
-                p.copy_((q * scale.repeat_interleave(groupsize, dim=-1)).float())
-    return rounded
-
 
 @pytest.mark.parametrize("groupsize", Int4.GROUP_SIZES)
 def test_int4_logits_err_as_rounding_the_weights_does(wide, groupsize, tmp_path):

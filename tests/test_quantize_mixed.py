@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import load_reference, relative_error
-from test_quantize_int4 import QUANTIZED_HF, round_to_nearest, unpack
+from rounding import QUANTIZED_HF, round_to_nearest, unpack
 
 import tp
 from formats import FORMATS, Int4, Int8, Scheme, quantize_module

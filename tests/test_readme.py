@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from conftest import REPO, hub_client_env, mixtral_tokenizer_path
+from conftest import REPO, mixtral_tokenizer_path
+from fake_hub import hub_client_env
 from scripts.make_tiny_checkpoint import TINY, write_hub_checkpoint
 
 README = (REPO / "README.md").read_text()

@@ -11,6 +11,7 @@ from formats import FORMATS, quantize_module
 from kernels import cpu as cpu_kernels
 from generation import generate, generate_batch
 from model import ModelArgs, Transformer
+from quantize import quantize_checkpoint
 from tp import check_divisible, shard_attention, shard_experts
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -253,10 +254,7 @@ def test_two_ranks_of_int4_print_one_process_text_and_build_the_kernels_once(che
     import shutil
     folder = tmp_path / "int4"
     shutil.copytree(checkpoint, folder)
-    quantized = run_script("quantize.py", "--checkpoint_path", folder / "model.pth", "--mode", "int4")
-    assert quantized.returncode == 0, quantized.stderr
-    (folder / "model.pth").unlink()
-    (folder / "model_int4.g32.pth").rename(folder / "model.pth")
+    quantize_checkpoint(folder / "model.pth", "int4").replace(folder / "model.pth")  # int4 experts, groups of 32
     cache = tmp_path / "torch_extensions"
     tp = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", folder / "model.pth",
                     "--prompt", PROMPT, "--max_new_tokens", "24", "--num_samples", "1", "--precision", "float32",

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 
 import dispatch
 import formats
-from conftest import REPO  # it sets TRITON_INTERPRET=1 before anything imports triton
+from conftest import REPO
 from formats import FORMATS
-from kernels import triton_moe
 # The same bound as the CPU kernels': half a unit of the output dtype, plus float32 sums (interpreted,
 # the kernels compute in float32 throughout, over at most a few hundred terms).
-from test_kernels import assert_within_rounding, exact
+from rounding import assert_within_rounding, exact
 
 # Not multiples of the tiles (16 to 64 rows, 128 columns): I spans two column tiles, so that the down
 # kernel's reduction can be split in two; E = 4 experts, K = 2 of them per token.
@@ -26,6 +25,25 @@ D, I, E = 40, 200, 4
 # int4 stores whole groups along each row: widths that are multiples of the group (160: a tile of 128
 # and a tail), rows that are not multiples of 16.
 INT4_D, INT4_I, INT4_ROWS = 160, 96, 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_moe():
+    """kernels/triton_moe.py under Triton's interpreter, with TRITON_INTERPRET=1 for this module's tests
+    only. Triton reads it when @triton.jit decorates a function: the kernels' when kernels/triton_moe.py
+    is imported (the file reads it too, for its launch settings), here; those of triton's own library
+    that the kernels call, when triton was first imported (conftest.py sees to it); and as the
+    interpreter runs a kernel (modules it imports then, such as triton's gluon, read it). The kernels
+    stay the interpreter's for the rest of the process: no other test imports the file (formats.py
+    imports it only for CUDA tensors, when MIXTRAL_TRITON asks)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    assert isinstance(tl.max, InterpretedFunction), "triton was imported before TRITON_INTERPRET=1 was set"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        from kernels import triton_moe
+        assert triton_moe.INTERPRETED, "kernels/triton_moe.py was imported before TRITON_INTERPRET=1 was set"
+        yield triton_moe
 
 
 def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
@@ -62,7 +80,7 @@ def test_experts_match_float64(fmt, dtype, experts):
                            dtype)
 
 
-def test_the_split_reduction_is_taken_where_the_grid_is_small():
+def test_the_split_reduction_is_taken_where_the_grid_is_small(triton_moe):
     """What the test above relies on: one token's down kernel splits I in two, three tokens' does not."""
     rows = triton_moe.block_rows(2, D, 4)
     assert triton_moe.parts(2, D, rows, I, 128, 4) == 2
@@ -168,55 +186,12 @@ def test_a_cpu_user_never_imports_triton(tmp_path, checkpoint):
     torch's own probes for triton take its absence in their stride)."""
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('no triton on this machine')\n")
-    code = ("import sys, torch\n"
-            "from pathlib import Path\n"
-            "from conftest import load_ours\n"
-            f"model = load_ours(Path({str(checkpoint)!r}))\n"
-            "model.setup_caches(max_batch_size=1, max_seq_length=16)\n"
-            "with torch.no_grad():\n"
-            "    model(torch.tensor([[1, 2, 3]]), torch.arange(3))\n"
-            "    model(torch.tensor([[4]]), torch.tensor([3]))\n"
-            "assert 'kernels.triton_moe' not in sys.modules and 'triton' not in sys.modules\n")
     # Without the CPU kernels: PyTorch's CPU path, which passes every check of formats.run_experts.
-    env = {**os.environ, "MIXTRAL_TRITON": "1", "MIXTRAL_NO_CPU_KERNELS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "tests"), str(REPO)])}
+    env = {**os.environ, "MIXTRAL_TRITON": "1", "MIXTRAL_NO_CPU_KERNELS": "1", "PYTHONPATH": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, REPO / "tests" / "cpu_without_triton.py", checkpoint], env=env,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-# Compiled in a process of its own: this one's kernels are the interpreter's.
-COMPILE_FOR_H200 = r"""
-import re, sys
-import torch, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import triton_moe as m
-
-def ptx(kernel, pointers, consts, divisible):
-    # As a launch on the GPU specializes it: 16-byte aligned pointers, and the sizes and strides of
-    # Mixtral's shapes, all multiples of 16.
-    signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in kernel.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in pointers or n in divisible}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=m.launch_options())
-    return compiled.asm["ptx"]
-
-sizes = {"D", "I", "part_len", "w_expert_stride", "w_row_stride", "s_expert_stride", "s_row_stride"}
-for quant, weight, group in ((m.FLOAT, "*bf16", 1), (m.INT8, "*i8", 1), (m.INT4, "*u8", 32)):
-    common = dict(QUANT=quant, GROUP=group, BLOCK_N=16, BLOCK_SLOTS=2, BLOCK_COLS=m.block_cols(quant, group),
-                  DOT_DTYPE=tl.bfloat16)
-    gate_up = ptx(m.gate_up_kernel, dict(x_ptr="*bf16", experts_ptr="*i64", w1_ptr=weight, w3_ptr=weight,
-                                         s1_ptr="*bf16", s3_ptr="*bf16", h_ptr="*fp32"),
-                  {**common, "BLOCK_ROWS": m.block_rows(2, 14336, 132)}, sizes)
-    down = ptx(m.down_kernel, dict(h_ptr="*fp32", experts_ptr="*i64", weights_ptr="*bf16", w2_ptr=weight,
-                                   s2_ptr="*bf16", y_ptr="*fp32"), {**common, "BLOCK_ROWS": m.block_rows(2, 4096, 132)},
-               sizes)
-    for name, code in (("gate_up", gate_up), ("down", down)):
-        copies = re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", code)
-        print(name, int(quant), "copies", ",".join(sorted(set(copies))), "int_to_float",
-              len(re.findall(r"cvt\.rn\.f32\.[su]", code)), "mma", len(re.findall(r"\bmma\.sync|wgmma\.mma", code)))
-"""
 
 
 def test_kernels_compile_for_the_h200():
@@ -226,7 +201,8 @@ def test_kernels_compile_for_the_h200():
     made floats without one conversion instruction per element. (int4's group scales may come in
     8-byte copies: a tile's row has 4 groups of 32, 4 bf16 scales.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H200], cwd=REPO, env=env, capture_output=True,
+    # In a process of its own: this one's kernels are the interpreter's.
+    result = subprocess.run([sys.executable, REPO / "tests" / "triton_ptx.py"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")[:-1]

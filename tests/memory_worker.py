@@ -1,0 +1,72 @@
+"""Run by the memory tests in a fresh process (the test process's own memory is polluted by the tests
+before it): one step of the repo's work, measured from after the imports, printing what it used.
+
+  memory_worker.py prefill CHECKPOINT IDX LOGITS   a prompt (torch.save'd ids) through the model; saves the
+                                                   logits; prints the peak resident KiB before and after
+  memory_worker.py convert FOLDER                  the converter on a hub-layout folder; prints the growth of
+                                                   the peak resident size, in bytes
+  memory_worker.py quantize CHECKPOINT MODE...     quantize.py's work in each mode, twice (the first pays the
+                                                   one-time allocations); prints the growth of the anonymous
+                                                   memory during the second, in KiB, a line per mode"""
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def peak_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def anon_kib() -> int:
+    """The process's anonymous (non-file) resident memory: reading the mmapped source and filling the
+    mmapped output use page cache, which does not count here."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+
+def prefill(checkpoint: str, idx_path: str, logits_path: str):
+    from generation import load_model
+    idx = torch.load(idx_path)
+    model = load_model(checkpoint, "cpu", torch.float32)
+    model.setup_caches(1, idx.size(1))
+    before = peak_kib()
+    with torch.no_grad():
+        logits = model(idx, torch.arange(idx.size(1)))
+    torch.save(logits, logits_path)
+    print(before, peak_kib())
+
+
+def convert(folder: str):
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    before = peak_kib()
+    convert_hf_checkpoint(folder)
+    print((peak_kib() - before) * 1024)
+
+
+def quantize(checkpoint: str, *modes: str):
+    from quantize import quantize_checkpoint
+    for mode in modes:
+        quantize_checkpoint(checkpoint, mode)
+        peak, done = [anon_kib()], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak.append(anon_kib())
+                time.sleep(0.001)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        quantize_checkpoint(checkpoint, mode)
+        done.set()
+        sampler.join()
+        print(max(peak) - peak[0], flush=True)
+
+
+if __name__ == "__main__":
+    {"prefill": prefill, "convert": convert, "quantize": quantize}[sys.argv[1]](*sys.argv[2:])
