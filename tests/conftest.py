@@ -237,3 +237,20 @@ def hub_client_env(hf_home, endpoint: str) -> dict:
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
     return env
+
+
+# ----------------------------------------------------------------------------- the shipped trained model
+# assets/tiny-stdlib (scripts/train_tiny.py): its hub-layout files copied and converted once per session.
+TINY_STDLIB = REPO / "assets" / "tiny-stdlib"
+
+
+@pytest.fixture(scope="session")
+def tiny_stdlib(tmp_path_factory):
+    """A folder with the shipped checkpoint's config.json, model.safetensors, tokenizer.model and the
+    model.pth the real converter writes from them."""
+    import shutil
+    folder = tmp_path_factory.mktemp("tiny-stdlib")
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy(TINY_STDLIB / name, folder / name)
+    convert_hf_checkpoint(folder)
+    return folder
