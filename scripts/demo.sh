@@ -12,9 +12,9 @@ PROMPT=${PROMPT:-"def fibonacci(n):"}
 # The hub-layout files, copied so that what the converter and the quantizer write stays out of assets/.
 mkdir -p "$CHECKPOINT_DIR"
 cp "$ASSET/config.json" "$ASSET/model.safetensors" "$ASSET/tokenizer.model" "$CHECKPOINT_DIR/"
-python scripts/convert_hf_checkpoint.py --checkpoint_dir "$CHECKPOINT_DIR" 2>/dev/null
-python quantize.py --checkpoint_path "$CHECKPOINT_DIR/model.pth" --mode int8 2>/dev/null
-python quantize.py --checkpoint_path "$CHECKPOINT_DIR/model.pth" --mode int4 2>/dev/null
+python scripts/convert_hf_checkpoint.py --checkpoint_dir "$CHECKPOINT_DIR"
+python quantize.py --checkpoint_path "$CHECKPOINT_DIR/model.pth" --mode int8
+python quantize.py --checkpoint_path "$CHECKPOINT_DIR/model.pth" --mode int4
 for format in "bf16 model.pth" "int8 model_int8.pth" "int4 model_int4.g32.pth"; do
     read -r label file <<< "$format"
     echo
