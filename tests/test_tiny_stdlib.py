@@ -189,7 +189,7 @@ def test_two_ranks_equal_one_process(tiny_stdlib, tokenizer, reference):
         assert text == tokenizer.decode(seq.tolist())
 
 
-def test_train_tiny_writes_a_checkpoint_the_converter_and_transformers_read(tmp_path, capsys):
+def test_train_tiny_writes_a_checkpoint_the_converter_and_transformers_read(tmp_path):
     """scripts/train_tiny.py end to end on a tiny budget: a few files, a tiny model, three steps."""
     import json
     import zlib
