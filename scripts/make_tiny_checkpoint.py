@@ -72,8 +72,10 @@ def random_tensor(name: str, shape, generator) -> torch.Tensor:
 
 
 def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
-                         dtype=torch.bfloat16, n_shards: int = 2, norm_outliers: int = 0) -> Path:
-    """norm_outliers: channels 0, 1, ... of every norm weight scaled by OUTLIER_SCALE."""
+                         dtype=torch.bfloat16, n_shards: int = 2, norm_outliers: int = 0,
+                         tensors: dict = None) -> Path:
+    """norm_outliers: channels 0, 1, ... of every norm weight scaled by OUTLIER_SCALE. tensors: the
+    weights under their hub names (scripts/train_tiny.py's trained ones) instead of random ones."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = {**MIXTRAL_CONFIG, **config, "torch_dtype": str(dtype).removeprefix("torch.")}
@@ -81,7 +83,11 @@ def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
         cfg.pop("rope_theta")
     generator = torch.Generator().manual_seed(seed)
     shapes = hub_tensor_shapes(ModelArgs.from_hf_config(cfg))
-    tensors = {name: random_tensor(name, shape, generator) for name, shape in shapes.items()}
+    if tensors is None:
+        tensors = {name: random_tensor(name, shape, generator) for name, shape in shapes.items()}
+    else:
+        assert {n: tuple(t.shape) for n, t in tensors.items()} == shapes, "tensors do not fit the config"
+        tensors = {name: tensors[name].detach().clone() for name in shapes}  # the hub's order
     for name, t in tensors.items():
         if is_norm(name):
             t[:norm_outliers] *= OUTLIER_SCALE

@@ -150,3 +150,20 @@ def hub():
     """tests/fake_hub.py's stand-in for the Hugging Face Hub on 127.0.0.1; tests add repos to hub.repos."""
     with fake_hub.serving() as server:
         yield server
+
+
+# ----------------------------------------------------------------------------- the shipped trained model
+# assets/tiny-stdlib (scripts/train_tiny.py): its hub-layout files copied and converted once per session.
+TINY_STDLIB = REPO / "assets" / "tiny-stdlib"
+
+
+@pytest.fixture(scope="session")
+def tiny_stdlib(tmp_path_factory):
+    """A folder with the shipped checkpoint's config.json, model.safetensors, tokenizer.model and the
+    model.pth the real converter writes from them."""
+    import shutil
+    folder = tmp_path_factory.mktemp("tiny-stdlib")
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy(TINY_STDLIB / name, folder / name)
+    convert_hf_checkpoint(folder)
+    return folder

@@ -10,7 +10,7 @@ from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, r
 
 import formats
 import quantize
-from formats import FORMATS, dequantized_experts
+from formats import FORMATS, Int8, dequantized_experts
 from generation import load_model
 from quantize import quantize_checkpoint
 
@@ -297,14 +297,14 @@ def test_failure_while_writing_leaves_no_file(checkpoint, tmp_path, monkeypatch)
     copy_checkpoint(checkpoint, tmp_path / "ckpt")
     calls = []
 
-    def disk_full_at_fifth_chunk(w):
+    def disk_full_at_fifth_chunk(fmt, w):
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        return original(w)
+        return original(fmt, w)
 
-    original = FORMATS["int8"].quantize
-    monkeypatch.setattr(FORMATS["int8"], "quantize", disk_full_at_fifth_chunk)
+    original = Int8.quantize  # formats are frozen values: the class's method, for every Int8
+    monkeypatch.setattr(Int8, "quantize", disk_full_at_fifth_chunk)
     message = cli_error(["--checkpoint_path", tmp_path / "ckpt" / "model.pth"])
     assert message.startswith("error: could not write") and "No space left on device" in message
     assert len(calls) == 5  # it failed part-way through

@@ -1,0 +1,336 @@
+# Trains a small model of exactly Mixtral's architecture (8 experts, top-2 routing, grouped-query
+# attention, rotary embeddings) on the one text every machine with Python has: the Python standard
+# library's source. It writes the hub's layout (config.json, safetensors, tokenizer.model), which the
+# real converter reads like any Mixtral checkpoint: the repo ships the result in assets/tiny-stdlib/.
+#
+#   python scripts/train_tiny.py --out_dir assets/tiny-stdlib --threads 1   # the shipped model (its README.md)
+#
+# With the same thread count, torch and CPython version the run is bit-identical (the seed fixes the
+# initialisation and the windows drawn). It is never run in CI; the tests run it on a tiny budget.
+#
+# Steps, in order:
+#   1. the files: every *.py under sysconfig's stdlib folder, sorted, tests and site-packages left out;
+#      a file is held out for validation when crc32 of its path (relative, '/'-separated) % 40 == 0;
+#   2. a SentencePiece BPE tokenizer trained on the training files (byte fallback: any text encodes;
+#      ids 0/1/2 are <unk>/<s>/</s> as in Mixtral's; whitespace and newlines kept as they are, since
+#      indentation is Python's syntax);
+#   3. model.py's Transformer, trained on random windows of the training files' tokens, each after <s>
+#      (as eval.py scores a text: chunks after <s>), with AdamW, cross-entropy plus Mixtral's router
+#      load-balancing loss, for a fixed number of steps;
+#   4. the validation loss on fixed windows of the held-out files as it goes, and each layer's expert
+#      usage at the end; the weights written in bfloat16 under the hub's tensor names.
+#
+# Shapes in comments: B batch, T tokens per window, N = B * T, E experts, K experts per token.
+import argparse
+import io
+import json
+import math
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import ModelArgs, Transformer  # noqa: E402
+from scripts.make_tiny_checkpoint import hub_config, write_hub_checkpoint  # noqa: E402
+
+SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
+HOLD_OUT = 40  # one file in about 40 is validation
+
+
+# ----------------------------------------------------------------------------- data
+
+def stdlib_files(root: Path, max_files: int = 0) -> tuple[list, list]:
+    """(training, validation) lists of (relative path, text) of the standard library's *.py files,
+    sorted by path; files that are not UTF-8 are skipped. max_files > 0: about that many files in all,
+    evenly spaced in each list, at least one of each (the test's small subset)."""
+    paths = sorted(p for p in root.rglob("*.py") if not SKIPPED_FOLDERS & set(p.relative_to(root).parts))
+    split = {True: [], False: []}
+    for p in paths:
+        rel = p.relative_to(root).as_posix()
+        split[zlib.crc32(rel.encode()) % HOLD_OUT == 0].append((rel, p))
+    if max_files:
+        every = max(1, len(paths) // max_files)
+        split = {held: files[::every] if len(files) > every else files[:1] for held, files in split.items()}
+
+    def read(files):
+        texts = []
+        for rel, p in files:
+            try:
+                texts.append((rel, p.read_text(encoding="utf-8")))
+            except UnicodeDecodeError:
+                continue
+        return texts
+    return read(split[False]), read(split[True])
+
+
+def pieces(texts: list, size: int = 2000):
+    """The texts cut at line ends into pieces of at most about `size` characters: SentencePiece's trainer
+    takes 'sentences' of bounded length, and newlines inside them are kept as characters."""
+    for text in texts:
+        piece = ""
+        for line in text.splitlines(keepends=True):
+            if piece and len(piece) + len(line) > size:
+                yield piece
+                piece = ""
+            piece += line
+        if piece:
+            yield piece
+
+
+def train_tokenizer(texts: list, vocab_size: int) -> bytes:
+    """A SentencePiece BPE model (its serialized bytes) of the texts. Identity normalisation, no dummy
+    prefix and no whitespace folding: decode(encode(code)) == code, indentation included; '\\n' is a piece
+    of its own, runs of spaces (indentation) are pieces too."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=pieces(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        split_digits=True, user_defined_symbols=["\n"], max_sentence_length=4096, num_threads=2,
+        hard_vocab_limit=False, minloglevel=2)
+    return model.getvalue()
+
+
+def encode(tokenizer, texts: list) -> torch.Tensor:
+    """The texts' tokens one after another (no separator: as eval.py reads the files joined), [L] int64."""
+    return torch.tensor([t for ids in tokenizer.encode(texts) for t in ids], dtype=torch.int64)
+
+
+def windows(tokens: torch.Tensor, starts: torch.Tensor, T: int, bos: int) -> tuple:
+    """(inputs, targets) [B, T] of the windows tokens[s:s + T]: each input is <s> then the window's first
+    T - 1 tokens, so that every token of the window is predicted, the first from <s> alone."""
+    targets = torch.stack([tokens[s:s + T] for s in starts.tolist()])
+    inputs = torch.cat([torch.full_like(targets[:, :1], bos), targets[:, :-1]], dim=1)
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------- model
+
+def init_weights(model: Transformer, config: ModelArgs, generator: torch.Generator):
+    """GPT-2's initialisation: normal(0, 0.02), the projections into the residual stream (attention's
+    wo, each expert's w2) scaled by 1/sqrt(2 n_layer); norms at 1."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(("wo.weight", ".w2")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+class RouterLogits:
+    """Forward hooks on every layer's router (block_sparse_moe.gate, an nn.Linear) that keep its logits
+    [N, E] of the last forward; remove() takes them off."""
+
+    def __init__(self, model: Transformer):
+        self.logits = []
+        self.handles = [layer.block_sparse_moe.gate.register_forward_hook(self.keep) for layer in model.layers]
+
+    def keep(self, module, inputs, output):
+        self.logits.append(output)
+
+    def take(self) -> list:
+        logits, self.logits = self.logits, []
+        return logits
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def load_balancing_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Mixtral's (Switch Transformer's) auxiliary loss for one layer's router logits [N, E]:
+    E * sum_e f_e P_e, f_e the fraction of the N * K choices that went to expert e, P_e its mean router
+    probability. It is 1 when the routing is uniform and grows as it concentrates."""
+    E = logits.size(-1)
+    probs = F.softmax(logits.float(), dim=-1)  # [N, E]
+    chosen = probs.topk(k, dim=-1).indices  # [N, K]
+    fraction = torch.zeros(E).index_add_(0, chosen.flatten(), torch.ones(chosen.numel())) / chosen.numel()
+    return E * (fraction * probs.mean(dim=0)).sum()
+
+
+def expert_usage(logits: list, k: int) -> torch.Tensor:
+    """[layers, E]: the fraction of each layer's N * K choices that went to each expert."""
+    rows = []
+    for layer_logits in logits:
+        chosen = layer_logits.topk(k, dim=-1).indices.flatten()
+        rows.append(torch.bincount(chosen, minlength=layer_logits.size(-1)).float() / chosen.numel())
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def validate(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, router: RouterLogits,
+             batch_size: int) -> tuple:
+    """(mean cross-entropy in nats, expert usage [layers, E]) over the fixed validation windows."""
+    model.eval()
+    nll, usage = 0.0, 0
+    for i in range(0, inputs.size(0), batch_size):
+        logits = model(inputs[i:i + batch_size])
+        nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + batch_size].flatten(), reduction="sum").item()
+        usage = usage + expert_usage(router.take(), model.config.num_activated_experts) * inputs[i:i + batch_size].size(0)
+    model.train()
+    return nll / targets.numel(), usage / inputs.size(0)
+
+
+def hub_tensors(model: Transformer, config: ModelArgs) -> dict:
+    """The model's weights under the hub's names (scripts/convert_hf_checkpoint.py backwards): wqkv split
+    into q/k/v (same rotary layout, no permutation), each stacked expert into its own w1/w2/w3."""
+    sd = {name: t.detach() for name, t in model.state_dict().items()}
+    q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"]}
+    for i in range(config.n_layer):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = sd[ours + "attention.wqkv.weight"].split([q_size, kv_size, kv_size])
+        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
+                    hf + "self_attn.v_proj.weight": v, hf + "self_attn.o_proj.weight": sd[ours + "attention.wo.weight"],
+                    hf + "input_layernorm.weight": sd[ours + "attention_norm.weight"],
+                    hf + "post_attention_layernorm.weight": sd[ours + "ffn_norm.weight"],
+                    hf + "block_sparse_moe.gate.weight": sd[ours + "block_sparse_moe.gate.weight"]})
+        for w in ("w1", "w2", "w3"):
+            for e in range(config.num_experts):
+                out[hf + f"block_sparse_moe.experts.{e}.{w}.weight"] = sd[ours + f"block_sparse_moe.{w}"][e]
+    out["model.norm.weight"] = sd["norm.weight"]
+    out["lm_head.weight"] = sd["output.weight"]
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a small Mixtral on the Python standard library's source.")
+    parser.add_argument("--out_dir", type=Path, default=Path("assets/tiny-stdlib"))
+    parser.add_argument("--stdlib", type=Path, default=None, help="default: sysconfig's stdlib folder")
+    parser.add_argument("--max_files", type=int, default=0, help="about this many files only (0: all)")
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--n_head", type=int, default=4)
+    parser.add_argument("--n_kv_head", type=int, default=2)
+    parser.add_argument("--intermediate_size", type=int, default=256, help="each expert's hidden width")
+    parser.add_argument("--num_experts", type=int, default=8)
+    parser.add_argument("--experts_per_token", type=int, default=2)
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per window; also the model's context")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--weight_decay", type=float, default=0.1)
+    parser.add_argument("--aux_loss_coef", type=float, default=0.02, help="Mixtral's router_aux_loss_coef")
+    parser.add_argument("--val_windows", type=int, default=64, help="validation windows scored as it goes")
+    parser.add_argument("--eval_every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--val_text", type=Path, default=None,
+                        help="also write the held-out files, joined, to this file (eval.py --text)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    import sentencepiece as spm
+    import sysconfig
+    root = args.stdlib or Path(sysconfig.get_paths()["stdlib"])
+    train_files, val_files = stdlib_files(root, args.max_files)
+    train_texts, val_texts = [t for _, t in train_files], [t for _, t in val_files]
+    print(f"{len(train_files)} training files ({sum(map(len, train_texts)) / 1e6:.2f} MB), {len(val_files)} held out "
+          f"({sum(map(len, val_texts)) / 1e6:.2f} MB) from {root} (Python {sys.version.split()[0]})")
+    if args.val_text is not None:
+        args.val_text.write_text("".join(val_texts))
+
+    tokenizer_bytes = train_tokenizer(train_texts, args.vocab_size)
+    tokenizer = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
+    train_tokens, val_tokens = encode(tokenizer, train_texts), encode(tokenizer, val_texts)
+    print(f"tokenizer: {tokenizer.vocab_size()} pieces; {train_tokens.numel()} training tokens, "
+          f"{val_tokens.numel()} validation tokens ({sum(map(len, train_texts)) / train_tokens.numel():.2f} "
+          f"characters a token)")
+
+    T, B = args.seq_len, args.batch_size
+    config = ModelArgs(block_size=T, vocab_size=tokenizer.vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
+                       dim=args.dim, intermediate_size=args.intermediate_size, n_local_heads=args.n_kv_head,
+                       head_dim=args.dim // args.n_head, rope_base=1e4, num_experts=args.num_experts,
+                       num_activated_experts=args.experts_per_token)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = Transformer(config)
+    init_weights(model, config, generator)
+    total = sum(p.numel() for p in model.parameters())
+    expert = 3 * config.dim * config.intermediate_size * config.n_layer
+    active = total - (config.num_experts - config.num_activated_experts) * expert - config.vocab_size * config.dim
+    print(f"model: {total / 1e6:.2f} M parameters, {active / 1e6:.2f} M active per token (embedding excluded); {config}")
+
+    # Fixed validation windows, evenly spaced over the held-out tokens.
+    n_val = min(args.val_windows, (val_tokens.numel() - 1) // T)
+    val_starts = torch.linspace(0, val_tokens.numel() - T, n_val).long()
+    val_inputs, val_targets = windows(val_tokens, val_starts, T, tokenizer.bos_id())
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_at(step):  # linear warm-up, then cosine down to a tenth
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    router = RouterLogits(model)
+    model.train()
+    curve = []
+    train_started, cpu_started = time.perf_counter(), time.process_time()
+    bar = tqdm(range(args.steps), desc="training", unit="step", mininterval=5)
+    for step in bar:
+        starts = torch.randint(0, train_tokens.numel() - T, (B,), generator=generator)
+        inputs, targets = windows(train_tokens, starts, T, tokenizer.bos_id())
+        logits = model(inputs)  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        aux = torch.stack([load_balancing_loss(l, config.num_activated_experts) for l in router.take()]).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + args.aux_loss_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        curve.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            val_loss, usage = validate(model, val_inputs, val_targets, router, B)
+            recent = curve[-args.eval_every:]
+            tqdm.write(f"step {step + 1}: train loss {sum(recent) / len(recent):.4f} (mean of the last {len(recent)}), "
+                       f"val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f}), "
+                       f"{time.perf_counter() - train_started:.0f} s ({time.process_time() - cpu_started:.0f} s of CPU)")
+    router.remove()
+    train_seconds, cpu_seconds = time.perf_counter() - train_started, time.process_time() - cpu_started
+
+    print("expert usage on the validation windows (% of each layer's choices; 12.5 % is uniform):")
+    for i, row in enumerate(usage):
+        print(f"  layer {i}: " + " ".join(f"{100 * u:5.1f}" for u in row.tolist()))
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = args.out_dir / "tokenizer.model"
+    tokenizer_path.write_bytes(tokenizer_bytes)
+    cfg = {**hub_config(config), "router_aux_loss_coef": args.aux_loss_coef}
+    write_hub_checkpoint(args.out_dir, cfg, tokenizer_path, dtype=torch.bfloat16, n_shards=1,
+                         tensors=hub_tensors(model, config))
+    summary = {"python": sys.version.split()[0], "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+               "train_files": len(train_files), "val_files": len(val_files), "train_tokens": train_tokens.numel(),
+               "val_tokens": val_tokens.numel(), "parameters": total, "active_parameters": active,
+               "final_train_loss": sum(curve[-50:]) / len(curve[-50:]), "final_val_loss": val_loss,
+               "train_seconds": round(train_seconds), "train_cpu_seconds": round(cpu_seconds), "total_seconds": round(time.perf_counter() - started),
+               "expert_usage": [[round(u, 4) for u in row.tolist()] for row in usage],
+               "loss_curve": [round(sum(curve[i:i + 50]) / len(curve[i:i + 50]), 4) for i in range(0, len(curve), 50)]}
+    (args.out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {args.out_dir} in {time.perf_counter() - started:.0f} s (training {train_seconds:.0f} s): "
+          f"train loss {summary['final_train_loss']:.4f}, val loss {val_loss:.4f}")
+
+
+if __name__ == "__main__":
+    main()
