@@ -59,20 +59,6 @@ def mixtral_tokenizer_path() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def kernels_built_together():
-    """Builds every instruction set this CPU runs at once, one process each, before the first test needs
-    them: each build is one single-threaded compile, so on an empty cache the sets would otherwise be
-    built one after another while the suite waits. Sets already in the cache are not touched; a build
-    that fails here is left for the tests to meet (and report) in their own process."""
-    from kernels import cpu as cpu_kernels
-    missing = [isa for isa in cpu_kernels.supported() if not any(cpu_kernels.build_folder(isa).glob("*.so"))]
-    builds = [subprocess.Popen([sys.executable, str(REPO / "tests" / "kernel_build.py"), isa], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for isa in missing]
-    for build in builds:
-        build.wait()
-
-
 @pytest.fixture(scope="session")
 def tokenizer_path():
     return mixtral_tokenizer_path()
