@@ -81,6 +81,11 @@ def triton_kernels_requested(layers: str) -> bool:
     return True
 
 
+def use_cpu_dequantize(q: Tensor, dtype: torch.dtype) -> bool:
+    """Whether kernels/cpu.cpp reads back stored weights q in dtype: one pass instead of PyTorch's three."""
+    return q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()
+
+
 def kernel_path(x: Tensor, layers: str, fmt) -> str:
     """'cpu kernel' or 'triton' where a hand-written kernel serves this step of the format, else ''."""
     if x.device.type == "cpu" and few_tokens(x) and "cpu" in fmt.kernels and cpu_kernels.available():

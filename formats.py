@@ -172,7 +172,7 @@ class Int8(WeightFormat):
         return {"": q, "scales": scales}
 
     def dequantize(self, t, dtype):
-        if use_cpu_dequantize(t[""], dtype):
+        if dispatch.use_cpu_dequantize(t[""], dtype):
             return cpu_kernels.ops().dequantize_int8(t[""], t["scales"], dtype)  # one pass, not three
         return t[""].to(dtype) * t["scales"].to(dtype)[..., None]
 
@@ -242,7 +242,7 @@ class Int4(WeightFormat):
 
     def dequantize(self, t, dtype):
         packed, scales = t[""], t["scales"]
-        if use_cpu_dequantize(packed, dtype):
+        if dispatch.use_cpu_dequantize(packed, dtype):
             return cpu_kernels.ops().dequantize_int4(packed, scales, dtype)
         q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # [..., out, in], 0..15
         groups = q.unflatten(-1, (scales.shape[-1], -1)).to(dtype) - 8  # [..., out, G, g]
@@ -342,11 +342,6 @@ def model_scheme(model: Transformer) -> Scheme:
 def detect_format(state_dict: dict) -> Scheme:
     """The formats a checkpoint is stored in, part by part, told by its content, not its file name."""
     return Scheme(**{part: stored_format(state_dict, name) for part, name in PART_WEIGHTS.items()})
-
-
-def use_cpu_dequantize(q: Tensor, dtype: torch.dtype) -> bool:
-    """Whether kernels/cpu.cpp reads back these stored weights: one pass instead of PyTorch's three."""
-    return q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()
 
 
 # ----------------------------------------------------------------------------- modules
