@@ -14,10 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class UserError(ValueError):
-    """Bad input (a flag, a file, a config): raised where the fault is found, printed by each script's
-    main as one line, with a non-zero exit; never a traceback."""
+from errors import UserError
 
 
 @dataclass

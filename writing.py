@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from model import UserError
+from errors import UserError
 
 # The signals that ask a run to stop, and let it clean up first.
 STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from model import UserError
+from errors import UserError
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 DISABLE_VARIABLE = "MIXTRAL_NO_CPU_KERNELS"
