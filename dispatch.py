@@ -1,13 +1,12 @@
 # Which code multiplies each step's weights: decided here, and only here, from the named thresholds below.
-#
-# model.py is the reference, written to be read. A model built by formats.py keeps model.py's structure
-# (routing, attention, the residual stream) and sends its three heavy operations through this file:
-#   linear       a linear layer's weight times x          -> linear_path()
-#   run_experts  each token's K experts, weighted          -> experts_path()
-#   attend       attention over the KV cache               -> attention_path()
-# Each *_path() returns the name of the code that runs, and the operation calls that code: the weight
-# format's own method (formats.py), a hand-written kernel (kernels/cpu.cpp, kernels/triton_moe.py) or
-# a PyTorch expression. Tests ask the *_path() functions which path a shape takes.
+# Decisions only: this file calls no weight format and no layer. The served model (layers.py) asks, for each
+# of its three heavy operations, which path runs, and looks the path's code up in its own tables:
+#   a linear layer's weight times x          linear_path()
+#   each token's K experts, weighted          experts_path()
+#   attention over the KV cache               attention_path()
+# (and dequantize_path(): how a prompt reads quantized weights back). The answer names a weight format's
+# own expression (formats.py), a hand-written kernel (kernels/cpu.cpp, kernels/triton_moe.py) or a PyTorch
+# path (layers.py). Tests ask the *_path() functions which path a shape takes.
 #
 # Why the paths differ:
 # - A step of a few tokens (decoding) reads every weight it uses once and does little arithmetic with
@@ -23,7 +22,6 @@
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import cpu as cpu_kernels
@@ -72,18 +70,18 @@ def matmul_dtype(x: Tensor) -> torch.dtype:
 # kernels.cpu.available()'s.
 @torch.compiler.assume_constant_result
 def triton_kernels_requested(layers: str) -> bool:
-    """Whether MIXTRAL_TRITON asks for the Triton kernels for `layers` ('experts' or 'linear'); if it
-    does, imports them (and so triton, which only CUDA users need) and registers their ops."""
+    """Whether MIXTRAL_TRITON asks for the Triton kernels for `layers` ('experts' or 'linear')."""
     value = os.environ.get(TRITON_VARIABLE, "")
-    if value in ("", "0") or (value == "experts" and layers != "experts"):
-        return False
-    from kernels import triton_moe  # noqa: F401  registers torch.ops.mixtral_triton
-    return True
+    return value not in ("", "0") and (value != "experts" or layers == "experts")
 
 
-def use_cpu_dequantize(q: Tensor, dtype: torch.dtype) -> bool:
-    """Whether kernels/cpu.cpp reads back stored weights q in dtype: one pass instead of PyTorch's three."""
-    return q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()
+def dequantize_path(fmt, q: Tensor, dtype: torch.dtype) -> str:
+    """'cpu kernel' where kernels/cpu.cpp reads back weights q stored in fmt in dtype (one pass instead of
+    PyTorch's three), else 'pytorch' (the format's own dequantize)."""
+    if (fmt.quantized and "cpu" in fmt.kernels and q.device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()):
+        return "cpu kernel"
+    return "pytorch"
 
 
 def kernel_path(x: Tensor, layers: str, fmt) -> str:
@@ -100,7 +98,8 @@ def linear_path(fmt, x: Tensor) -> str:
     """How x [..., in] is multiplied by a weight stored in fmt:
     'cpu kernel', 'triton'                  the hand-written kernels (a few tokens);
     'decode'                                a few tokens on a CPU, PyTorch (fmt.decode_linear);
-    'prompt'                                many tokens on a CPU: a full-precision copy in matmul_dtype;
+    'prompt'                                many tokens on a CPU (layers.prompt_linear): quantized weights as a
+                                            full-precision copy in matmul_dtype;
     'device'                                elsewhere (GPUs): fmt.linear, which torch.compile fuses."""
     kernel = kernel_path(x, "linear", fmt)
     if kernel:
@@ -108,20 +107,6 @@ def linear_path(fmt, x: Tensor) -> str:
     if x.device.type == "cpu":
         return "decode" if few_tokens(x) else "prompt"
     return "device"
-
-
-def linear(fmt, x: Tensor, t: dict) -> Tensor:
-    """x [..., in] times the weight stored in t (fmt's tensors): [..., out]."""
-    path = linear_path(fmt, x)
-    if path == "cpu kernel":
-        return fmt.cpu_linear(x.reshape(-1, x.shape[-1]), t).view(*x.shape[:-1], -1)
-    if path == "triton":
-        return fmt.cuda_linear(x.reshape(-1, x.shape[-1]), t).view(*x.shape[:-1], -1)
-    if path == "decode":
-        return fmt.decode_linear(x, t)
-    if path == "prompt":
-        return fmt.prompt_linear(x, t)
-    return fmt.linear(x, t)
 
 
 def compiled_batch_step(x: Tensor) -> bool:
@@ -139,10 +124,10 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int) -> str:
                              where the tokens choose at most as many expert matrices as a grouped pass
                              over all of them would read, and in a compiled step of a few tokens
                              (compiled_batch_step);
-    'grouped'                prompts: one grouped matmul over all the chosen experts (fmt.grouped_experts),
+    'grouped'                prompts: one grouped matmul over all the chosen experts (layers.grouped_experts),
                              for formats that have one, where half precision is not slow;
     'one by one'             prompts otherwise: each chosen expert over its tokens, its weights read back
-                             in matmul_dtype (fmt.experts_one_by_one)."""
+                             in matmul_dtype (layers.dequantized_experts)."""
     kernel = kernel_path(x, "experts", fmt)
     if kernel:
         return kernel
@@ -153,41 +138,8 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int) -> str:
     return "one by one"
 
 
-def run_experts(fmt, x: Tensor, experts: Tensor, weights: Tensor, w1: dict, w3: dict, w2: dict) -> Tensor:
-    """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
-    path = experts_path(fmt, x, experts, w1[""].size(0))
-    if path == "cpu kernel":
-        return fmt.cpu_experts(x, experts, weights, w1, w3, w2)
-    if path == "triton":
-        return fmt.cuda_experts(x, experts, weights, w1, w3, w2)
-    if path == "decode":
-        return fmt.decode_experts(x, experts, weights, w1, w3, w2)
-    if path == "grouped":
-        return fmt.grouped_experts(x, experts, weights, w1, w3, w2)
-    return fmt.experts_one_by_one(x, experts, weights, w1, w3, w2)
-
-
 def attention_path(q: Tensor) -> str:
-    """'decode' for one new token per sequence on a CPU (decode_attention), else 'sdpa' (PyTorch's
+    """'decode' for one new token per sequence on a CPU (layers.decode_attention), else 'sdpa' (PyTorch's
     scaled_dot_product_attention): on a CPU SDPA's fixed cost per call is large next to one token's
     small product, and written out the product fuses into the compiled decode step."""
     return "decode" if q.shape[2] == 1 and q.device.type == "cpu" else "sdpa"
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """model.Attention.attend on the path attention_path chooses: q [B, H, T, Dh], k/v [B, KV, S, Dh]."""
-    if attention_path(q) == "decode":
-        return decode_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """One new token's attention over the cache, written out so that torch.compile fuses it into the
-    decode step. q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] or [B, 1, T, S] -> [B, H, T, Dh]"""
-    B, H, T, Dh = q.shape
-    KV = k.shape[1]
-    qg = q.reshape(B, KV, H // KV * T, Dh).float()  # [B, KV, H/KV, Dh]: the query heads sharing each kv head
-    scores = (qg @ k.float().transpose(-1, -2)) * Dh ** -0.5  # [B, KV, H/KV, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    y = scores.softmax(dim=-1) @ v.float()  # [B, KV, H/KV, Dh]
-    return y.to(q.dtype).view(B, H, T, Dh)

@@ -19,10 +19,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from formats import model_scheme
-from generation import PRECISIONS, check_device, load_model, load_tokenizer, read_config, run_on_ranks
+from checkpoint import Checkpoint, load_model, load_tokenizer, open_checkpoint
+from cli import PRECISIONS, add_model_flags, check_device, run_on_ranks
+from errors import UserError
+from layers import model_scheme
 from measuring import active_weight_bytes
-from model import Transformer, UserError
+from model import Transformer
 from tp import rank_device
 
 # Published perplexities use other conventions (llama.cpp scores only the second half of each chunk,
@@ -132,13 +134,12 @@ def check_context(context: int, block_size: int):
         raise UserError(f"--context {context} exceeds the model's context of {block_size} tokens")
 
 
-def check_same_config(checkpoint_path: Path, reference_path: Path):
-    """The reference must be the same model (any format): the same config.json, field by field."""
-    ours, reference = read_config(checkpoint_path), read_config(reference_path)
-    for field, value in vars(ours).items():
-        if getattr(reference, field) != value:
-            raise UserError(f"--reference_path {reference_path} is another model: its config.json has {field} "
-                            f"{getattr(reference, field)}, the checkpoint's has {value}")
+def check_same_config(checkpoint: Checkpoint, reference: Checkpoint):
+    """The reference must be the same model (any format): the same config, field by field."""
+    for field, value in vars(checkpoint.config).items():
+        if getattr(reference.config, field) != value:
+            raise UserError(f"--reference_path {reference.path} is another model: its config.json has {field} "
+                            f"{getattr(reference.config, field)}, the checkpoint's has {value}")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -150,8 +151,6 @@ def parse_args(argv=None):
                     "one JSON object: perplexity, tokens, and with a reference reference_perplexity, kl_mean, "
                     "kl_median, kl_p99, kl_max (KL(reference || model) per scored token, in nats) and top1_agreement "
                     "(the fraction of scored tokens where both models' most likely next token is the same).")
-    parser.add_argument("--checkpoint_path", type=Path,
-                        default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"), help="Model checkpoint path.")
     parser.add_argument("--text", type=Path, required=True, help="The plain-text (UTF-8) file to score.")
     parser.add_argument("--context", type=int, default=512,
                         help="Tokens of the text per chunk, at most the model's block size (BOS takes the place of "
@@ -159,11 +158,7 @@ def parse_args(argv=None):
     parser.add_argument("--reference_path", type=Path, default=None,
                         help="The full-precision checkpoint to compare with (same config.json), e.g. the model.pth "
                              "the checkpoint was quantized from. Both models are held at once.")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Device to use (default: cuda when available, else cpu).")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16",
-                        help="dtype of activations and unquantized weights.")
-    parser.add_argument("--compile", action="store_true", help="Compile the forward pass (dynamic shapes).")
+    add_model_flags(parser, compile_help="Compile the forward pass (dynamic shapes).")
     return parser.parse_args(argv)
 
 
@@ -173,19 +168,20 @@ def main(argv=None):
 
 def run(args, rank: Optional[int] = None, world_size: int = 1):
     """Checks every input before loading anything, then scores the text and prints the table and the JSON line."""
-    check_context(args.context, read_config(args.checkpoint_path).block_size)
+    checkpoints = [open_checkpoint(args.checkpoint_path)]
+    check_context(args.context, checkpoints[0].config.block_size)
     if args.reference_path is not None:
-        check_same_config(args.checkpoint_path, args.reference_path)
-    tokenizer = load_tokenizer(args.checkpoint_path)
+        checkpoints.append(open_checkpoint(args.reference_path))
+        check_same_config(*checkpoints)
+    tokenizer = load_tokenizer(checkpoints[0])
     ids = tokenizer.encode(read_text(args.text))
     device = rank_device(args.device) if rank is not None else args.device
-    paths = [args.checkpoint_path] + ([args.reference_path] if args.reference_path is not None else [])
-    models = [load_model(path, device, PRECISIONS[args.precision], rank, world_size) for path in paths]
+    models = [load_model(checkpoint, device, PRECISIONS[args.precision], rank, world_size) for checkpoint in checkpoints]
     # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
     step = torch.compile(forward, fullgraph=True, dynamic=True) if args.compile else forward
     summary = evaluate(models, ids, args.context, tokenizer.bos_id(), step)
-    print_table(args, summary, [(path, model_scheme(model).name, active_weight_bytes(model) * world_size)
-                                for path, model in zip(paths, models)])
+    print_table(args, summary, [(checkpoint.path, model_scheme(model).spec, active_weight_bytes(model) * world_size)
+                                for checkpoint, model in zip(checkpoints, models)])
     print(json.dumps(summary))
 
 

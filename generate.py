@@ -14,11 +14,13 @@ from typing import Optional
 
 import torch
 
-from generation import (PRECISIONS, Conversation, Settings, TextStreamer, cache_length, check_device, compile_steps,
-                        conversation_cache_length, is_instruct, load_model, load_tokenizer, read_config, run_on_ranks,
+from checkpoint import is_instruct, load_model, load_tokenizer, open_checkpoint
+from cli import PRECISIONS, add_model_flags, check_device, check_writable, run_on_ranks
+from errors import UserError
+from generation import (Conversation, Settings, TextStreamer, cache_length, compile_steps, conversation_cache_length,
                         user_turn)
 from measuring import Timer, active_weight_bytes, counting_expert_reads, peak_memory_gb
-from model import ModelArgs, UserError, check_checkpoint_file, kv_cache_bytes
+from model import ModelArgs, kv_cache_bytes
 from tp import broadcast_from_rank0, rank_device
 from writing import readable_size
 
@@ -41,16 +43,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=200, help="Maximum number of new tokens.")
     parser.add_argument("--top_k", type=int, default=200, help="Top-k for sampling.")
     parser.add_argument("--temperature", type=float, default=0.8, help="Temperature for sampling; 0 is greedy.")
-    parser.add_argument("--checkpoint_path", type=Path,
-                        default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"), help="Model checkpoint path.")
-    parser.add_argument("--compile", action="store_true", help="Compile the one-token decode step.")
+    add_model_flags(parser, compile_help="Compile the one-token decode step.")
     parser.add_argument("--compile_prefill", action="store_true",
                         help="Also compile prefill (dynamic shapes; longer compile time).")
     parser.add_argument("--profile", type=Path, default=None, help="Write a profiler trace to PROFILE.json.")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Device to use (default: cuda when available, else cpu).")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16",
-                        help="dtype of activations and unquantized weights.")
     parser.add_argument("--seed", type=int, default=1234, help="Random seed for sampling.")
     parser.add_argument("--ignore_eos", action="store_true", help="Do not stop at the end-of-sequence token.")
     return parser.parse_args(argv)
@@ -74,15 +70,6 @@ def check_args(args):
         check_writable(Path(f"{args.profile}.json"), "--profile")
 
 
-def check_writable(path: Path, flag: str):
-    """A UserError unless a file can be written at path: said before any work, not after it."""
-    folder = path.parent
-    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} would write {path}, but {folder} is not a folder this user can write into; "
-                        f"give a path in one")
-
-
-
 def main(argv=None):
     run_on_ranks(parse_args(argv), check_args, run)
 
@@ -90,14 +77,14 @@ def main(argv=None):
 def run(args, rank: Optional[int] = None, world_size: int = 1):
     device = rank_device(args.device) if rank is not None else args.device
     precision = PRECISIONS[args.precision]
-    check_checkpoint_file(args.checkpoint_path)
-    tokenizer = load_tokenizer(args.checkpoint_path)
-    config = read_config(args.checkpoint_path)
+    checkpoint = open_checkpoint(args.checkpoint_path)
+    tokenizer = load_tokenizer(checkpoint)
+    config = checkpoint.config
     block_size = config.block_size
     if args.max_new_tokens >= block_size:  # in every mode: no prompt, not even <s>, would fit beside them
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
                         f"of {block_size} tokens; lower it")
-    instruct = args.chat_format == "instruct" or (args.chat_format == "auto" and is_instruct(args.checkpoint_path))
+    instruct = args.chat_format == "instruct" or (args.chat_format == "auto" and is_instruct(checkpoint))
 
     def encode(text: str, what: str = "the prompt") -> torch.Tensor:
         ids = user_turn(tokenizer, text, instruct)
@@ -120,7 +107,7 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
         batches = [[(f"sequence {b + 1}", prompt_ids) for b in range(args.batch_size or 1)]] * args.num_samples
 
     with Timer(device) as loading:
-        model = load_model(args.checkpoint_path, device, precision, rank, world_size)
+        model = load_model(checkpoint, device, precision, rank, world_size)
     print(f"Time to load model: {loading.seconds:.02f} seconds", file=sys.stderr)
     prefill_fn, decode_fn = compile_steps(device, args.compile, args.compile_prefill)
     settings = Settings(device, args.max_new_tokens, args.temperature, args.top_k,

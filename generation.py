@@ -1,27 +1,16 @@
 # Generating text with Mixtral, as a library: sampling, prefill and the one-token decode step, generate()
 # and generate_batch() over the static KV cache, the settings a run generates with, the chat format and a
-# conversation's state, the text streamer, and loading the model and its tokenizer. generate.py is the
-# command line over it; eval.py and scripts/benchmark.py use it too. The measuring (timer, bytes read,
-# expert counts, memory) is in measuring.py.
-import contextlib
-import json
-import os
-import signal
+# conversation's state, and the text streamer. generate.py is the command line over it; scripts/benchmark.py
+# uses it too. Loading a checkpoint is checkpoint.py's; the measuring (timer, bytes read, expert counts,
+# memory) is measuring.py's.
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from formats import detect_format, formatted_model
-from kernels import cpu as cpu_kernels
-from model import ModelArgs, Transformer, UserError, load_checkpoint
-from tp import apply_tp, maybe_init_dist
-
-PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from model import Transformer
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -180,57 +169,7 @@ def cache_length(longest_prompt: int, max_new_tokens: int, block_size: int) -> i
     return min(block_size, round_up(longest_prompt + max_new_tokens))
 
 
-# ----------------------------------------------------------------------------- loading
-
-def read_config(checkpoint_path: Path) -> ModelArgs:
-    return ModelArgs.from_json(Path(checkpoint_path).parent / "config.json")
-
-
-def load_model(checkpoint_path: Path, device: str, precision: torch.dtype,
-               rank: Optional[int] = None, world_size: int = 1) -> Transformer:
-    """Builds the model from config.json beside the checkpoint and loads its weights (mmapped).
-    With a rank, keeps only that rank's tensor-parallel shard of them."""
-    checkpoint_path = Path(checkpoint_path)
-    config, state_dict = load_checkpoint(checkpoint_path)
-    with torch.device("meta"):
-        model = formatted_model(config, detect_format(state_dict))  # told by the content, not the file name
-    try:
-        model.load_state_dict(state_dict, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise UserError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: {detail}")
-    if rank is not None:
-        apply_tp(model, rank, world_size)  # while the weights are still mmapped: a rank reads only its slices
-    if torch.device(device).type == "cpu":
-        cpu_kernels.available()  # built now, once, or one line saying why PyTorch's kernels are used
-    # Module.to(dtype) casts floating-point tensors only: int8 and int4 (uint8) weights stay as they are.
-    return model.to(device=device, dtype=precision).eval()
-
-
-def load_tokenizer(checkpoint_path: Path):
-    import sentencepiece as spm
-    path = Path(checkpoint_path).parent / "tokenizer.model"
-    if not path.is_file():
-        raise UserError(f"tokenizer {path} not found: put the model's tokenizer.model beside the checkpoint")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:
-        raise UserError(f"{path} is not a SentencePiece model ({e})")
-
-
 # ----------------------------------------------------------------------------- the chat format
-
-def is_instruct(checkpoint_path: Path) -> bool:
-    """Instruct checkpoints want [INST] ... [/INST] around each turn. The hub's tokenizer_config.json
-    carries a chat template for them; without it, the hub's repo name says so."""
-    folder = Path(checkpoint_path).parent
-    tok_config = folder / "tokenizer_config.json"
-    if tok_config.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            return "[INST]" in str(json.loads(tok_config.read_text()).get("chat_template", ""))
-    return "instruct" in folder.name.lower()
-
 
 def user_turn(tokenizer, text: str, instruct: bool, first: bool = True) -> list:
     """The tokens a user's text adds to a conversation, in Mixtral's chat format as mistral-common writes
@@ -298,65 +237,3 @@ class TextStreamer:
         self.emit(self.tokenizer.decode(seq.tolist()))
         self.out.write("\n")
         self.out.flush()
-
-
-# ----------------------------------------------------------------------------- running a script
-
-def check_device(name: str):
-    """A UserError unless this torch can run on device `name`: a device type it knows, built in and
-    present (cuda, mps, xpu, ...), with that index; meta holds no data, so it cannot generate."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device torch knows (try cpu or cuda)") from None
-    if device.type == "cpu":
-        return
-    if device.type == "meta":
-        raise UserError(f"--device {name} holds shapes, not values: it cannot run the model; use --device cpu or cuda")
-    backend = getattr(torch, device.type, None)
-    if not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
-        raise UserError(f"--device {name}: this torch ({torch.__version__}) has no {device.type} support; "
-                        f"use --device cpu or cuda")
-    if not backend.is_available():
-        raise UserError(f"--device {name} was asked for but {device.type.upper()} is not available to this torch "
-                        f"({torch.__version__}); use --device cpu")
-    if device.index is not None and device.index >= backend.device_count():
-        raise UserError(f"--device {name} was asked for but there are {backend.device_count()} {device.type} devices "
-                        f"(numbered from 0)")
-
-
-def run_on_ranks(args, check: Callable, run: Callable):
-    """A script's body (generate.py's, eval.py's): check(args), then run(args, rank, world_size) in each
-    process under torchrun (rank None alone). Bad input is one line on stderr and exit status 1."""
-    try:
-        check(args)
-        rank = maybe_init_dist(args.device)  # None unless under torchrun
-        world_size = dist.get_world_size() if rank is not None else 1
-        with output_of_rank0_only(rank):
-            run(args, rank, world_size)
-    except UserError as e:  # on every rank: each one stops
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank finds the same fault: one line, from rank 0
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except BrokenPipeError:
-        exit_as_on_sigpipe()
-    if rank is not None:
-        dist.destroy_process_group()
-
-
-def exit_as_on_sigpipe():
-    """What a Unix tool does when the reader of its output goes away (`generate.py ... | head`): stop,
-    quietly, with the status of a process killed by SIGPIPE. stdout is pointed at nothing first, or
-    Python's flush of it at exit would report the closed pipe again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(128 + signal.SIGPIPE)
-
-
-@contextlib.contextmanager
-def output_of_rank0_only(rank: Optional[int]):
-    """Every rank computes the same tokens; only rank 0 (or a lone process) shows them and the timings."""
-    if rank in (None, 0):
-        yield
-        return
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        yield

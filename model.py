@@ -3,10 +3,7 @@
 #
 # Shapes in comments use: B batch, T tokens in this call, S cache length, D model width,
 # H query heads, KV key/value heads, Dh head width, E experts, K experts per token, I expert width.
-import json
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -47,119 +44,14 @@ class ModelArgs:
                              f"{self.num_experts} experts")
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, where="config.json") -> "ModelArgs":
-        """Reads a Hugging Face Mixtral config.json (transformers 4 or 5 spelling), every value checked
-        by json_entry; `where` names the file in messages."""
-        def get(key, kind, default=REQUIRED):
-            return json_entry(cfg, key, kind, where, default)
-
-        if get("hidden_act", "text", "silu") != "silu":
-            raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Mixtral uses silu)")
-        # transformers 4 writes rope_theta at the top level, transformers 5 inside rope_parameters.
-        rope = get("rope_parameters", "object", {})
-        if rope.get("rope_type", "default") != "default":
-            raise UserError(f"{where}: rope_type {rope['rope_type']!r} is not supported")
-        n_head, dim = get("num_attention_heads", "count"), get("hidden_size", "count")
-        try:
-            return cls(
-                block_size=get("max_position_embeddings", "count"),
-                vocab_size=get("vocab_size", "count"),
-                n_layer=get("num_hidden_layers", "count"),
-                n_head=n_head,
-                dim=dim,
-                intermediate_size=get("intermediate_size", "count"),
-                n_local_heads=get("num_key_value_heads", "count", n_head),
-                head_dim=get("head_dim", "count", dim // n_head),
-                rope_base=float(json_entry(rope, "rope_theta", "number", where, get("rope_theta", "number", 1e6))),
-                norm_eps=get("rms_norm_eps", "number", 1e-5),
-                num_experts=get("num_local_experts", "count"),
-                num_activated_experts=get("num_experts_per_tok", "count"),
-                sliding_window=get("sliding_window", "count", None),
-                tie_word_embeddings=get("tie_word_embeddings", "flag", False),
-            )
-        except UserError as e:  # values that do not fit together (__post_init__): name the file too
-            raise UserError(str(e).replace("config:", f"{where}:", 1)) from None
-
-    @classmethod
-    def from_json(cls, path) -> "ModelArgs":
-        return cls.from_hf_config(read_json_object(path, "the checkpoint folder needs the model's config.json"), path)
-
-    @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in transformer_configs:
             raise UserError(f"unknown model {name!r}; known: {', '.join(transformer_configs)}")
         return cls(**transformer_configs[name])
 
 
-# What each kind of value in a JSON file the checkpoint comes with must be: (described, test).
-JSON_KINDS = {
-    "count": ("a positive integer", lambda v: type(v) is int and v > 0),
-    "number": ("a positive number", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0),
-    "flag": ("true or false", lambda v: type(v) is bool),
-    "text": ("a string", lambda v: type(v) is str),
-    "object": ("a JSON object", lambda v: type(v) is dict),
-}
-
-
-REQUIRED = object()  # json_entry's default for a key that must be there
-
-
-def json_entry(obj: dict, key: str, kind: str, where, default=REQUIRED):
-    """obj[key], read from the JSON file `where`, if it is of `kind` (JSON_KINDS); an absent or null key
-    gives the default, where there is one. Otherwise a UserError naming the key, the value and the
-    file. The converter and the loader read config.json and the safetensors index through it, so that
-    a wrong value is named where it is written rather than met later as a TypeError."""
-    if obj.get(key) is None and default is not REQUIRED:
-        return default
-    if key not in obj:
-        raise UserError(f"{where}: required key {key!r} is missing")
-    described, fits = JSON_KINDS[kind]
-    if not fits(obj[key]):
-        raise UserError(f"{where}: {key} is {json.dumps(obj[key])}, but it must be {described}; fix the file or "
-                        f"download it again")
-    return obj[key]
-
-
-def read_json_object(path, missing: str) -> dict:
-    """The JSON object in the file at path; a UserError saying `missing` if there is no such file."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: {missing}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return value
-
-
-def check_checkpoint_file(checkpoint_path: Path):
-    """A UserError unless checkpoint_path is a file: said first, before anything beside it is looked for."""
-    if checkpoint_path.is_dir():
-        raise UserError(f"checkpoint {checkpoint_path} is a folder: give the model.pth (or model_int8.pth, "
-                        f"model_int4.g32.pth) inside it")
-    if not checkpoint_path.is_file():
-        raise UserError(f"checkpoint {checkpoint_path} not found: download and convert it first "
-                        f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
-
-
-def load_checkpoint(checkpoint_path) -> tuple:
-    """(config, mmapped state dict) of a converted checkpoint: model.pth or model_int8.pth with
-    config.json beside it. Raises UserError with a message fit for the user."""
-    checkpoint_path = Path(checkpoint_path)
-    check_checkpoint_file(checkpoint_path)
-    config = ModelArgs.from_json(checkpoint_path.parent / "config.json")
-    try:
-        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # zip/pickle errors from a truncated or foreign file
-        raise UserError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); convert it again")
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{checkpoint_path} does not hold a state dict; convert it again")
-    return config, state_dict
-
-
 # Published shapes, for building a model without a checkpoint (benchmarks). Loading a checkpoint
-# always reads its own config.json instead.
+# always reads its own config (checkpoint.py) instead.
 transformer_configs = {
     "Mixtral-8x7B-v0.1": dict(block_size=32768, vocab_size=32000, n_layer=32, n_head=32, dim=4096,
                               intermediate_size=14336, n_local_heads=8, head_dim=128, rope_base=1e6,
@@ -276,14 +168,20 @@ class TransformerBlock(nn.Module):
         return h + self.block_sparse_moe(self.ffn_norm(h))
 
 
+def linear(in_features: int, out_features: int) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelArgs):
+    def __init__(self, config: ModelArgs, make_linear=linear):
+        # make_linear(in, out) makes the projections: nn.Linear here; the served model (layers.py) passes
+        # one that stores them in a weight format.
         super().__init__()
         self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
         # q, k and v in one matrix: one matmul per token instead of three.
         total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
-        self.wqkv = nn.Linear(config.dim, total_head_dim, bias=False)
-        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.wqkv = make_linear(config.dim, total_head_dim)
+        self.wo = make_linear(config.n_head * config.head_dim, config.dim)
         self.kv_cache = None
 
     def forward(self, x, input_pos, cos, sin, mask):
@@ -329,7 +227,7 @@ class MOEFeedForward(nn.Module):
     def run_experts(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         """Each token's K experts, weighted: x [N, D], experts/weights [N, K] -> [N, D]. One expert at a time
         over the tokens that chose it: the definition, written to be read (and trained: it is
-        differentiable). formats.py stores the experts in other weight formats and runs the same sum
+        differentiable). layers.py stores the experts in other weight formats and runs the same sum
         with faster kernels (dispatch.py chooses which)."""
         y = torch.zeros_like(x)
         for e in range(self.w1.size(0)):

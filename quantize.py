@@ -1,14 +1,18 @@
-# Offline weight-only quantization: writes model_int8.pth (or model_int4.g32.pth) beside model.pth,
+# Offline weight-only quantization: writes model_int8.pth (or model_int4.g32.pth, ...) beside model.pth,
 # streamed from the mmapped source. The formats themselves (layout, rounding, kernels) are formats.py's;
-# this script applies one to a file.
+# this script applies a scheme (a format per part of the model) to a file.
+#
+#   python quantize.py --checkpoint_path .../model.pth --format int8        # -> model_int8.pth
+#   python quantize.py --checkpoint_path .../model.pth --format int4:g32    # -> model_int4.g32.pth
+# (gpt-fast's --mode int8, and --mode int4 --groupsize 32, say the same.)
 #
 # int8: symmetric, per output channel: every row of a weight matrix gets one scale, max|row| / 127, and
 # the row is stored as round(row / scale) in int8.
-# int4: symmetric, per group of --groupsize (32, 64 or 128) consecutive inputs of a row: the group's
-# value of largest magnitude becomes -8, the others round to the nearest of -8..7 times its scale;
-# two values a byte. By default only the experts: attention and the output head stay int8, which costs
-# a tenth more bytes per token and keeps the model far closer to the source (BENCHMARKS.md, quality);
-# --int4_attention puts them in int4 too.
+# int4:gN: symmetric, per group of N (32, 64 or 128) consecutive inputs of a row: the group's value of
+# largest magnitude becomes -8, the others round to the nearest of -8..7 times its scale; two values a
+# byte. Only the experts: attention and the output head stay int8, which costs a tenth more bytes per
+# token and keeps the model far closer to the source (BENCHMARKS.md, quality); int4:gN:attn4 puts them in
+# int4 too.
 # Quantized: attention wqkv and wo, the output head, and each expert's w1, w2, w3. Kept as they are:
 # the embedding table (one row is read per token), the norms, and the router (gate), whose few
 # weights decide which experts run.
@@ -24,39 +28,31 @@
 import argparse
 import mmap
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from formats import FORMATS, Int4, Scheme, detect_format, parse_format, stored_weights
-from model import ModelArgs, Transformer, UserError, load_checkpoint
+from checkpoint import check_tensors, load_state_dict, open_checkpoint, quantized_path, tensor_shapes
+from cli import one_line_errors
+from errors import UserError
+from formats import Int4, detect_format, parse_scheme
+from layers import stored_weights
 from writing import atomic_file, reserve
 
-QUANTIZED_FORMATS = [name for name in FORMATS if name != "full precision"]
 
-
-def load_source(checkpoint_path: Path) -> tuple[ModelArgs, dict]:
-    """The config and the mmapped state dict of an unquantized checkpoint, checked against each other."""
-    config, source = load_checkpoint(checkpoint_path)
+def load_source(checkpoint_path: Path) -> tuple:
+    """The checkpoint and the mmapped state dict of an unquantized checkpoint, checked against each other."""
+    checkpoint = open_checkpoint(checkpoint_path)
+    source = load_state_dict(checkpoint)
     fmt = detect_format(source)
     if fmt.quantized:
-        raise UserError(f"{checkpoint_path} is already quantized (it holds {fmt.name} weights); "
-                            f"quantize the original model.pth instead")
-    with torch.device("meta"):
-        expected = Transformer(config).state_dict()
-    unexpected = [name for name in source if name not in expected]
-    if unexpected:
-        raise UserError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: "
-                            f"{unexpected[0]} is not part of the model")
-    for name, t in expected.items():
-        if name not in source or source[name].shape != t.shape:
-            found = tuple(source[name].shape) if name in source else "nothing"
-            raise UserError(f"{checkpoint_path} does not fit {checkpoint_path.parent / 'config.json'}: "
-                                f"{name} should be {tuple(t.shape)}, found {found}")
-    return config, source
+        raise UserError(f"{checkpoint_path} is already quantized (it holds {fmt.spec} weights); "
+                        f"quantize the original model.pth instead")
+    check_tensors({name: tuple(t.shape) if isinstance(t, torch.Tensor) else () for name, t in source.items()},
+                  tensor_shapes(checkpoint.config), str(checkpoint_path))
+    return checkpoint, source
 
 
 def quantize_into(fmt, src: Tensor, out: dict, rows_per_chunk: int = 256):
@@ -68,17 +64,9 @@ def quantize_into(fmt, src: Tensor, out: dict, rows_per_chunk: int = 256):
             out[key].view(-1, *t.shape[1:])[start:start + t.shape[0]] = t
 
 
-def output_path(checkpoint_path: Path, mode: str, groupsize: int, int4_attention: bool = False) -> Path:
-    """gpt-fast's names: model_int8.pth, model_int4.g32.pth; model_int4.g32.attn4.pth with int4 attention."""
-    suffix = f"_{mode}.g{groupsize}" if mode == "int4" else f"_{mode}"
-    suffix += ".attn4" if mode == "int4" and int4_attention else ""
-    return checkpoint_path.with_name(f"{checkpoint_path.stem}{suffix}.pth")
-
-
-def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: int = 32,
-                        int4_attention: bool = False) -> Path:
-    """Writes <name>_int8.pth (int4: <name>_int4.g<groupsize>.pth, and .attn4 before .pth with
-    int4_attention) beside checkpoint_path and returns its path.
+def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
+    """Writes checkpoint_path's model in the scheme `spec` (formats.parse_scheme: 'int8', 'int4:g32',
+    'int4:g32:attn4', ...) beside it (checkpoint.quantized_path) and returns the path written.
 
     Streaming, so that memory use stays a few MB above the interpreter's whatever the model:
     the source is mmapped and read a few rows at a time; the output file is first written with
@@ -86,22 +74,18 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
     filled in place. Neither checkpoint is ever held in memory. The file's disk space is reserved
     before the map is written, and it is written under a temporary name and renamed when complete,
     so a full disk or an interrupted run leaves nothing behind (writing.atomic_file)."""
-    if mode not in QUANTIZED_FORMATS:
-        raise UserError(f"unknown mode {mode!r}: choose one of {', '.join(QUANTIZED_FORMATS)}")
-    if mode == "int4" and groupsize not in Int4.GROUP_SIZES:
-        raise UserError(f"unknown group size {groupsize}: choose one of {', '.join(map(str, Int4.GROUP_SIZES))}")
-    if int4_attention and mode != "int4":
-        raise UserError("--int4_attention is for --mode int4")
+    scheme = parse_scheme(spec)
+    if not scheme.quantized:
+        raise UserError(f"--format {spec} quantizes nothing; choose int8 or int4:g32")
     checkpoint_path = Path(checkpoint_path)
-    config, source = load_source(checkpoint_path)
-    # source name -> (its format, {key: output name})
-    chosen = parse_format(f"int4:g{groupsize}" if mode == "int4" else mode)
-    quantized = stored_weights(config, Scheme.quantizing(chosen, int4_attention))
+    checkpoint, source = load_source(checkpoint_path)
+    config = checkpoint.config
+    quantized = stored_weights(config, scheme)  # source name -> (its format, {key: output name})
     for name, (fmt, _) in quantized.items():  # before any file is written
         inputs = source[name].shape[-1]
         problem = fmt.row_problem(inputs)
         if problem:
-            raise UserError(f"--groupsize {groupsize}: the {inputs} inputs of {name} (dim {config.dim}, "
+            raise UserError(f"--format {spec}: the {inputs} inputs of {name} (dim {config.dim}, "
                             f"intermediate_size {config.intermediate_size} in config.json) {problem}; "
                             f"choose a group size that divides them")
     layout = {}  # output name -> (shape, dtype), in the source's order
@@ -112,7 +96,7 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
                 layout[stored[key]] = shape_and_dtype
         else:
             layout[name] = (tuple(t.shape), t.dtype)
-    output = output_path(checkpoint_path, mode, groupsize, int4_attention)
+    output = quantized_path(checkpoint_path, scheme)
     empty = {name: torch.empty(shape, dtype=t_dtype) for name, (shape, t_dtype) in layout.items()}  # touches no memory
     with atomic_file(output, sum(t.nbytes for t in empty.values())) as f:
         with torch.serialization.skip_data():
@@ -131,30 +115,44 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str = "int8", groupsize: in
     return output
 
 
+def format_spec(args) -> str:
+    """--format, or what gpt-fast's --mode (and --groupsize, --int4_attention) say in its terms."""
+    if args.mode is None:
+        if args.groupsize is not None or args.int4_attention:
+            raise UserError("--groupsize and --int4_attention go with --mode int4; with --format, write "
+                            "int4:g64 or int4:g32:attn4 instead")
+        return args.format
+    if args.format is not None:
+        raise UserError(f"--mode {args.mode} and --format {args.format} both name the format: keep one")
+    if args.mode == "int8":
+        if args.groupsize is not None or args.int4_attention:
+            raise UserError(f"--groupsize and --int4_attention are for --mode int4 (groups of inputs sharing a "
+                            f"scale); --mode int8 has one scale per row: drop them")
+        return "int8"
+    return f"int4:g{args.groupsize or 32}" + (":attn4" if args.int4_attention else "")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Quantize a converted Mixtral checkpoint.")
     parser.add_argument("--checkpoint_path", type=Path,
                         default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"),
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")
-    parser.add_argument("--mode", choices=QUANTIZED_FORMATS, default="int8",
-                        help="int8: one scale per output channel; int4: the experts with one scale per group of "
-                             "--groupsize inputs, attention and the output head in int8")
+    parser.add_argument("--format", default=None,
+                        help="int8: one scale per output channel; int4:g32 (g64, g128): the experts with one scale "
+                             "per group of 32 inputs, attention and the output head in int8; int4:g32:attn4: int4 "
+                             "everywhere (README, Quantization); default int8")
+    parser.add_argument("--mode", choices=["int8", "int4"], default=None, help="gpt-fast's spelling of --format")
     parser.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=None,
-                        help="int4 only: inputs of a row that share a scale (smaller: more accurate, larger file); "
-                             "default 32")
+                        help="with --mode int4: inputs of a row that share a scale (default 32)")
     parser.add_argument("--int4_attention", action="store_true",
-                        help="int4 only: attention and the output head in int4 too (a tenth fewer bytes per token, "
-                             "less accurate: README, Quality)")
+                        help="with --mode int4: attention and the output head in int4 too")
     args = parser.parse_args(argv)
-    try:
-        if args.groupsize is not None and args.mode != "int4":
-            raise UserError(f"--groupsize is for --mode int4 (groups of inputs sharing a scale); --mode {args.mode} "
-                            f"has one scale per row: drop --groupsize")
-        output = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.int4_attention)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # disk full, permissions
-        sys.exit(f"error: could not write beside {args.checkpoint_path}: {e.strerror or e}")
+    with one_line_errors():
+        spec = format_spec(args) or "int8"
+        try:
+            output = quantize_checkpoint(args.checkpoint_path, spec)
+        except OSError as e:  # disk full, permissions
+            raise UserError(f"could not write beside {args.checkpoint_path}: {e.strerror or e}")
     print(f"wrote {output}")
 
 

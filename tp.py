@@ -15,8 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import _functional_collectives as funcol
 
-from formats import FormattedWeights, MOEFeedForward, stored_name
-from model import Attention, ModelArgs, Transformer, UserError
+from errors import UserError
+from formats import stored_name
+from layers import Attention, FormattedWeights, MOEFeedForward
+from model import ModelArgs, Transformer
 
 
 def maybe_init_dist(device: str) -> Optional[int]:
@@ -81,10 +83,10 @@ def _slice_weight(module: FormattedWeights, name: str, axis: int, take):
     """Replaces weight `name` of module (axis -2: its output rows, -1: its input columns) by
     take(tensor, axis), and each companion tensor of its format (int8 and int4 scales) by its matching slice."""
     for key in module.keys:
-        companion_axis = axis if not key else module.format.companion_axis(key, axis)
-        if companion_axis is not None:
+        stored_axis = module.format.stored_axis(key, axis)
+        if stored_axis is not None:
             attribute = stored_name(name, key)
-            setattr(module, attribute, take(getattr(module, attribute), companion_axis))
+            setattr(module, attribute, take(getattr(module, attribute), stored_axis))
 
 
 @torch.no_grad()
@@ -124,7 +126,7 @@ def all_reduce_output(module: nn.Module):
 
 
 def apply_tp(model: Transformer, rank: int, world_size: int):
-    """Shards model (built by formats.formatted_model, in any weight format) in place for this rank:
+    """Shards model (built by layers.build_model, in any weight format) in place for this rank:
     call it on the mmapped weights, before moving the model to its device, so that each rank only
     ever reads and holds its own slices."""
     check_divisible(model.config, world_size)

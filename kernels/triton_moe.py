@@ -1,6 +1,6 @@
-# Triton kernels for the few tokens of a decode step on a GPU: the CUDA kernels of each weight format
-# (formats.FullPrecision.cuda_experts and .cuda_linear, which the other formats inherit). formats.py
-# imports this file only for CUDA tensors, when MIXTRAL_TRITON asks for it; tests/test_triton.py imports
+# Triton kernels for the few tokens of a decode step on a GPU, for every weight format: layers.py's
+# 'triton' paths (triton_experts, triton_linear) call their ops, and import this file only for CUDA tensors,
+# when MIXTRAL_TRITON asks for it (dispatch.triton_kernels_requested); tests/test_triton.py imports
 # it under Triton's interpreter (TRITON_INTERPRET=1), which runs the same kernels on CPU tensors. A
 # CPU-only user never imports triton.
 #

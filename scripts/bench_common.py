@@ -12,9 +12,11 @@ from typing import Callable, Optional
 
 import torch
 
-from formats import FullPrecision, WeightFormat, quantize_module
+from errors import UserError
+from formats import FullPrecision, Scheme
+from layers import quantize_module
 from measuring import peak_memory_gb, reset_peak_memory, seconds
-from model import ModelArgs, Transformer, UserError, transformer_configs
+from model import ModelArgs, Transformer, transformer_configs
 
 # Shapes for benchmarking only (model.py keeps the published ones). cpu-bench is Mixtral-shaped but
 # small enough for a laptop-class CPU (its size is in BENCHMARKS.md).
@@ -41,9 +43,9 @@ def model_args(name: str, n_layer: Optional[int] = None) -> ModelArgs:
 
 @torch.no_grad()
 def random_model(config: ModelArgs, device: str, precision: torch.dtype,
-                 weight_format: WeightFormat = FullPrecision(), seed: int = 0) -> Transformer:
+                 scheme: Scheme = Scheme.of(FullPrecision()), seed: int = 0) -> Transformer:
     """Random weights made in place on the device, one block at a time (no checkpoint, no download),
-    then stored in `weight_format` as generate.py would load it (formats.py). Each block is
+    then stored in `scheme` as generate.py would load it (layers.py). Each block is
     converted as soon as it exists, so that the full-precision model never has to fit in memory next to
     a quantized one."""
     with torch.device("meta"):
@@ -59,8 +61,8 @@ def random_model(config: ModelArgs, device: str, precision: torch.dtype,
             else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
                 p.normal_(0.0, p.shape[-1] ** -0.5)
         if module in model.layers:
-            quantize_module(module, config, weight_format)
-    quantize_module(model, config, weight_format)  # the output head; blocks already done are kept
+            quantize_module(module, config, scheme)
+    quantize_module(model, config, scheme)  # the output head; blocks already done are kept
     return model.eval()
 
 

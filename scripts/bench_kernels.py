@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from formats import FORMATS  # noqa: E402
+from formats import parse_format  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
 from measuring import seconds  # noqa: E402
 from scripts.bench_common import Bandwidth, fmt, machine_name  # noqa: E402
@@ -27,7 +27,7 @@ def candidates(rows: int, cols: int, copies: int) -> dict:
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(rows, cols, generator=g) / cols ** 0.5 for _ in range(copies)]
     bf16 = [w.to(torch.bfloat16) for w in full]
-    int8 = [FORMATS["int8"].quantize(w) for w in bf16]
+    int8 = [parse_format("int8").quantize(w) for w in bf16]
     x = torch.randn(1, cols, generator=g).to(torch.bfloat16)
     found = {"torch F.linear, bf16": (rows * cols * 2, [lambda w=w: F.linear(x, w) for w in bf16])}
     if cols % 16 == 0:  # otherwise its bf16 path returns inf and nan, or crashes
@@ -45,14 +45,14 @@ def candidates(rows: int, cols: int, copies: int) -> dict:
         except (RuntimeError, AttributeError) as e:
             print(f"fbgemm unavailable here: {e}", file=sys.stderr)
     # This repo's kernels, built for each instruction set the CPU runs (the first is the default).
-    int4 = [FORMATS["int4"].quantize(w) for w in bf16] if FORMATS["int4"].row_problem(cols) is None else []
+    int4 = [parse_format("int4:g32").quantize(w) for w in bf16] if parse_format("int4:g32").row_problem(cols) is None else []
     for isa in cpu_kernels.supported() if cpu_kernels.available() else []:
         kernels = cpu_kernels.load(isa)
         found[f"kernels/cpu.cpp {isa}, bf16"] = (rows * cols * 2, [lambda w=w, k=kernels: k.linear(x, w, None) for w in bf16])
         found[f"kernels/cpu.cpp {isa}, int8"] = (rows * cols, [
             lambda t=t, k=kernels: k.linear(x, t[""], t["scales"]) for t in int8])
         if int4:  # whole groups of 32; the scales count in the bytes read
-            found[f"kernels/cpu.cpp {isa}, int4 (groups of 32)"] = (sum(v.nbytes for v in int4[0].values()), [
+            found[f"kernels/cpu.cpp {isa}, int4:g32"] = (sum(v.nbytes for v in int4[0].values()), [
                 lambda t=t, k=kernels: k.linear(x, t[""], t["scales"]) for t in int4])
     return found
 

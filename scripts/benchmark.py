@@ -28,11 +28,15 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoint import load_model, open_checkpoint  # noqa: E402
+from cli import PRECISIONS, check_device, one_line_errors  # noqa: E402
 from dispatch import TRITON_VARIABLE  # noqa: E402
-from formats import FullPrecision, Int4, WeightFormat, model_scheme, parse_format, quantize_module  # noqa: E402
-from generation import PRECISIONS, Settings, check_device, compile_steps, load_model, round_up  # noqa: E402
+from errors import UserError  # noqa: E402
+from formats import Int4, Scheme, parse_scheme  # noqa: E402
+from generation import Settings, compile_steps, round_up  # noqa: E402
+from layers import model_scheme, quantize_module  # noqa: E402
 from measuring import Timer, active_weight_bytes, counting_expert_reads, seconds  # noqa: E402
-from model import ModelArgs, UserError, transformer_configs  # noqa: E402
+from model import ModelArgs, transformer_configs  # noqa: E402
 from scripts import verify_decode  # noqa: E402
 from scripts.bench_common import (BENCH_SHAPES, Bandwidth, Bench, Decode, decode_rounds, fmt,  # noqa: E402
                                   limit_tokens_per_s, machine_name, model_args, prefill_rounds, random_model,
@@ -66,16 +70,13 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def chosen_format(args) -> WeightFormat:
-    """The format --int8 / --int4 --groupsize ask the weights to be quantized to (full: as they are)."""
-    return parse_format(f"int4:g{args.groupsize}" if args.int4 else "int8" if args.int8 else "full")
-
-
-def format_label(weight_format: WeightFormat) -> str:
-    """'' for full precision (the precision says it), 'int8', 'int4 (groups of 32)'."""
-    if isinstance(weight_format, Int4):
-        return f"int4 (groups of {weight_format.groupsize})"
-    return "" if weight_format == FullPrecision() else weight_format.name
+def chosen_scheme(args) -> Scheme:
+    """The scheme --format (or the older --int8, --int4 --groupsize: int4 everywhere) asks the weights to be
+    quantized to in memory, as quantize.py would write it (full: as they are)."""
+    if args.format is not None and (args.int8 or args.int4):
+        raise UserError("--format names the format: drop --int8 / --int4")
+    spec = args.format or (f"int4:g{args.groupsize}:attn4" if args.int4 else "int8" if args.int8 else "full")
+    return parse_scheme(spec)
 
 
 @dataclass
@@ -91,22 +92,22 @@ class Summary:
 
 def run(args) -> list:
     device, precision = args.device, PRECISIONS[args.precision]
-    weight_format = chosen_format(args)
+    scheme = chosen_scheme(args)
     generator = torch.Generator().manual_seed(args.seed)
     with Timer(device) as building:
         if args.checkpoint_path is not None:
-            model = load_model(args.checkpoint_path, device, precision)
-            if weight_format.quantized:  # refused, in one line, if the checkpoint is quantized already
-                quantize_module(model, model.config, weight_format)
+            model = load_model(open_checkpoint(args.checkpoint_path), device, precision)
+            if scheme.quantized:  # refused, in one line, if the checkpoint is quantized already
+                quantize_module(model, model.config, scheme)
             name = str(args.checkpoint_path)
         else:
-            model = random_model(model_args(args.model, args.n_layer), device, precision, weight_format, seed=args.seed)
+            model = random_model(model_args(args.model, args.n_layer), device, precision, scheme, seed=args.seed)
             name = f"{args.model} (random weights)"
     config = model.config
     weight_bytes = active_weight_bytes(model)
     total_bytes = parameter_bytes(model)
     stored = model_scheme(model)  # a quantized checkpoint says its own formats
-    kind = format_label(weight_format) or (stored.name if stored.quantized else args.precision)
+    kind = stored.spec if stored.quantized else args.precision
     print(f"model: {name}, {config.n_layer} layers, dim {config.dim}, {config.num_experts} experts top-"
           f"{config.num_activated_experts}, {kind}; weights {total_bytes / 1e9:.2f} GB, "
           f"{weight_bytes / 1e9:.3g} GB read per decoded token; built/loaded in {building.seconds:.1f} s", flush=True)
@@ -263,10 +264,13 @@ def parse_args(argv=None):
                      help=f"a named shape with random weights: {', '.join([*BENCH_SHAPES, *transformer_configs])}")
     p.add_argument("--n_layer", type=int, default=None, help="build only this many layers (named shapes)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16")
+    p.add_argument("--format", default=None,
+                   help="quantize the weights in memory to this scheme, as quantize.py --format would (int8, "
+                        "int4:g32, int4:g32:attn4, ...); default: as they are")
     quantized = p.add_mutually_exclusive_group()
-    quantized.add_argument("--int8", action="store_true", help="quantize the weights to int8 in place (quantize.py)")
-    quantized.add_argument("--int4", action="store_true", help="quantize the weights to int4 in place (quantize.py)")
-    p.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32, help="int4's group size")
+    quantized.add_argument("--int8", action="store_true", help="as --format int8")
+    quantized.add_argument("--int4", action="store_true", help="as --format int4:g<groupsize>:attn4 (int4 everywhere)")
+    p.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32, help="--int4's group size")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
@@ -304,8 +308,8 @@ def check_args(args):
         folder = Path(args.checkpoint_path).parent
         if not any(folder.glob("model*.safetensors")):
             raise UserError(f"--compare-hf: no model*.safetensors in {folder} for transformers to load")
-        if args.int8 or args.int4:
-            raise UserError("--compare-hf compares full-precision weights; drop --int8 and --int4")
+        if chosen_scheme(args).quantized:
+            raise UserError("--compare-hf compares full-precision weights; drop --format (--int8, --int4)")
     if args.n_layer is not None and args.n_layer < 1:
         raise UserError(f"--n_layer must be at least 1, got {args.n_layer}")
     if args.max_new_tokens < 2:
@@ -323,7 +327,7 @@ def check_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with one_line_errors():
         check_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -335,12 +339,8 @@ def main(argv=None):
             print(f"wrote {path}; benchmark it with --checkpoint_path {path} --compare-hf")
             return
         if args.verify:
-            weight_format = chosen_format(args)
-            verify_decode.check(args.device, weight_format, format_label(weight_format))
+            verify_decode.check(args.device, chosen_scheme(args))
         run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoint import config_from_hub, hub_config, hub_tensor_shapes  # noqa: E402
 from model import ModelArgs  # noqa: E402
-from scripts.convert_hf_checkpoint import hub_tensor_shapes  # noqa: E402
 
 # Mixtral-8x7B-v0.1's own config.json, as published.
 MIXTRAL_CONFIG = {
@@ -82,7 +82,7 @@ def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
     if "rope_parameters" in config:  # transformers 5 spelling: the base lives only there
         cfg.pop("rope_theta")
     generator = torch.Generator().manual_seed(seed)
-    shapes = hub_tensor_shapes(ModelArgs.from_hf_config(cfg))
+    shapes = hub_tensor_shapes(config_from_hub(cfg))
     if tensors is None:
         tensors = {name: random_tensor(name, shape, generator) for name, shape in shapes.items()}
     else:
@@ -125,15 +125,6 @@ def train_demo_tokenizer(out_path: Path, vocab_size: int) -> Path:
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
         out_path.write_bytes((Path(tmp) / "sp.model").read_bytes())
     return out_path
-
-
-def hub_config(c: ModelArgs) -> dict:
-    """The config.json entries that describe c (beside MIXTRAL_CONFIG's): ModelArgs.from_hf_config backwards."""
-    return dict(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
-                num_attention_heads=c.n_head, num_key_value_heads=c.n_local_heads, head_dim=c.head_dim,
-                num_local_experts=c.num_experts, num_experts_per_tok=c.num_activated_experts,
-                vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rope_theta=c.rope_base,
-                rms_norm_eps=c.norm_eps)
 
 
 def write_random_checkpoint(folder: Path, config: ModelArgs, dtype: torch.dtype) -> Path:

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoint import hub_config, to_hub  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from scripts.make_tiny_checkpoint import hub_config, write_hub_checkpoint  # noqa: E402
+from scripts.make_tiny_checkpoint import write_hub_checkpoint  # noqa: E402
 
 SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
 HOLD_OUT = 40  # one file in about 40 is validation
@@ -178,28 +179,6 @@ def validate(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, ro
     return nll / targets.numel(), usage / inputs.size(0)
 
 
-def hub_tensors(model: Transformer, config: ModelArgs) -> dict:
-    """The model's weights under the hub's names (scripts/convert_hf_checkpoint.py backwards): wqkv split
-    into q/k/v (same rotary layout, no permutation), each stacked expert into its own w1/w2/w3."""
-    sd = {name: t.detach() for name, t in model.state_dict().items()}
-    q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"]}
-    for i in range(config.n_layer):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        q, k, v = sd[ours + "attention.wqkv.weight"].split([q_size, kv_size, kv_size])
-        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
-                    hf + "self_attn.v_proj.weight": v, hf + "self_attn.o_proj.weight": sd[ours + "attention.wo.weight"],
-                    hf + "input_layernorm.weight": sd[ours + "attention_norm.weight"],
-                    hf + "post_attention_layernorm.weight": sd[ours + "ffn_norm.weight"],
-                    hf + "block_sparse_moe.gate.weight": sd[ours + "block_sparse_moe.gate.weight"]})
-        for w in ("w1", "w2", "w3"):
-            for e in range(config.num_experts):
-                out[hf + f"block_sparse_moe.experts.{e}.{w}.weight"] = sd[ours + f"block_sparse_moe.{w}"][e]
-    out["model.norm.weight"] = sd["norm.weight"]
-    out["lm_head.weight"] = sd["output.weight"]
-    return out
-
-
 # ----------------------------------------------------------------------------- training
 
 def parse_args(argv=None):
@@ -319,7 +298,7 @@ def main(argv=None):
     tokenizer_path.write_bytes(tokenizer_bytes)
     cfg = {**hub_config(config), "router_aux_loss_coef": args.aux_loss_coef}
     write_hub_checkpoint(args.out_dir, cfg, tokenizer_path, dtype=torch.bfloat16, n_shards=1,
-                         tensors=hub_tensors(model, config))
+                         tensors=to_hub({n: t.detach() for n, t in model.state_dict().items()}, config))
     summary = {"python": sys.version.split()[0], "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
                "train_files": len(train_files), "val_files": len(val_files), "train_tokens": train_tokens.numel(),
                "val_tokens": val_tokens.numel(), "parameters": total, "active_parameters": active,

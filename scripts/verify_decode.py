@@ -9,10 +9,11 @@ import copy
 
 import torch
 
-from formats import FullPrecision, WeightFormat
+from errors import UserError
+from formats import FullPrecision, Scheme
 from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
-from model import Transformer, UserError
+from model import Transformer
 from scripts.bench_common import model_args, random_model
 
 # float32 on both sides: kernels differ in summation order only (TF32 stays off for float32 matmuls);
@@ -27,10 +28,10 @@ def device_twin(model: Transformer, device: str) -> Transformer:
 
 
 @torch.no_grad()
-def verify_decode(device: str, fmt: WeightFormat = FullPrecision(), steps: int = 6, seed: int = 0) -> float:
+def verify_decode(device: str, scheme: Scheme = Scheme.of(FullPrecision()), steps: int = 6, seed: int = 0) -> float:
     """The largest relative error of the compiled step's logits over `steps` decoded positions."""
     config = model_args("tiny")
-    reference = random_model(config, "cpu", torch.float32, fmt, seed=seed)
+    reference = random_model(config, "cpu", torch.float32, scheme, seed=seed)
     model = device_twin(reference, device)
     reference.setup_caches(max_batch_size=1, max_seq_length=64)
     model.setup_caches(max_batch_size=1, max_seq_length=64)
@@ -49,12 +50,12 @@ def verify_decode(device: str, fmt: WeightFormat = FullPrecision(), steps: int =
     return max(errors)
 
 
-def check(device: str, fmt: WeightFormat = FullPrecision(), label: str = ""):
-    """Prints the verdict; raises UserError (the benchmark stops) when the two disagree. label: the
-    format's, as the benchmark's table names it ('' for full precision)."""
-    error = verify_decode(device, fmt)
+def check(device: str, scheme: Scheme = Scheme.of(FullPrecision())):
+    """Prints the verdict; raises UserError (the benchmark stops) when the two disagree."""
+    error = verify_decode(device, scheme)
     verdict = "agree" if error < TOLERANCE else "DISAGREE"
-    print(f"verify: compiled decode on {device} vs eager on cpu (tiny shape, float32{', ' + label if label else ''}): "
+    label = f", {scheme.spec}" if scheme.quantized else ""
+    print(f"verify: compiled decode on {device} vs eager on cpu (tiny shape, float32{label}): "
           f"logits {verdict}, relative error {error:.2e}", flush=True)
     if error >= TOLERANCE:
         raise UserError(f"the compiled decode step on {device} disagrees with the eager model "

@@ -101,8 +101,8 @@ def load_reference(folder: Path):
 
 
 def load_ours(folder: Path, dtype=torch.float32, max_seq_length: int = 256):
-    from generation import load_model
-    model = load_model(folder / "model.pth", "cpu", dtype)
+    from checkpoint import load_model, open_checkpoint
+    model = load_model(open_checkpoint(folder / "model.pth"), "cpu", dtype)
     model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
     return model
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generation import load_model  # noqa: E402
+from checkpoint import load_model, open_checkpoint  # noqa: E402
 
-model = load_model(Path(sys.argv[1]) / "model.pth", "cpu", torch.float32)
+model = load_model(open_checkpoint(Path(sys.argv[1]) / "model.pth"), "cpu", torch.float32)
 model.setup_caches(max_batch_size=1, max_seq_length=16)
 with torch.no_grad():
     model(torch.tensor([[1, 2, 3]]), torch.arange(3))

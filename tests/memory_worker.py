@@ -32,9 +32,9 @@ def anon_kib() -> int:
 
 
 def prefill(checkpoint: str, idx_path: str, logits_path: str):
-    from generation import load_model
+    from checkpoint import load_model, open_checkpoint
     idx = torch.load(idx_path)
-    model = load_model(checkpoint, "cpu", torch.float32)
+    model = load_model(open_checkpoint(checkpoint), "cpu", torch.float32)
     model.setup_caches(1, idx.size(1))
     before = peak_kib()
     with torch.no_grad():

@@ -18,7 +18,7 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def exact(fmt: str, t: dict) -> torch.Tensor:
     """The weights a kernel must multiply, in float64, computed here from the stored tensors t of format fmt
-    ('full precision', 'int8', or 'int4' with any group size): int8 times its row's scale; int4 unpacked,
+    ('full', 'int8', or 'int4' with any group size): int8 times its row's scale; int4 unpacked,
     times the scale of its group."""
     if fmt == "int8":
         return t[""].double() * t["scales"].double()[..., None]

@@ -246,10 +246,11 @@ def test_chat_format_flag_overrides_the_checkpoint(checkpoint, tokenizer, tmp_pa
 def test_int8_linear_of_more_than_8_tokens_compiles_in_one_graph():
     """A decode step of a batch above dispatch.CPU_KERNEL_MAX_TOKENS takes int8's PyTorch path, which asks
     whether half-precision matmuls are slow: a constant at tracing time, not a graph break."""
-    from formats import FORMATS, Linear
+    from formats import parse_format
+    from layers import Linear
     torch.manual_seed(0)
-    layer = Linear(FORMATS["int8"], 32, 16)
-    for key, t in FORMATS["int8"].quantize(torch.randn(16, 32)).items():
+    layer = Linear(parse_format("int8"), 32, 16)
+    for key, t in parse_format("int8").quantize(torch.randn(16, 32)).items():
         setattr(layer, "weight" if not key else key, t)
     x = torch.randn(9, 32)  # [tokens, in]
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))

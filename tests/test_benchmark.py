@@ -49,7 +49,7 @@ def test_cpu_bench_shape_is_the_one_the_targets_are_stated_for():
 def test_n_layer_override_and_unknown_names():
     assert model_args("Mixtral-8x7B-v0.1", 16).n_layer == 16
     assert model_args("cpu-bench").n_layer == BENCH_SHAPES["cpu-bench"]["n_layer"]
-    from model import UserError
+    from errors import UserError
     with pytest.raises(UserError, match="unknown model"):
         model_args("no-such-model")
 
@@ -188,7 +188,7 @@ def test_verify_passes_for_the_compiled_int4_step_and_catches_a_wrong_one(capsys
             "--max_new_tokens", "3", "--prefill_lengths", "--runs", "1", "--probe_mb", "8"]
     benchmark.main(argv)
     out = capsys.readouterr().out
-    assert re.search(r"verify: compiled decode on cpu vs eager on cpu \(tiny shape, float32, int4 \(groups of 32\)\): "
+    assert re.search(r"verify: compiled decode on cpu vs eager on cpu \(tiny shape, float32, int4:g32:attn4\): "
                      r"logits agree, "
                      r"relative error \d\.\d\de-\d\d", out), out
     assert "| this repo (compiled) | decode | 3 + 3 |" not in out  # --verify without --compile: eager rows
@@ -232,7 +232,7 @@ def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys, monkeypatch):
     from kernels import cpu as cpu_kernels
     for isa in cpu_kernels.supported():  # each instruction set this CPU runs
         assert {f"kernels/cpu.cpp {isa}, bf16", f"kernels/cpu.cpp {isa}, int8",
-                f"kernels/cpu.cpp {isa}, int4 (groups of 32)"} <= set(names), names
+                f"kernels/cpu.cpp {isa}, int4:g32"} <= set(names), names
     assert "torch F.linear, bf16" in names
     for r in rows:  # bytes per weight: bf16 2, int8 1, int4 half a byte and a bf16 scale per 32
         per_weight = 2 if "bf16" in r[0] else 0.5 + 2 / 32 if "int4" in r[0] else 1
@@ -243,13 +243,13 @@ def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, caps
     """--write_checkpoint: the hub-layout folder's config.json describes the named shape, and the
     converted model.pth loads (this repo) beside safetensors that transformers loads."""
     from scripts.benchmark import main
-    from model import ModelArgs
+    from checkpoint import read_config
     main(["--write_checkpoint", str(tmp_path), "--model", "tiny", "--precision", "float32"])
     assert f"wrote {tmp_path / 'model.pth'}" in capsys.readouterr().out
-    assert ModelArgs.from_json(tmp_path / "config.json") == model_args("tiny")
+    assert read_config(tmp_path / "config.json") == model_args("tiny")
     from conftest import load_reference
-    from generation import load_model
-    ours, ref = load_model(tmp_path / "model.pth", "cpu", torch.float32), load_reference(tmp_path)
+    from checkpoint import load_model, open_checkpoint
+    ours, ref = load_model(open_checkpoint(tmp_path / "model.pth"), "cpu", torch.float32), load_reference(tmp_path)
     torch.testing.assert_close(ours.output.weight, ref.lm_head.weight)
 
 

@@ -102,7 +102,7 @@ def test_kl_of_int4_matches_float64_figures_from_transformers(folder, text_file,
     """The all-int4 checkpoint against its source: eval.py's KL statistics and top-1 agreement against
     the same figures computed here, in float64, from transformers' model and transformers' model with
     every int4 weight rounded as int4 rounds it (which our prompt path equals to 1e-3 of the logits)."""
-    path = quantize_checkpoint(folder / "model.pth", "int4", 32, int4_attention=True)
+    path = quantize_checkpoint(folder / "model.pth", "int4:g32:attn4")
     result = evaluate(capsys, path, text_file, "--reference_path", folder / "model.pth")
     reference = load_reference(folder)
     full = transformers_log_probs(reference, tokenizer)  # [N, V]
@@ -126,8 +126,8 @@ def test_kl_of_int8_is_below_int4_and_both_above_0(folder, text_file, capsys):
     the float32 source: more rounding, more divergence."""
     kl = {}
     for label, path in (("int8", quantize_checkpoint(folder / "model.pth", "int8")),
-                        ("int4", quantize_checkpoint(folder / "model.pth", "int4", 32)),
-                        ("int4 everywhere", quantize_checkpoint(folder / "model.pth", "int4", 32, int4_attention=True))):
+                        ("int4", quantize_checkpoint(folder / "model.pth", "int4:g32")),
+                        ("int4 everywhere", quantize_checkpoint(folder / "model.pth", "int4:g32:attn4"))):
         kl[label] = evaluate(capsys, path, text_file, "--reference_path", folder / "model.pth")["kl_mean"]
     print(kl)
     assert 0 < kl["int8"] < kl["int4"] < kl["int4 everywhere"]

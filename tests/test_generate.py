@@ -8,6 +8,7 @@ import torch
 
 import generate as generate_script
 from conftest import fails_cleanly, load_ours, load_reference, run_script
+from checkpoint import open_checkpoint
 from generation import generate
 from measuring import active_weight_bytes
 
@@ -72,11 +73,12 @@ def test_instruct_is_told_by_the_chat_template_and_else_by_the_folder_name(check
     there; a checkpoint converted without it keeps the older rule, the hub repo's name."""
     named = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
     shutil.copytree(checkpoint, named)
-    assert generate_script.is_instruct(named / "model.pth") and not generate_script.is_instruct(checkpoint / "model.pth")
+    instruct = lambda folder: generate_script.is_instruct(open_checkpoint(folder / "model.pth"))  # noqa: E731
+    assert instruct(named) and not instruct(checkpoint)
     (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}{{ messages }}"}))
-    assert not generate_script.is_instruct(named / "model.pth")
+    assert not instruct(named)
     (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ m }} [/INST]"}))
-    assert generate_script.is_instruct(named / "model.pth")
+    assert instruct(named)
 
 
 def test_generate_stops_at_eos_unless_told_not_to():

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, load_ours, load_reference, relative_error, run_script
-from formats import FORMATS, Int4, formatted_model
+from errors import UserError
+from formats import FullPrecision, Int4, parse_format
+from layers import EXPERTS_PATHS, LINEAR_PATHS, build_model
 from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
-from model import UserError
 from rounding import HALF_ULP, QUANTIZED_HF, assert_within_rounding, exact
 
 # D, I and the row counts are odd, below and above the kernels' tiles (4 rows, 8 columns, 64 rows a task).
@@ -22,12 +23,12 @@ D, I, E, VOCAB = 37, 77, 4, 131
 # straddle the kernel's 64-value chunks) on widths that are not multiples of those chunks; 64 and 128
 # (the scales of whole chunks) on widths that are not multiples of the kernel's 128-block segments.
 INT4_WIDTHS = {"int4": (96, 160), "int4/96": (96, 288), "int4/64": (192, 320), "int4/128": (384, 4224)}
-FORMAT_NAMES = ["full precision", "int8", "int4", "int4/96", "int4/64", "int4/128"]
+FORMAT_NAMES = ["full", "int8", "int4", "int4/96", "int4/64", "int4/128"]
 
 
 def format_of(name: str):
     """'int4/N': int4 with groups of N; 'int4': groups of 32."""
-    return Int4(int(name.split("/")[1])) if "/" in name else FORMATS[name]
+    return Int4(int(name.split("/")[1])) if "/" in name else parse_format(name)
 
 
 def widths(fmt: str) -> tuple:
@@ -61,7 +62,7 @@ def activations(fmt: str, x: torch.Tensor) -> torch.Tensor:
     description, not from their code), each block scaled by its largest magnitude and rounded to nearest:
     int8 weights, int16 in blocks of 64 values (largest / 32767); int4 weights, int8 in blocks of 32
     (largest / 127). Full precision takes x as it is."""
-    if fmt == "full precision":
+    if fmt == "full":
         return x.double()
     block, top = (64, 32767) if fmt == "int8" else (32, 127)
     K = x.shape[-1]
@@ -97,7 +98,7 @@ def linear_case(fmt: str, dtype, tokens: int) -> tuple:
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_linear_matches_float64(isa, fmt, dtype, tokens):
     x, t, want = linear_case(fmt, dtype, tokens)
-    got = format_of(fmt).cpu_linear(x, t)
+    got = LINEAR_PATHS["cpu kernel"](format_of(fmt), x, t)
     assert got.dtype == dtype and got.shape == (tokens, VOCAB)
     assert_within_rounding(got, want, dtype)
 
@@ -149,9 +150,9 @@ def test_moe_matches_float64(isa, fmt, dtype, experts):
     (float rows take 4 tokens a pass, then the fifth)."""
     inputs, (want, slack, h_in_bf16_slack) = moe_case(fmt, dtype, experts)
     x = inputs[0]
-    got = format_of(fmt).cpu_experts(*inputs)
+    got = EXPERTS_PATHS["cpu kernel"](format_of(fmt), *inputs)
     assert got.dtype == dtype and got.shape == x.shape
-    h_in_bf16 = isa == "avx512" and fmt == "full precision" and dtype == torch.bfloat16  # vdpbf16ps
+    h_in_bf16 = isa == "avx512" and fmt == "full" and dtype == torch.bfloat16  # vdpbf16ps
     assert_within_rounding(got, want, dtype, slack + h_in_bf16_slack if h_in_bf16 else slack)
 
 
@@ -160,19 +161,19 @@ def test_bad_arguments_are_refused_not_misread(isa):
     with pytest.raises(RuntimeError, match="need scales"):
         cpu_kernels.ops().linear(x, torch.zeros(VOCAB, D, dtype=torch.int8), None)
     with pytest.raises(RuntimeError, match="out of range"):
-        t = stored("full precision", torch.randn(E, I, D), torch.float32)
-        t2 = stored("full precision", torch.randn(E, D, I), torch.float32)
-        FORMATS["full precision"].cpu_experts(x, torch.tensor([[0, E]]), torch.ones(1, 2), t, t, t2)
+        t = stored("full", torch.randn(E, I, D), torch.float32)
+        t2 = stored("full", torch.randn(E, D, I), torch.float32)
+        EXPERTS_PATHS["cpu kernel"](FullPrecision(), x, torch.tensor([[0, E]]), torch.ones(1, 2), t, t, t2)
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["full", "int8", "int4"])
 def test_compiled_decode_calls_the_kernels_in_one_graph(checkpoint, fmt):
     """generate.py's compiled decode step: one graph whose code calls the kernels for every linear layer
     and MoE, the eager step's logits, and no recompilation from one position to the next."""
     from torch._inductor.utils import run_and_get_code
-    from formats import quantize_module
+    from layers import quantize_module
     model = load_ours(checkpoint)
-    quantize_module(model, model.config, FORMATS[fmt])
+    quantize_module(model, model.config, parse_format(fmt))
     model.setup_caches(max_batch_size=1, max_seq_length=64)
     idx = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
@@ -190,7 +191,7 @@ def test_compiled_decode_calls_the_kernels_in_one_graph(checkpoint, fmt):
     # int16, 2^-15 of a block's largest value; int4: int8, 1/127 of it), and a value within float32
     # rounding of a tie may round a step the other way: the logits then move by about that step times
     # their norm. A few such values per step are allowed.
-    step = {"full precision": 0.0, "int8": 2.0 ** -15, "int4": 1 / 127}[fmt]
+    step = {"full": 0.0, "int8": 2.0 ** -15, "int4": 1 / 127}[fmt]
     for a, b in zip(compiled, eager):
         if step:
             assert ((a - b).norm() / b.norm()).item() <= 1e-5 + 4 * step
@@ -317,9 +318,9 @@ def test_formatted_model_stores_each_format_in_its_layout():
     config = ModelArgs(n_layer=1, dim=8, n_head=2, n_local_heads=1, head_dim=4, intermediate_size=12,
                        num_experts=2, vocab_size=16, block_size=16)
     with torch.device("meta"):
-        full = formatted_model(config, FORMATS["full precision"], torch.bfloat16).state_dict()
-        int8 = formatted_model(config, FORMATS["int8"], torch.bfloat16).state_dict()
-        int4 = formatted_model(config, Int4(4), torch.bfloat16).state_dict()
+        full = build_model(config, FullPrecision(), torch.bfloat16).state_dict()
+        int8 = build_model(config, parse_format("int8"), torch.bfloat16).state_dict()
+        int4 = build_model(config, Int4(4), torch.bfloat16).state_dict()
     prefix = "layers.0.block_sparse_moe."
     assert full[prefix + "w2"].dtype == torch.bfloat16 and prefix + "w2_scales" not in full
     assert int8[prefix + "w2"].dtype == torch.int8 and int8[prefix + "w2_scales"].shape == (2, 8)
@@ -365,7 +366,7 @@ def test_int8_linear_without_the_kernels_matches_float64(dtype, width):
     g = torch.Generator().manual_seed(width)
     x = torch.randn(2, width, generator=g).to(dtype)
     t = stored("int8", torch.randn(VOCAB, width, generator=g) / width ** 0.5, dtype)
-    got = FORMATS["int8"].linear(x, t)
+    got = parse_format("int8").linear(x, t)
     want = x.double() @ exact("int8", t).T
     assert torch.isfinite(got).all()
     # torch's kernel rounds to dtype along the way: a few units of dtype's rounding, not float32's.
@@ -425,10 +426,10 @@ def test_every_instruction_set_decodes_grid_weights_as_closely_as_the_lowest(gri
     meet int8 activations, whose step is 1/127 of a block's largest value, which outliers make coarse:
     no more than the lowest set's there). In bf16, every set's error is within a tenth of the
     lowest's (AVX2, the kernels before the faster sets) or of bf16's own rounding."""
-    from generation import load_model
+    from checkpoint import load_model, open_checkpoint
     from quantize import quantize_checkpoint
     folder = grid_checkpoints[name]
-    path = folder / "model.pth" if name == "bf16" else quantize_checkpoint(folder / "model.pth", name[:4], 32)
+    path = folder / "model.pth" if name == "bf16" else quantize_checkpoint(folder / "model.pth", name[:4])
     idx = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = load_reference(folder)(idx).logits[:, 8:]
@@ -436,7 +437,7 @@ def test_every_instruction_set_decodes_grid_weights_as_closely_as_the_lowest(gri
     for dtype in (torch.float32, torch.bfloat16):
         for isa in ISAS:
             with cpu_kernels.using(isa), torch.no_grad():
-                ours = load_model(path, "cpu", dtype)
+                ours = load_model(open_checkpoint(path), "cpu", dtype)
                 ours.setup_caches(max_batch_size=1, max_seq_length=64)
                 ours(idx[:, :8], torch.arange(8))  # the prompt, on PyTorch's kernels
                 decoded = torch.cat([ours(idx[:, i:i + 1], torch.tensor([i])) for i in range(8, 24)], dim=1)

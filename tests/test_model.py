@@ -1,8 +1,10 @@
-"""model.py against transformers' MixtralForCausalLM on the same random hub-layout checkpoints."""
+"""model.py against transformers' MixtralForCausalLM on the same random hub-layout checkpoints: as the pure
+reference (no cache, training) and as the model generate.py serves."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_state_dict, open_checkpoint
 from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, run_script
 from model import ModelArgs, Transformer, transformer_configs
 
@@ -47,34 +49,6 @@ def test_half_precisions_run_end_to_end_near_float32(checkpoint, dtype):
     assert relative_error(out, ref) < 5e-2
 
 
-@pytest.mark.parametrize("float32_path", [False, True])
-def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
-    """A prompt's full-precision experts in bf16: the grouped matmul, and (on CPUs whose half-precision
-    matmuls are slow) each expert one by one in float32, against each token's experts computed one by one
-    in float64. Expert 0 and 1 get many tokens (converted), 2 and 3 a few (left in bf16): both branches of
-    the float32 path run."""
-    import dispatch
-    from formats import FullPrecision
-    assert not dispatch.half_matmul_is_slow(torch.float32)  # float32 models are never converted
-    monkeypatch.setattr(dispatch, "half_matmul_is_slow", lambda dtype: float32_path)
-    g = torch.Generator().manual_seed(3)
-    E, I, D, N = 4, 48, 32, 20
-    w1, w3 = (torch.randn(E, I, D, generator=g) / D ** 0.5 for _ in range(2))
-    w2 = torch.randn(E, D, I, generator=g) / I ** 0.5
-    x = torch.randn(N, D, generator=g)
-    experts = torch.stack([torch.zeros(N, dtype=torch.long), torch.tensor([1] * 15 + [2] * 3 + [3] * 2)], dim=1)
-    weights = torch.softmax(torch.randn(N, 2, generator=g), dim=-1)
-    bf16 = [t.to(torch.bfloat16) for t in (x, weights, w1, w3, w2)]
-    fmt, (w1, w3, w2) = FullPrecision(), ({"": w} for w in bf16[2:])
-    assert dispatch.experts_path(fmt, bf16[0], experts, E) == ("one by one" if float32_path else "grouped")
-    out = dispatch.run_experts(fmt, bf16[0], experts, bf16[1], w1, w3, w2)
-    x, weights, w1, w3, w2 = (t.double() for t in bf16)  # the same rounded inputs, exact arithmetic
-    ref = torch.stack([sum(weights[n, k] * w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n]))
-                           for k, e in enumerate(experts[n].tolist())) for n in range(N)])
-    assert out.dtype == torch.bfloat16
-    assert relative_error(out, ref) < 1e-2  # bf16 rounding of the output and of h
-
-
 def test_sliding_window_matches_transformers(tmp_path, tokenizer_path):
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
     from scripts.make_tiny_checkpoint import write_hub_checkpoint
@@ -112,18 +86,6 @@ def test_long_prompt_matches_transformers_with_bounded_memory(tmp_path, tokenize
     assert relative_error(torch.load(tmp_path / "logits.pt"), ref) < TOL
 
 
-def test_config_reads_both_rope_spellings():
-    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=100,
-                max_position_embeddings=64)
-    assert ModelArgs.from_hf_config({**base, "rope_theta": 1e4}).rope_base == 1e4
-    assert ModelArgs.from_hf_config({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_base == 5e5
-    assert ModelArgs.from_hf_config(base).head_dim == 16
-    assert ModelArgs.from_hf_config({**base, "head_dim": 32}).head_dim == 32
-    with pytest.raises(ValueError, match="num_local_experts"):
-        ModelArgs.from_hf_config({k: v for k, v in base.items() if k != "num_local_experts"})
-
-
 def test_known_shapes_match_published_parameter_counts():
     # Mixtral 8x7B has 46.7B parameters and 8x22B 141B (Mistral AI's announcements).
     def n_params(name):
@@ -132,3 +94,34 @@ def test_known_shapes_match_published_parameter_counts():
     assert abs(n_params("Mixtral-8x7B-v0.1") / 46.7e9 - 1) < 0.01
     assert abs(n_params("Mixtral-8x22B-v0.1") / 141e9 - 1) < 0.01
     assert transformer_configs["Mixtral-8x7B-Instruct-v0.1"] == transformer_configs["Mixtral-8x7B-v0.1"]
+
+
+@pytest.fixture(scope="module")
+def reference_pair(checkpoint):
+    loaded = open_checkpoint(checkpoint / "model.pth")
+    ours = Transformer(loaded.config)  # model.py alone: no format, no kernels, no cache
+    ours.load_state_dict(load_state_dict(loaded))
+    return ours, load_reference(checkpoint)
+
+
+def test_the_reference_without_a_cache_matches_transformers(reference_pair):
+    ours, ref = reference_pair
+    idx = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert relative_error(ours(idx), ref(idx).logits) < 1e-5
+
+
+def test_the_reference_trains_with_transformers_gradients(reference_pair):
+    """A training step's gradients, through every layer and the experts' loop, equal transformers'."""
+    ours, ref = reference_pair
+    idx = torch.randint(0, ours.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    for model, logits in ((ours, lambda: ours(idx[:, :-1])), (ref, lambda: ref(idx[:, :-1]).logits)):
+        model.zero_grad()
+        F.cross_entropy(logits().flatten(0, 1), idx[:, 1:].flatten()).backward()
+    pairs = [(ours.tok_embeddings.weight, ref.model.embed_tokens.weight), (ours.output.weight, ref.lm_head.weight),
+             (ours.layers[0].block_sparse_moe.gate.weight, ref.model.layers[0].mlp.gate.weight)]
+    for mine, theirs in pairs:
+        assert theirs.grad is not None and theirs.grad.norm() > 0
+        assert relative_error(mine.grad, theirs.grad) < 1e-4
+    expert_grads = [p.grad for p in ours.layers[0].block_sparse_moe.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in expert_grads)

@@ -8,10 +8,11 @@ import torch
 
 from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, run_script
 
-import formats
+import layers
 import quantize
-from formats import FORMATS, Int8, dequantized_experts
-from generation import load_model
+from checkpoint import load_model, open_checkpoint
+from formats import Int8, parse_format
+from layers import dequantized_experts
 from quantize import quantize_checkpoint
 
 # Which tensors must be int8, written out here rather than taken from quantize.py.
@@ -88,20 +89,20 @@ def test_every_linear_and_expert_is_int8_with_per_row_scales(make_checkpoint, tm
 
 
 def test_router_gate_is_untouched_in_the_int8_model(checkpoint, int8_path):
-    ours, ours_int8 = load_ours(checkpoint), load_model(int8_path, "cpu", torch.float32)
+    ours, ours_int8 = load_ours(checkpoint), load_model(open_checkpoint(int8_path), "cpu", torch.float32)
     for layer, layer8 in zip(ours.layers, ours_int8.layers):
-        assert isinstance(layer8.block_sparse_moe, formats.MOEFeedForward)
-        assert layer8.block_sparse_moe.format == FORMATS["int8"] and layer8.block_sparse_moe.w1.dtype == torch.int8
-        assert isinstance(layer8.attention.wqkv, formats.Linear) and layer8.attention.wqkv.weight.dtype == torch.int8
+        assert isinstance(layer8.block_sparse_moe, layers.MOEFeedForward)
+        assert layer8.block_sparse_moe.format == parse_format("int8") and layer8.block_sparse_moe.w1.dtype == torch.int8
+        assert isinstance(layer8.attention.wqkv, layers.Linear) and layer8.attention.wqkv.weight.dtype == torch.int8
         assert torch.equal(layer8.block_sparse_moe.gate.weight, layer.block_sparse_moe.gate.weight)
-    assert isinstance(ours_int8.output, formats.Linear) and ours_int8.output.weight.dtype == torch.int8
+    assert isinstance(ours_int8.output, layers.Linear) and ours_int8.output.weight.dtype == torch.int8
 
 
 def test_int8_is_recognised_by_content_not_name(int8_path, tmp_path):
     for f in ("config.json", "tokenizer.model"):
         shutil.copy(int8_path.parent / f, tmp_path / f)
     shutil.copy(int8_path, tmp_path / "model.pth")
-    model = load_model(tmp_path / "model.pth", "cpu", torch.bfloat16)
+    model = load_model(open_checkpoint(tmp_path / "model.pth"), "cpu", torch.bfloat16)
     assert model.output.weight.dtype == torch.int8 and model.output.scales.dtype == torch.bfloat16
     assert model.layers[0].block_sparse_moe.w2.dtype == torch.int8
 
@@ -139,7 +140,7 @@ def test_int8_logits_within_3_percent_of_unquantized(make_checkpoint, name):
     folder = make_checkpoint(name)
     quantize_checkpoint(folder / "model.pth")
     ours = load_ours(folder)
-    ours_int8 = load_model(folder / "model_int8.pth", "cpu", torch.float32)
+    ours_int8 = load_model(open_checkpoint(folder / "model_int8.pth"), "cpu", torch.float32)
     ours_int8.setup_caches(max_batch_size=1, max_seq_length=256)
     compared = 0
     for seed in range(4):
@@ -156,7 +157,7 @@ def test_int8_logits_within_3_percent_of_unquantized(make_checkpoint, name):
 
 def test_gpu_decoding_path_matches_grouped_experts(int8_path):
     """Int8.decode_experts (the decoding path off CPU, no host sync) agrees with the grouped path."""
-    moe = load_model(int8_path, "cpu", torch.float32).layers[0].block_sparse_moe
+    moe = load_model(open_checkpoint(int8_path), "cpu", torch.float32).layers[0].block_sparse_moe
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, moe.w1.shape[-1], generator=g)
     experts = torch.stack([torch.randperm(moe.w1.shape[0], generator=g)[:2] for _ in range(3)])
@@ -164,7 +165,7 @@ def test_gpu_decoding_path_matches_grouped_experts(int8_path):
     w1, w3, w2 = (moe.weight_tensors(name) for name in ("w1", "w3", "w2"))
     grouped = dequantized_experts(x, experts, weights, "int8", [moe.w1, moe.w1_scales], [moe.w3, moe.w3_scales],
                                   [moe.w2, moe.w2_scales])
-    assert relative_error(FORMATS["int8"].decode_experts(x, experts, weights, w1, w3, w2), grouped) < 1e-5
+    assert relative_error(parse_format("int8").decode_experts(x, experts, weights, w1, w3, w2), grouped) < 1e-5
 
 
 # ----------------------------------------------------------------------------- generate.py CLI
@@ -261,26 +262,26 @@ def test_file_size_and_bounded_memory(big_bf16, quantizing_growth, mode, written
 
 # ----------------------------------------------------------------------------- bad input
 
-def cli_error(argv) -> str:
-    """quantize.py's main in this process: the message it exits with (sys.exit prints it to stderr, and
-    the process's exit status is 1)."""
+def cli_error(argv, capsys) -> str:
+    """quantize.py's main in this process: the one line it exits with, status 1, and nothing else on stderr
+    but its progress bar."""
     with pytest.raises(SystemExit) as exit_:
         quantize.main([str(a) for a in argv])
-    assert isinstance(exit_.value.code, str), exit_.value.code
-    return exit_.value.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "quantizing:" not in line]
+    assert exit_.value.code == 1 and len(lines) == 1, (exit_.value.code, lines)
+    return lines[0]
 
 
 def test_missing_checkpoint_is_one_line_error_and_no_file(tmp_path, capsys):
-    message = cli_error(["--checkpoint_path", tmp_path / "model.pth"])
+    message = cli_error(["--checkpoint_path", tmp_path / "model.pth"], capsys)
     assert message.startswith("error: checkpoint") and "\n" not in message, message
-    assert capsys.readouterr().err == ""  # nothing besides that line
     assert list(tmp_path.iterdir()) == []
 
 
-def test_already_quantized_is_a_clear_error(int8_path):
+def test_already_quantized_is_a_clear_error(int8_path, capsys):
     digest = sha256(int8_path)
     files = sorted(int8_path.parent.iterdir())
-    message = cli_error(["--checkpoint_path", int8_path])
+    message = cli_error(["--checkpoint_path", int8_path], capsys)
     assert message.startswith("error: ") and "already quantized" in message and "\n" not in message
     assert sha256(int8_path) == digest and sorted(int8_path.parent.iterdir()) == files
 
@@ -293,7 +294,7 @@ def test_unknown_mode_is_an_argparse_error(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "ckpt" / "model_int8.pth").exists()
 
 
-def test_failure_while_writing_leaves_no_file(checkpoint, tmp_path, monkeypatch):
+def test_failure_while_writing_leaves_no_file(checkpoint, tmp_path, monkeypatch, capsys):
     copy_checkpoint(checkpoint, tmp_path / "ckpt")
     calls = []
 
@@ -305,7 +306,7 @@ def test_failure_while_writing_leaves_no_file(checkpoint, tmp_path, monkeypatch)
 
     original = Int8.quantize  # formats are frozen values: the class's method, for every Int8
     monkeypatch.setattr(Int8, "quantize", disk_full_at_fifth_chunk)
-    message = cli_error(["--checkpoint_path", tmp_path / "ckpt" / "model.pth"])
+    message = cli_error(["--checkpoint_path", tmp_path / "ckpt" / "model.pth"], capsys)
     assert message.startswith("error: could not write") and "No space left on device" in message
     assert len(calls) == 5  # it failed part-way through
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.pth", "tokenizer.model"]

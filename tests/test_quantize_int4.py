@@ -11,9 +11,9 @@ from conftest import CONFIGS, REPO, fails_cleanly, load_reference, relative_erro
 import quantize
 import tp
 from formats import Int4
-from generation import load_model
+from checkpoint import load_model, open_checkpoint
 from kernels import cpu as cpu_kernels
-from model import UserError
+from errors import UserError
 from quantize import quantize_checkpoint
 from rounding import QUANTIZED_HF, reference_with_int4_weights, round_to_nearest, unpack
 
@@ -119,7 +119,7 @@ def test_pytorch_paths_multiply_the_dequantized_weights():
     """The paths of GPUs and of CPUs without the kernels (Int4.linear, Int4.decode_experts without a host
     sync, the grouped experts of prompts) against float64 products with the unpacked weights."""
     import torch.nn.functional as F
-    from formats import dequantized_experts
+    from layers import dequantized_experts
     g = torch.Generator().manual_seed(3)
     fmt, E, D, I = Int4(32), 4, 64, 96
     w1, w3 = (fmt.quantize(torch.randn(E, I, D, generator=g) / D ** 0.5) for _ in range(2))
@@ -166,7 +166,7 @@ def test_cli_writes_packed_weights_and_group_scales(near_grid, int4_path):
         assert torch.equal(unpack(packed), q) and torch.equal(scales.double(), scale), name
     # And generate.py knows it by its content, group size included, whatever the file is called.
     shutil.copy(int4_path, near_grid / "renamed.pth")
-    model = load_model(near_grid / "renamed.pth", "cpu", torch.float32)
+    model = load_model(open_checkpoint(near_grid / "renamed.pth"), "cpu", torch.float32)
     assert all(isinstance(model.layers[0].attention.wqkv.format, Int4) and fmt.groupsize == 32
                for fmt in (model.output.format, model.layers[0].attention.wo.format, model.layers[1].block_sparse_moe.format))
     assert model.layers[0].block_sparse_moe.gate.weight.dtype == torch.float32  # the router stays
@@ -182,8 +182,8 @@ def test_int4_logits_err_as_rounding_the_weights_does(wide, groupsize, tmp_path)
     1/16 of a group's largest): bounded by a tenth of the int4 error itself."""
     reference = load_reference(wide)
     rounded = reference_with_int4_weights(reference, groupsize)
-    path = quantize_checkpoint(wide / "model.pth", "int4", groupsize, int4_attention=True)
-    ours = load_model(path, "cpu", torch.float32)
+    path = quantize_checkpoint(wide / "model.pth", f"int4:g{groupsize}:attn4")
+    ours = load_model(open_checkpoint(path), "cpu", torch.float32)
     ours.setup_caches(max_batch_size=1, max_seq_length=64)
     idx = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_int4_cli_greedy_agrees_with_transformers(near_grid, int4_path, tokenize
     ids = [tokenizer.bos_id()] + tokenizer.encode(PROMPT)
     n = 16
     reference = load_reference(near_grid)
-    ours = load_model(int4_path, "cpu", torch.float32)
+    ours = load_model(open_checkpoint(int4_path), "cpu", torch.float32)
     ours.setup_caches(max_batch_size=1, max_seq_length=64)
     with torch.no_grad():
         out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, pad_token_id=2)[0]
@@ -250,8 +250,8 @@ def test_tensor_parallel_refuses_slices_that_cut_groups(make_checkpoint, tmp_pat
     not whole groups of 32. Refused before any slicing, naming the dimension and the group size."""
     folder = make_checkpoint("mha_top1")
     assert CONFIGS["mha_top1"]["intermediate_size"] == 96
-    path = quantize_checkpoint(folder / "model.pth", "int4", 32)
-    model = load_model(path, "cpu", torch.float32)
+    path = quantize_checkpoint(folder / "model.pth", "int4:g32")
+    model = load_model(open_checkpoint(path), "cpu", torch.float32)
     with pytest.raises(UserError, match=r"each rank 48 of w2's inputs \(intermediate_size\), 96, which is not a "
                                         r"whole number of int4 groups of 32"):
         tp.apply_tp(model, 0, 2)
@@ -264,7 +264,7 @@ def test_group_size_that_does_not_divide_is_one_line_and_no_file(make_checkpoint
     shutil.copytree(make_checkpoint("mha_top1"), folder)  # intermediate_size 96: not a multiple of 64
     before = sorted(folder.iterdir())
     fails_cleanly(quantize.main, ["--checkpoint_path", folder / "model.pth", "--mode", "int4", "--groupsize", "64"],
-                  capsys, "--groupsize 64", "96", "intermediate_size")
+                  capsys, "int4:g64", "96", "intermediate_size")
     assert sorted(folder.iterdir()) == before
 
 

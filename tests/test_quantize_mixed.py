@@ -11,9 +11,11 @@ from conftest import load_reference, relative_error
 from rounding import QUANTIZED_HF, round_to_nearest, unpack
 
 import tp
-from formats import FORMATS, Int4, Int8, Scheme, quantize_module
-from generation import load_model
-from model import ModelArgs, Transformer, UserError
+from checkpoint import load_model, open_checkpoint
+from errors import UserError
+from formats import Int4, Int8, Scheme
+from layers import quantize_module
+from model import ModelArgs, Transformer
 from quantize import quantize_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
@@ -26,7 +28,7 @@ INT8_SUFFIXES = (".attention.wqkv.weight", ".attention.wo.weight")
 @pytest.fixture(scope="module")
 def mixed(make_checkpoint):
     """The wide-enough default test checkpoint (dim 64, expert width 128) in quantize.py's int4."""
-    return quantize_checkpoint(make_checkpoint("gqa_top2") / "model.pth", "int4", 32)
+    return quantize_checkpoint(make_checkpoint("gqa_top2") / "model.pth", "int4:g32")
 
 
 def round_int8(w: torch.Tensor) -> tuple:
@@ -62,7 +64,7 @@ def test_loads_each_part_in_its_format_and_errs_as_the_roundings_do(make_checkpo
     """Our logits on a prompt against transformers' with the experts int4-rounded and attention and the
     head int8-rounded here (equal but for float32 rounding and weights at a rounding tie), and the int4
     error itself, against unrounded transformers, far larger."""
-    model = load_model(mixed, "cpu", torch.float32)
+    model = load_model(open_checkpoint(mixed), "cpu", torch.float32)
     model.setup_caches(max_batch_size=1, max_seq_length=64)
     layer = model.layers[1]
     assert isinstance(layer.block_sparse_moe.format, Int4) and layer.block_sparse_moe.format.groupsize == 32
@@ -99,7 +101,7 @@ def test_tensor_parallel_checks_each_sliced_weight_against_its_own_format():
                        num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
     with pytest.raises(UserError, match=r"each rank 64 of wo's inputs"):
         tp.apply_tp(random_model(config, Int4(128)), 0, 2)
-    model = random_model(config, Scheme(attention=FORMATS["int8"], experts=Int4(128), output=FORMATS["int8"]))
+    model = random_model(config, Scheme(attention=Int8(), experts=Int4(128), output=Int8()))
     w2_scales = model.layers[0].block_sparse_moe.w2_scales
     tp.apply_tp(model, 1, 2)
     moe, wo = model.layers[0].block_sparse_moe, model.layers[0].attention.wo

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import load_reference, relative_error, run_script
-from generation import decode_compile_options, decode_one_token, generate, generate_batch, load_model, load_tokenizer
+from checkpoint import load_model, load_tokenizer, open_checkpoint
+from generation import decode_compile_options, decode_one_token, generate, generate_batch
 from quantize import quantize_checkpoint
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass ", "    for i in range(len(",
@@ -48,7 +49,7 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 def load(path):
-    model = load_model(path, "cpu", torch.float32)
+    model = load_model(open_checkpoint(path), "cpu", torch.float32)
     model.setup_caches(max_batch_size=len(PROMPTS), max_seq_length=model.config.block_size)
     return model
 
@@ -92,7 +93,7 @@ def near_ties(reference_logits: torch.Tensor, prompt_len: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_stdlib):
-    return load_tokenizer(tiny_stdlib / "model.pth")
+    return load_tokenizer(open_checkpoint(tiny_stdlib / "model.pth"))
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_train_tiny_writes_a_checkpoint_the_converter_and_transformers_read(tmp_
     # The converter reads the hub layout, and our model and transformers' agree on it.
     convert_hf_checkpoint(out)
     ids = torch.randint(3, 800, (1, 16), generator=torch.Generator().manual_seed(0))
-    model = load_model(out / "model.pth", "cpu", torch.float32)
+    model = load_model(open_checkpoint(out / "model.pth"), "cpu", torch.float32)
     with torch.no_grad():
         ours, theirs = model(ids), load_reference(out)(ids).logits
     assert relative_error(ours, theirs) < 1e-4

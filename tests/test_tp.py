@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, load_ours, load_reference, run_script
-from formats import FORMATS, quantize_module
+from formats import parse_format
+from layers import quantize_module
 from kernels import cpu as cpu_kernels
 from generation import generate, generate_batch
 from model import ModelArgs, Transformer
@@ -173,7 +174,7 @@ def test_check_divisible_names_the_dimension(dim, n_head, n_local_heads, interme
         check_divisible(config, 2)
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["full", "int8", "int4"])
 def test_rank_shards_sum_to_the_whole_layer_and_carry_their_scales(fmt):
     """Without any process group: each rank's attention and MoE output, summed over ranks, is the
     unsharded output (what the all-reduce computes); int8 scales (one per output row) are sliced with
@@ -186,7 +187,7 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_scales(fmt):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    quantize_module(model, config, FORMATS[fmt])  # the modules generate.py loads (int4: groups of 32)
+    quantize_module(model, config, parse_format(fmt))  # the modules generate.py loads (int4: groups of 32)
     attn, moe = model.layers[0].attention, model.layers[0].block_sparse_moe
     q, kv, I = 4 * 16, 2 * 16, 128
     int8, int4 = fmt == "int8", fmt == "int4"

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import dispatch
-import formats
+import layers
 from conftest import REPO
-from formats import FORMATS
+from formats import parse_format
+from layers import EXPERTS_PATHS, LINEAR_PATHS
 # The same bound as the CPU kernels': half a unit of the output dtype, plus float32 sums (interpreted,
 # the kernels compute in float32 throughout, over at most a few hundred terms).
 from rounding import assert_within_rounding, exact
@@ -34,7 +35,7 @@ def triton_moe():
     is imported (the file reads it too, for its launch settings), here; those of triton's own library
     that the kernels call, when triton was first imported (conftest.py sees to it); and as the
     interpreter runs a kernel (modules it imports then, such as triton's gluon, read it). The kernels
-    stay the interpreter's for the rest of the process: no other test imports the file (formats.py
+    stay the interpreter's for the rest of the process: no other test imports the file (layers.py
     imports it only for CUDA tensors, when MIXTRAL_TRITON asks)."""
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
@@ -48,7 +49,7 @@ def triton_moe():
 
 def stored(fmt: str, w: torch.Tensor, dtype) -> dict:
     """w [..., out, in] in format fmt (int4: groups of 32), in dtype."""
-    return FORMATS[fmt].quantize(w.to(dtype))
+    return parse_format(fmt).quantize(w.to(dtype))
 
 
 def experts_float64(x, experts, weights, w1, w3, w2):
@@ -61,7 +62,7 @@ def experts_float64(x, experts, weights, w1, w3, w2):
     return y
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["full", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("experts", [[[2, 0]], [[0, 2], [2, 1], [3, 2]], [[3], [1]]])
 def test_experts_match_float64(fmt, dtype, experts):
@@ -74,7 +75,7 @@ def test_experts_match_float64(fmt, dtype, experts):
     weights = torch.rand(experts.shape, generator=g).to(dtype)  # any weights: the kernels only multiply by them
     w1, w3 = (stored(fmt, torch.randn(E, i, d, generator=g) / d ** 0.5, dtype) for _ in range(2))
     w2 = stored(fmt, torch.randn(E, d, i, generator=g) / i ** 0.5, dtype)
-    got = FORMATS[fmt].cuda_experts(x, experts, weights, w1, w3, w2)
+    got = EXPERTS_PATHS["triton"](parse_format(fmt), x, experts, weights, w1, w3, w2)
     assert got.dtype == dtype and got.shape == x.shape
     assert_within_rounding(got, experts_float64(x, experts, weights, exact(fmt, w1), exact(fmt, w3), exact(fmt, w2)),
                            dtype)
@@ -91,7 +92,7 @@ def test_the_split_reduction_is_taken_where_the_grid_is_small(triton_moe):
     assert triton_moe.parts(2, 4096, 16, 14336, 128, 132) == 1
 
 
-@pytest.mark.parametrize("fmt", ["full precision", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["full", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_linear_matches_float64(fmt, dtype, tokens):
@@ -99,7 +100,7 @@ def test_linear_matches_float64(fmt, dtype, tokens):
     width = INT4_D if fmt == "int4" else D
     x = torch.randn(tokens, width, generator=g).to(dtype)
     t = stored(fmt, torch.randn(INT4_ROWS, width, generator=g) / width ** 0.5, dtype)
-    got = FORMATS[fmt].cuda_linear(x, t)
+    got = LINEAR_PATHS["triton"](parse_format(fmt), x, t)
     assert got.dtype == dtype and got.shape == (tokens, INT4_ROWS)
     assert_within_rounding(got, x.double() @ exact(fmt, t).T, dtype)
 
@@ -109,14 +110,14 @@ def test_compiled_graph_keeps_the_kernels_as_one_graph():
     (aot_eager: inductor's own code generation is not what is checked here.)"""
     from torch._dynamo.testing import CompileCounterWithBackend
     g = torch.Generator().manual_seed(0)
-    fmt = FORMATS["int8"]
+    fmt = parse_format("int8")
     x = torch.randn(2, D, generator=g)
     experts, weights = torch.tensor([[1, 3], [3, 0]]), torch.tensor([[0.75, 0.25], [0.5, 0.5]])
     w1, w3 = (fmt.quantize(torch.randn(E, I, D, generator=g)) for _ in range(2))
     w2, head = fmt.quantize(torch.randn(E, D, I, generator=g)), fmt.quantize(torch.randn(INT4_ROWS, D, generator=g))
 
     def step(x, experts, weights):
-        return fmt.cuda_linear(x + fmt.cuda_experts(x, experts, weights, w1, w3, w2), head)
+        return LINEAR_PATHS["triton"](fmt, x + EXPERTS_PATHS["triton"](fmt, x, experts, weights, w1, w3, w2), head)
 
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
@@ -145,14 +146,14 @@ def test_mixtral_triton_chooses_the_kernels_on_cuda(monkeypatch, variable):
         monkeypatch.delenv(dispatch.TRITON_VARIABLE, raising=False)
     else:
         monkeypatch.setenv(dispatch.TRITON_VARIABLE, variable)
-    fmt, bf16 = FORMATS["int8"], torch.bfloat16
+    fmt, bf16 = parse_format("int8"), torch.bfloat16
     weight = {"": ((D, D), torch.int8), "scales": ((D,), bf16)}
 
     def linear(x, q, scales):
-        return dispatch.linear(fmt, x, {"": q, "scales": scales})
+        return layers.linear(fmt, x, {"": q, "scales": scales})
 
     def experts(x, ids, weights, w1, s1, w3, s3, w2, s2):
-        return dispatch.run_experts(fmt, x, ids, weights, {"": w1, "scales": s1}, {"": w3, "scales": s3},
+        return layers.run_experts(fmt, x, ids, weights, {"": w1, "scales": s1}, {"": w3, "scales": s3},
                                    {"": w2, "scales": s2})
 
     linear_ops = traced_ops(linear, ((1, 1, D), bf16), *weight.values())
@@ -186,7 +187,7 @@ def test_a_cpu_user_never_imports_triton(tmp_path, checkpoint):
     torch's own probes for triton take its absence in their stride)."""
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('no triton on this machine')\n")
-    # Without the CPU kernels: PyTorch's CPU path, which passes every check of formats.run_experts.
+    # Without the CPU kernels: PyTorch's CPU path, which passes every check of layers.run_experts.
     env = {**os.environ, "MIXTRAL_TRITON": "1", "MIXTRAL_NO_CPU_KERNELS": "1", "PYTHONPATH": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, REPO / "tests" / "cpu_without_triton.py", checkpoint], env=env,

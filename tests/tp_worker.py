@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generation import load_model  # noqa: E402
+from checkpoint import load_model, open_checkpoint  # noqa: E402
 from tp import maybe_init_dist  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -19,7 +19,7 @@ args = parser.parse_args()
 
 rank = maybe_init_dist("cpu")
 assert rank is not None, "run me under torchrun with at least 2 processes"
-model = load_model(args.checkpoint_path, "cpu", torch.float32, rank, dist.get_world_size())
+model = load_model(open_checkpoint(args.checkpoint_path), "cpu", torch.float32, rank, dist.get_world_size())
 
 # The storage's size, not the tensor's: a slice that kept the whole checkpoint tensor alive counts in full.
 held = {name: {"shape": list(t.shape), "storage_bytes": t.untyped_storage().nbytes()}

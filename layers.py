@@ -1,0 +1,333 @@
+# The served model: model.py's Transformer with its linear layers and experts stored in weight formats
+# (formats.py), and each heavy operation run by the code dispatch.py names for the step:
+#   Linear.forward            a linear layer's weight times x     LINEAR_PATHS[dispatch.linear_path()]
+#   MOEFeedForward.forward    each token's K experts, weighted     EXPERTS_PATHS[dispatch.experts_path()]
+#   Attention.attend          attention over the KV cache          ATTENTION_PATHS[dispatch.attention_path()]
+# The code a path names is a format's own PyTorch expression, a hand-written kernel (kernels/cpu.cpp,
+# kernels/triton_moe.py), or one of the PyTorch paths below that serve every format. Routing
+# (model.route), attention's structure and the residual stream are model.py's, for every format.
+#
+# Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import dispatch
+import model as reference
+from errors import UserError
+from formats import FullPrecision, Scheme, WeightFormat, chosen_experts, parse_format, stored_name
+from kernels import cpu as cpu_kernels
+from model import ModelArgs, Transformer
+
+
+# ----------------------------------------------------------------------------- modules
+
+class FormattedWeights(nn.Module):
+    """A module whose weights are stored in a format: each weight's tensors are buffers named by
+    stored_name (buffers, not parameters: int8 cannot require grad, and nothing trains here)."""
+
+    def add_weight(self, name: str, fmt: WeightFormat, shape: tuple, dtype: torch.dtype):
+        self.format = fmt
+        layout = fmt.layout(shape, dtype)
+        self.keys = tuple(layout)
+        self.weight_names = getattr(self, "weight_names", ()) + (name,)
+        for key, (shape_, dtype_) in layout.items():
+            self.register_buffer(stored_name(name, key), torch.empty(shape_, dtype=dtype_))
+
+    def weight_tensors(self, name: str) -> dict:
+        return {key: getattr(self, stored_name(name, key)) for key in self.keys}
+
+
+class Linear(FormattedWeights):
+    """nn.Linear without bias, its weight [out, in] stored in a format."""
+
+    def __init__(self, fmt: WeightFormat, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.add_weight("weight", fmt, (out_features, in_features), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(self.format, x, self.weight_tensors("weight"))
+
+
+class MOEFeedForward(FormattedWeights):
+    """model.MOEFeedForward's routing (model.route) over experts stored in a format; the router stays in
+    full precision in every format: its few weights decide which experts run."""
+
+    def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        E, I, D = config.num_experts, config.intermediate_size, config.dim
+        self.gate = Linear(FullPrecision(), D, E, dtype)
+        for name, shape in (("w1", (E, I, D)), ("w3", (E, I, D)), ("w2", (E, D, I))):
+            self.add_weight(name, fmt, shape, dtype)
+        self.num_activated_experts = config.num_activated_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        x = x.reshape(-1, D)  # [N, D], N = B * T
+        weights, experts = reference.route(self.gate, x, self.num_activated_experts)  # [N, K] each
+        w1, w3, w2 = (self.weight_tensors(name) for name in ("w1", "w3", "w2"))
+        return run_experts(self.format, x, experts, weights, w1, w3, w2).view(B, T, D)
+
+
+class Attention(reference.Attention):
+    """model.Attention with wqkv and wo stored in a format, attending on dispatch.py's path."""
+
+    def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32):
+        super().__init__(config, make_linear=lambda inputs, outputs: Linear(fmt, inputs, outputs, dtype))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return ATTENTION_PATHS[dispatch.attention_path(q)](q, k, v, mask)
+
+
+def build_model(config: ModelArgs, fmt, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer with its linear layers and experts in `fmt`, a format or a Scheme (a format per part).
+    Tensors are made on the current default device: inside `with torch.device("meta")` they cost nothing
+    until loaded with load_state_dict(assign=True)."""
+    scheme = Scheme.of(fmt)
+    model = Transformer(config)
+    for layer in model.layers:
+        layer.attention = Attention(scheme.attention, config, dtype)
+        layer.block_sparse_moe = MOEFeedForward(scheme.experts, config, dtype)
+    model.output = Linear(scheme.output, config.dim, config.vocab_size, dtype)
+    return model
+
+
+def model_scheme(model: Transformer) -> Scheme:
+    """The formats a built model holds its parts in (its first layer's, as every layer's)."""
+    layer = model.layers[0]
+    return Scheme(layer.attention.wqkv.format, layer.block_sparse_moe.format, model.output.format)
+
+
+def stored_weights(config: ModelArgs, fmt) -> dict:
+    """Each weight that `fmt` (a format or a Scheme) quantizes: its full-precision checkpoint name ->
+    (its format, {key: name of the tensor that stores that part}), e.g.
+    'output.weight' -> (Int8, {'': 'output.weight', 'scales': 'output.scales'})."""
+    with torch.device("meta"):
+        model = build_model(config, fmt)
+    modules = [(prefix, module) for prefix, module in model.named_modules()
+               if isinstance(module, FormattedWeights) and module.format.quantized]
+    return {f"{prefix}.{weight}": (module.format, {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys})
+            for prefix, module in modules for weight in module.weight_names}
+
+
+@torch.no_grad()
+def quantize_module(module: nn.Module, config: ModelArgs, fmt) -> nn.Module:
+    """What quantize.py does to a checkpoint, done to a model in memory (scripts/benchmark.py): the
+    TransformerBlock or whole Transformer `module`, in full precision (model.py's own modules or
+    FullPrecision ones), gets its linear layers and experts stored in `fmt` (a format or a Scheme), in place."""
+    scheme = Scheme.of(fmt)
+
+    def converted(old: nn.Module, names: tuple, new: FormattedWeights, fmt: WeightFormat) -> FormattedWeights:
+        stored = getattr(old, "format", FullPrecision())
+        if stored.quantized:  # its tensors are codes, not weights: quantizing them again would be nonsense
+            raise UserError(f"the model is already quantized ({stored.spec}); quantize a full-precision "
+                            f"checkpoint (model.pth) instead")
+        for name in names:
+            w = getattr(old, name).detach()
+            for key, t in fmt.quantize(w).items():
+                setattr(new, stored_name(name, key), t)
+        return new
+
+    def linear_in(old, fmt):
+        if isinstance(old, Linear) and old.format == fmt:
+            return old
+        with torch.device("meta"):
+            new = Linear(fmt, old.in_features, old.out_features, old.weight.dtype)
+        return converted(old, ("weight",), new, fmt)
+
+    def experts_in(old, fmt):
+        if isinstance(old, MOEFeedForward) and old.format == fmt:
+            return old
+        with torch.device("meta"):
+            new = MOEFeedForward(fmt, config, old.w1.dtype)
+        new.gate = linear_in(old.gate, FullPrecision())
+        return converted(old, ("w1", "w3", "w2"), new, fmt)
+
+    def attention_in(old, fmt):
+        new = old
+        if not isinstance(old, Attention):  # model.Attention: layers.Attention attends on dispatch's path
+            with torch.device("meta"):
+                new = Attention(fmt, config)
+            new.kv_cache = old.kv_cache  # the one attribute that is state, not config
+        new.wqkv, new.wo = linear_in(old.wqkv, fmt), linear_in(old.wo, fmt)
+        return new
+
+    blocks = list(module.layers) if isinstance(module, Transformer) else [module]
+    for block in blocks:
+        block.attention = attention_in(block.attention, scheme.attention)
+        block.block_sparse_moe = experts_in(block.block_sparse_moe, scheme.experts)
+    if isinstance(module, Transformer):
+        module.output = linear_in(module.output, scheme.output)
+    return module
+
+
+# ----------------------------------------------------------------------------- linear layers
+
+def linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
+    """x [..., in] times the weight stored in t (fmt's tensors): [..., out]."""
+    return LINEAR_PATHS[dispatch.linear_path(fmt, x)](fmt, x, t)
+
+
+def cpu_kernel_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
+    y = cpu_kernels.ops().linear(x.reshape(-1, x.shape[-1]), t[""], t.get("scales"))
+    return y.view(*x.shape[:-1], -1)
+
+
+def triton_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
+    from kernels import triton_moe  # noqa: F401  registers torch.ops.mixtral_triton (CUDA users only import triton)
+    y = torch.ops.mixtral_triton.linear(x.reshape(-1, x.shape[-1]), t[""], t.get("scales"))
+    return y.view(*x.shape[:-1], -1)
+
+
+def dequantized(fmt: WeightFormat, t: dict, dtype: torch.dtype) -> Tensor:
+    """The weight fmt stores in t, in full precision: through the CPU kernels' one pass where
+    dispatch.dequantize_path says so, else the format's own PyTorch expression."""
+    if dispatch.dequantize_path(fmt, t[""], dtype) == "cpu kernel":
+        return getattr(cpu_kernels.ops(), f"dequantize_{fmt.name}")(t[""], t["scales"], dtype)
+    return fmt.dequantize(t, dtype)
+
+
+def prompt_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
+    """Many tokens on a CPU, compute-bound: full-precision weights as they are, quantized ones as a
+    full-precision copy in the matmul dtype."""
+    if not fmt.quantized:
+        return F.linear(x, t[""])
+    dtype = dispatch.matmul_dtype(x)
+    return F.linear(x.to(dtype), dequantized(fmt, t, dtype)).to(x.dtype)
+
+
+LINEAR_PATHS = {
+    "cpu kernel": cpu_kernel_linear,
+    "triton": triton_linear,
+    "decode": lambda fmt, x, t: fmt.decode_linear(x, t),
+    "prompt": prompt_linear,
+    "device": lambda fmt, x, t: fmt.linear(x, t),
+}
+
+
+# ----------------------------------------------------------------------------- experts
+
+def run_experts(fmt: WeightFormat, x: Tensor, experts: Tensor, weights: Tensor, w1: dict, w3: dict,
+                w2: dict) -> Tensor:
+    """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
+    path = dispatch.experts_path(fmt, x, experts, w1[""].size(0))
+    return EXPERTS_PATHS[path](fmt, x, experts, weights, w1, w3, w2)
+
+
+def cpu_kernel_experts(fmt, x, experts, weights, w1, w3, w2):
+    return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"), w3.get("scales"),
+                                 w2.get("scales"))
+
+
+def triton_experts(fmt, x, experts, weights, w1, w3, w2):
+    from kernels import triton_moe  # noqa: F401
+    return torch.ops.mixtral_triton.moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
+                                        w3.get("scales"), w2.get("scales"))
+
+
+def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, expert) pairs of experts [N, K] sorted by expert: order [N*K] (positions in
+    experts.flatten()), the token of each sorted pair [N*K], and each expert's count of pairs [E].
+    All stay on the device: no host sync."""
+    flat_experts = experts.flatten()  # [N*K]
+    order = flat_experts.argsort(stable=True)  # pairs sorted by expert
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+    return order, order // experts.size(1), counts
+
+
+@torch.library.custom_op("mixtral::grouped_experts", mutates_args=())
+def grouped_experts(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Runs each expert once over the tokens routed to it, in one grouped matmul per weight.
+    x: [N, D], experts/weights: [N, K] -> [N, D].
+
+    Gathering w1[experts] per token would copy N*K expert matrices (gigabytes for a long prompt);
+    sorting the (token, expert) pairs by expert instead lets one grouped matmul read every expert's
+    weights in place. The group sizes stay on the device: no host sync.
+    A custom op, so torch.compile treats it as one opaque kernel: torch._grouped_mm runs any float
+    dtype eagerly, but its tracing rule accepts bf16 only.
+    """
+    order, token_of_pair, counts = sort_by_expert(experts, w1.shape[0])
+    xs = x[token_of_pair]  # [N*K, D]
+    offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's group
+    h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)) \
+        * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)  # [N*K, I]
+    ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)  # [N*K, D]
+    ys = ys * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
+
+
+@grouped_experts.register_fake
+def _(x, experts, weights, w1, w3, w2):
+    return torch.empty_like(x)
+
+
+# A custom op is opaque to torch.compile: its body runs as ordinary eager code inside a compiled graph
+# (also under --compile_prefill), so it may read the group sizes on the host and take each expert's
+# weights as a view. That costs nothing on CPU and one sync per layer on a GPU (fine for prefill).
+@torch.library.custom_op("mixtral::dequantized_experts", mutates_args=())
+def dequantized_experts(x: Tensor, experts: Tensor, weights: Tensor, spec: str, w1: list[Tensor],
+                        w3: list[Tensor], w2: list[Tensor]) -> Tensor:
+    """Each expert that some token chose runs once over its tokens, its weights read back in the matmul
+    dtype (dispatch.matmul_dtype) one matrix at a time: a prompt's matmuls are compute-bound, so one pass
+    of conversion is cheap next to them. Serves the formats without a grouped matmul (quantized ones),
+    and full precision where half-precision matmuls are slow. spec: the format (parse_format);
+    w1/w3/w2: its tensors in its layout's order. x [N, D], experts/weights [N, K] -> [N, D]."""
+    fmt = parse_format(spec)
+    keys = list(fmt.layout((1, 1), x.dtype))
+    order, token_of_pair, counts = sort_by_expert(experts, w1[0].shape[0])
+    counts = counts.tolist()  # host sync
+    xs = x[token_of_pair]  # [N*K, D]
+
+    def weight(w: list, e: int, dtype: torch.dtype) -> Tensor:
+        return dequantized(fmt, {key: t[e] for key, t in zip(keys, w)}, dtype)
+
+    ys = []
+    for e, xs_e in enumerate(xs.split(counts)):  # xs_e [count_e, D]
+        if not counts[e]:
+            continue
+        # A full-precision expert with few tokens keeps its dtype: converting would cost more than it saves.
+        keep = not fmt.quantized and counts[e] < dispatch.MIN_ROWS_TO_CONVERT
+        dtype = x.dtype if keep else dispatch.matmul_dtype(x)
+        xd = xs_e.to(dtype)  # each converted matrix is freed as soon as its matmul returns
+        h = F.silu(F.linear(xd, weight(w1, e, dtype))) * F.linear(xd, weight(w3, e, dtype))  # [count_e, I]
+        ys.append(F.linear(h, weight(w2, e, dtype)).to(x.dtype))  # [count_e, D]
+    ys = torch.cat(ys) * weights.flatten()[order, None]  # [N*K, D]
+    return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
+
+
+@dequantized_experts.register_fake
+def _(x, experts, weights, spec, w1, w3, w2):
+    return torch.empty_like(x)
+
+
+EXPERTS_PATHS = {
+    "cpu kernel": cpu_kernel_experts,
+    "triton": triton_experts,
+    "decode": lambda fmt, x, experts, weights, w1, w3, w2: fmt.decode_experts(x, experts, weights, w1, w3, w2),
+    "grouped": lambda fmt, x, experts, weights, w1, w3, w2: grouped_experts(x, experts, weights, w1[""], w3[""], w2[""]),
+    "one by one": lambda fmt, x, experts, weights, w1, w3, w2: dequantized_experts(
+        x, experts, weights, fmt.spec, *(list(w.values()) for w in (w1, w3, w2))),
+}
+
+
+# ----------------------------------------------------------------------------- attention
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One new token's attention over the cache, written out so that torch.compile fuses it into the
+    decode step. q: [B, H, T, Dh], k/v: [B, KV, S, Dh], mask: [T, S] or [B, 1, T, S] -> [B, H, T, Dh]"""
+    B, H, T, Dh = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, KV, H // KV * T, Dh).float()  # [B, KV, H/KV, Dh]: the query heads sharing each kv head
+    scores = (qg @ k.float().transpose(-1, -2)) * Dh ** -0.5  # [B, KV, H/KV, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    y = scores.softmax(dim=-1) @ v.float()  # [B, KV, H/KV, Dh]
+    return y.to(q.dtype).view(B, H, T, Dh)
+
+
+ATTENTION_PATHS = {
+    "decode": decode_attention,
+    "sdpa": lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+}

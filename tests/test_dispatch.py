@@ -1,0 +1,29 @@
+"""dispatch.py: the path each step takes, with the CPU kernels and without; and that it decides only."""
+import torch
+
+import dispatch
+from formats import FullPrecision, Int4, Int8
+from kernels import cpu as cpu_kernels
+
+
+def test_the_path_of_each_step():
+    """The names dispatch.py gives each shape, with the CPU kernels and without."""
+    D = 64
+    one, prompt = torch.randn(1, 1, D), torch.randn(1, dispatch.CPU_KERNEL_MAX_TOKENS + 1, D)
+    kernels = cpu_kernels.available()
+    for fmt in (FullPrecision(), Int8(), Int4()):
+        assert dispatch.linear_path(fmt, one) == ("cpu kernel" if kernels else "decode")
+        assert dispatch.linear_path(fmt, prompt) == "prompt"
+        with cpu_kernels.turned_off():
+            assert dispatch.linear_path(fmt, one) == "decode"
+        x, few = torch.randn(1, D), torch.tensor([[0, 1]])
+        assert dispatch.experts_path(fmt, x, few, 8) == ("cpu kernel" if kernels else "decode")
+        with cpu_kernels.turned_off():
+            assert dispatch.experts_path(fmt, x, few, 8) == "decode"  # 2 expert matrices of 8
+        many = torch.randint(0, 8, (dispatch.CPU_KERNEL_MAX_TOKENS + 1, 2))
+        x = torch.randn(many.shape[0], D)  # float32: never slow, so full precision has its grouped matmul
+        assert dispatch.experts_path(fmt, x, many, 8) == ("grouped" if fmt == FullPrecision() else "one by one")
+    assert dispatch.attention_path(torch.randn(1, 4, 1, 16)) == "decode"
+    assert dispatch.attention_path(torch.randn(1, 4, 2, 16)) == "sdpa"
+
+

@@ -1,0 +1,71 @@
+"""layers.py: the PyTorch paths every format shares, and quantizing a model in memory."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import load_state_dict, open_checkpoint
+from conftest import relative_error
+from errors import UserError
+from formats import FullPrecision, Int4, Int8
+from layers import build_model, dequantized_experts, quantize_module, run_experts
+
+
+def test_int4_prompt_experts_of_each_group_size_match_float64():
+    """dequantized_experts reads its format from the spec, group size included."""
+    g = torch.Generator().manual_seed(0)
+    E, I, D, N = 3, 128, 128, 6
+    w1, w3, w2 = (torch.randn(E, *shape, generator=g) for shape in ((I, D), (I, D), (D, I)))
+    x, experts = torch.randn(N, D, generator=g), torch.tensor([[0, 1], [1, 2], [0, 2], [2, 1], [0, 1], [1, 0]])
+    weights = torch.softmax(torch.randn(N, 2, generator=g), dim=-1)
+    for fmt in (Int4(32), Int4(64), Int4(128)):
+        stored = [fmt.quantize(w) for w in (w1, w3, w2)]
+        # The weights each group size's rounding gives, read back independently of the format's code.
+        back = []
+        for t in stored:
+            q = torch.stack((t[""] & 15, t[""] >> 4), dim=-1).flatten(-2).double() - 8  # [E, out, in]
+            back.append((q.unflatten(-1, (t["scales"].shape[-1], -1)) * t["scales"].double()[..., None]).flatten(-2))
+        b1, b3, b2 = back
+        xd, wd = x.double(), weights.double()
+        ref = torch.stack([sum(wd[n, k] * b2[e] @ (F.silu(b1[e] @ xd[n]) * (b3[e] @ xd[n]))
+                               for k, e in enumerate(experts[n].tolist())) for n in range(N)])
+        out = dequantized_experts(x, experts, weights, fmt.spec, *(list(t.values()) for t in stored))
+        assert relative_error(out, ref) < 1e-5, fmt
+
+
+def test_a_quantized_model_is_not_quantized_again(checkpoint):
+    """benchmark.py --int4 on a checkpoint that is already int8 used to quantize its codes as weights."""
+    loaded = open_checkpoint(checkpoint / "model.pth")
+    config, state_dict = loaded.config, load_state_dict(loaded)
+    model = build_model(config, FullPrecision())
+    model.load_state_dict(state_dict)
+    quantize_module(model, config, Int8())
+    with pytest.raises(UserError, match="already quantized"):
+        quantize_module(model, config, Int4(32))
+    assert quantize_module(model, config, Int8()) is model  # asking for what it holds changes nothing
+
+
+@pytest.mark.parametrize("float32_path", [False, True])
+def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
+    """A prompt's full-precision experts in bf16: the grouped matmul, and (on CPUs whose half-precision
+    matmuls are slow) each expert one by one in float32, against each token's experts computed one by one
+    in float64. Expert 0 and 1 get many tokens (converted), 2 and 3 a few (left in bf16): both branches of
+    the float32 path run."""
+    import dispatch
+    assert not dispatch.half_matmul_is_slow(torch.float32)  # float32 models are never converted
+    monkeypatch.setattr(dispatch, "half_matmul_is_slow", lambda dtype: float32_path)
+    g = torch.Generator().manual_seed(3)
+    E, I, D, N = 4, 48, 32, 20
+    w1, w3 = (torch.randn(E, I, D, generator=g) / D ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, D, I, generator=g) / I ** 0.5
+    x = torch.randn(N, D, generator=g)
+    experts = torch.stack([torch.zeros(N, dtype=torch.long), torch.tensor([1] * 15 + [2] * 3 + [3] * 2)], dim=1)
+    weights = torch.softmax(torch.randn(N, 2, generator=g), dim=-1)
+    bf16 = [t.to(torch.bfloat16) for t in (x, weights, w1, w3, w2)]
+    fmt, (w1, w3, w2) = FullPrecision(), ({"": w} for w in bf16[2:])
+    assert dispatch.experts_path(fmt, bf16[0], experts, E) == ("one by one" if float32_path else "grouped")
+    out = run_experts(fmt, bf16[0], experts, bf16[1], w1, w3, w2)
+    x, weights, w1, w3, w2 = (t.double() for t in bf16)  # the same rounded inputs, exact arithmetic
+    ref = torch.stack([sum(weights[n, k] * w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n]))
+                           for k, e in enumerate(experts[n].tolist())) for n in range(N)])
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref) < 1e-2  # bf16 rounding of the output and of h
