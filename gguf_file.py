@@ -199,8 +199,8 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelArgs:
 
 def vocab_size(reader: gguf.GGUFReader, arch: str) -> int:
     """{arch}.vocab_size, which the converter writes, else the length of the token list."""
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    listed = len(metadata(reader, "tokenizer.ggml.tokens", "strings")) if tokens is not None else None
+    tokens = metadata(reader, "tokenizer.ggml.tokens", "strings", None)
+    listed = len(tokens) if tokens is not None else None
     said = metadata(reader, f"{arch}.vocab_size", "count", None)
     if said is None and not listed:
         raise UserError(f"{file_name(reader)} has neither {arch}.vocab_size nor a token list "
