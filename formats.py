@@ -27,6 +27,7 @@ from torch import Tensor
 
 import dispatch
 import model as reference
+import quants
 from kernels import cpu as cpu_kernels
 from model import ModelArgs, Transformer, UserError
 
@@ -228,14 +229,23 @@ class Int4(WeightFormat):
         *rows, inputs = shape
         return {"": ((*rows, inputs // 2), torch.uint8), "scales": ((*rows, inputs // self.groupsize), dtype)}
 
-    def quantize(self, w):
+    def quantize(self, w, importance=None):
+        """importance [in] (the mean square of each input's activations on calibration text): each group's
+        scale is searched for the smallest sum importance * error^2 (quants.search_symmetric)."""
         *rows, inputs = w.shape
         problem = self.row_problem(inputs)
         if problem:
             raise UserError(f"a row of {inputs} inputs {problem}; choose a group size that divides it")
         groups = w.float().reshape(*rows, inputs // self.groupsize, self.groupsize)  # [..., G, g]
-        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # signed, [..., G, 1]
-        scales = (extreme / -8).to(w.dtype)  # rounded first, as for int8: quantize with the stored value
+        if importance is None:
+            extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # signed, [..., G, 1]
+            scales = extreme / -8
+        else:
+            if importance.shape != (inputs,):
+                raise UserError(f"an importance of shape {tuple(importance.shape)} for rows of {inputs} inputs: "
+                                f"give one value per input")
+            scales = quants.search_symmetric(groups, importance.reshape(-1, self.groupsize), -8, 7)[..., None]
+        scales = scales.to(w.dtype)  # rounded first, as for int8: quantize with the stored value
         s = scales.float()
         q = (torch.where(s != 0, groups / s, 0.0).round().clamp(-8, 7) + 8).to(torch.uint8).reshape(*rows, inputs)
         return {"": q[..., 0::2] | (q[..., 1::2] << 4), "scales": scales.squeeze(-1)}
