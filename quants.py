@@ -111,7 +111,7 @@ def dequantize_q4_k(b):
 
 
 def dequantize_q5_k(b):
-    bit = torch.arange(8, dtype=torch.uint8)[:, None]  # sub-block i -> bit i of qh[l]
+    bit = torch.arange(8, dtype=torch.uint8, device=b.device)[:, None]  # sub-block i -> bit i of qh[l]
     high = (b[..., None, 16:48] >> bit) & 1  # [..., B, 8, 32]
     return dequantize_k(b, low_nibbles_k(b[..., 48:176]) | (high << 4))
 
@@ -120,7 +120,7 @@ def dequantize_q6_k(b):
     ql = b[..., 0:128].unflatten(-1, (2, 2, 32))  # [..., B, half, k % 2, l]
     qh = b[..., 128:192].unflatten(-1, (2, 1, 32))  # [..., B, half, 1, l]
     low = torch.cat((ql & 15, ql >> 4), dim=-2)  # [..., B, half, k, l]
-    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)[:, None]) & 3
     q = (low | (high << 4)).flatten(-3).unflatten(-1, (16, 16)).float() - 32  # [..., B, 16, 16]
     sc = b[..., 192:208].view(torch.int8).float()  # [..., B, 16]
     return ((half(b[..., 208:210]) * sc)[..., None] * q).flatten(-2)
@@ -160,7 +160,7 @@ def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None) -> Tenso
         raise UserError(f"the weights to quantize to {name} hold inf or nan; check the checkpoint")
     rows = w.reshape(-1, n)
     weights = None if importance is None else checked_importance(importance, w.shape).reshape(-1, n)
-    out = torch.empty(rows.shape[0], n // qk * size, dtype=torch.uint8)
+    out = torch.empty(rows.shape[0], n // qk * size, dtype=torch.uint8, device=w.device)
     step = max(1, CHUNK // n)
     for start in range(0, rows.shape[0], step):
         x = rows[start:start + step].float().unflatten(-1, (-1, qk))  # [rows, B, QK]
@@ -226,10 +226,11 @@ def quantize_q6_k(x, w):
     extreme = scales.gather(-1, scales.abs().argmax(dim=-1, keepdim=True))  # [..., B, 1]
     d = torch.where(extreme == 0, 0.0, extreme / -128).half().float()
     sc = nearest(scales, d, -128, 127)
-    q = nearest(sub, (d * sc)[..., None], -32, 31).to(torch.uint8) + 32  # [..., B, 16, 16]
+    q = (nearest(sub, (d * sc)[..., None], -32, 31) + 32).to(torch.uint8)  # [..., B, 16, 16]
     q = q.flatten(-2).unflatten(-1, (2, 4, 32))  # [..., B, half, k, l]
     ql = (q[..., 0:2, :] & 15) | ((q[..., 2:4, :] & 15) << 4)  # [..., B, half, k % 2, l]
-    qh = ((q >> 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]).sum(-2, dtype=torch.uint8)
+    shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)[:, None]  # k -> bits 2k, 2k + 1
+    qh = ((q >> 4) << shift).sum(-2, dtype=torch.uint8)  # [..., B, half, l]
     return torch.cat((ql.flatten(-3), qh.flatten(-2), sc.to(torch.int8).view(torch.uint8),
                       half_bytes(d.squeeze(-1))), dim=-1)
 
@@ -266,7 +267,7 @@ def quantize_q4_k(x, w):
 
 def quantize_q5_k(x, w):
     d, dmin, sc, m, q = quantize_k(x, w, 32)
-    bit = torch.arange(8, dtype=torch.uint8)[:, None]
+    bit = torch.arange(8, dtype=torch.uint8, device=q.device)[:, None]
     qh = ((q >> 4) << bit).sum(-2, dtype=torch.uint8)  # [..., B, 32]: sub-block i in bit i
     d, dmin, scales, qs = pack_k(d, dmin, sc, m, q & 15)
     return torch.cat((d, dmin, scales, qh, qs), dim=-1)
@@ -289,7 +290,7 @@ def search_symmetric(groups: Tensor, importance: Optional[Tensor], qmin: int, qm
     x = groups.float()
     x3 = x.reshape(-1, *x.shape[-2:]) if x.dim() > 1 else x.reshape(1, 1, -1)  # [N, G, g]
     w3 = None if importance is None else checked_importance(importance, x.shape).reshape(x3.shape)
-    out = torch.empty(x3.shape[:-1])
+    out = torch.empty(x3.shape[:-1], device=x.device)
     step = max(1, CHUNK // max(1, math.prod(x3.shape[1:])))  # CHUNK values at a time, for the caches
     for start in range(0, x3.shape[0], step):
         rows = slice(start, start + step)
