@@ -199,6 +199,7 @@ def test_stacked_experts_take_one_importance_each():
     w, importance = torch.randn(3, 4, 256, generator=g), torch.rand(3, 1, 256, generator=g)
     stacked = quants.quantize("q4_k", w, importance)
     assert torch.equal(stacked, torch.stack([quants.quantize("q4_k", w[e], importance[e, 0]) for e in range(3)]))
+    assert torch.equal(quants.dequantize("q4_k", stacked), quants.dequantize("q4_k", stacked.flatten(0, 1)).view(3, 4, 256))
 
 
 def errors(name, w, importance, weigh):
@@ -225,7 +226,7 @@ def test_the_weighted_search_errs_less_where_it_counts(seed):
     assert plain["q5_k"] < plain["q4_k"] / 2
     assert plain["q6_k"] < plain["q4_k"] / 8
     assert plain["q8_0"] < plain["q6_k"] / 4
-    # Each search tries the grid rounding to nearest uses (refit), so it errs less than rounding alone.
+    # q6_k's search too: by the importance, it errs less with it than without.
     assert errors("q6_k", w, importance, importance) < errors("q6_k", w, None, importance)
 
 
