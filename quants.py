@@ -154,8 +154,8 @@ def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None) -> Tenso
     qk, size = block_shape(name)
     n = w.shape[-1] if w.dim() else 0
     if w.dim() == 0 or n % qk:
-        raise UserError(f"a row of {n} values is not a whole number of {name} blocks of {qk}; "
-                        f"keep such tensors in another type (q8_0 and q4_0 take rows of multiples of 32)")
+        raise UserError(f"a row of {n} values is not a whole number of {name} blocks of {qk}; store such "
+                        f"tensors in a type whose blocks divide their rows, or in full precision")
     if not torch.isfinite(w).all():
         raise UserError(f"the weights to quantize to {name} hold inf or nan; check the checkpoint")
     rows = w.reshape(-1, n)
@@ -183,7 +183,10 @@ def checked_importance(importance: Tensor, shape: torch.Size) -> Tensor:
 
 def half_bytes(x: Tensor) -> Tensor:
     """float32 [...] -> its fp16 as little-endian bytes, uint8 [..., 2]."""
-    return x.to(torch.float16).unsqueeze(-1).view(torch.uint8)
+    h = x.to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise UserError("weights too large for GGUF's blocks: their fp16 scales would overflow")
+    return h.unsqueeze(-1).view(torch.uint8)
 
 
 def round_half_away(x: Tensor) -> Tensor:
