@@ -7,6 +7,7 @@
 #   full       the checkpoint's tensors as they are (bfloat16, float16 or float32)
 #   int8       symmetric int8, one scale per output row (per expert and row for experts)
 #   int4:g32   symmetric 4-bit, one scale per group of 32 (g64, g128) inputs of a row
+#   q4_k ...   llama.cpp's block types, as GGUF stores them: q8_0, q4_0, q4_k, q5_k, q6_k (quants.py)
 # A format is one class (WeightFormat): the tensors that store a weight matrix [..., out, in] (its layout
 # in a checkpoint), how a full-precision matrix is quantized into them and read back, which of them a
 # tensor-parallel rank slices along which axis, and its own PyTorch expressions for the paths dispatch.py
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import dispatch
+import quants
 from errors import UserError
 
 
@@ -56,8 +58,11 @@ class WeightFormat:
         the weight itself (stored_name)."""
         raise NotImplementedError
 
-    def quantize(self, w: Tensor) -> dict:
-        """The tensors {key: tensor} that store the full-precision weight w [..., out, in]."""
+    def quantize(self, w: Tensor, importance: Optional[Tensor] = None) -> dict:
+        """The tensors {key: tensor} that store the full-precision weight w [..., out, in]. importance [in]
+        (or [..., 1, in], one per expert): how much each input's error weighs, the mean square of its
+        activations on calibration text; the formats that search their scales minimize the error weighted
+        by it."""
         raise NotImplementedError
 
     def dequantize(self, t: dict, dtype: torch.dtype) -> Tensor:
@@ -102,7 +107,7 @@ class FullPrecision(WeightFormat):
     def layout(self, shape, dtype):
         return {"": (shape, dtype)}
 
-    def quantize(self, w):
+    def quantize(self, w, importance=None):
         return {"": w}
 
     def dequantize(self, t, dtype):
@@ -124,7 +129,7 @@ class Int8(WeightFormat):
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
 
-    def quantize(self, w):
+    def quantize(self, w, importance=None):
         w32 = w.float()
         # Round the scales to the dtype they are stored in first, and quantize with the rounded
         # values: then q * stored scale is within half a step of w, whatever that dtype.
@@ -189,14 +194,23 @@ class Int4(WeightFormat):
         *rows, inputs = shape
         return {"": ((*rows, inputs // 2), torch.uint8), "scales": ((*rows, inputs // self.groupsize), dtype)}
 
-    def quantize(self, w):
+    def quantize(self, w, importance=None):
+        """importance [in] (the mean square of each input's activations on calibration text): each group's
+        scale is searched for the smallest sum importance * error^2 (quants.search_symmetric)."""
         *rows, inputs = w.shape
         problem = self.row_problem(inputs)
         if problem:
             raise UserError(f"a row of {inputs} inputs {problem}; choose a group size that divides it")
         groups = w.float().reshape(*rows, inputs // self.groupsize, self.groupsize)  # [..., G, g]
-        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # signed, [..., G, 1]
-        scales = (extreme / -8).to(w.dtype)  # rounded first, as for int8: quantize with the stored value
+        if importance is None:
+            extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # signed, [..., G, 1]
+            scales = extreme / -8
+        else:
+            if importance.shape != (inputs,):
+                raise UserError(f"an importance of shape {tuple(importance.shape)} for rows of {inputs} inputs: "
+                                f"give one value per input")
+            scales = quants.search_symmetric(groups, importance.reshape(-1, self.groupsize), -8, 7)[..., None]
+        scales = scales.to(w.dtype)  # rounded first, as for int8: quantize with the stored value
         s = scales.float()
         q = (torch.where(s != 0, groups / s, 0.0).round().clamp(-8, 7) + 8).to(torch.uint8).reshape(*rows, inputs)
         return {"": q[..., 0::2] | (q[..., 1::2] << 4), "scales": scales.squeeze(-1)}
@@ -216,23 +230,66 @@ class Int4(WeightFormat):
         return None
 
 
+@dataclass(frozen=True)
+class Blocks(WeightFormat):
+    """llama.cpp's block types, stored as GGUF stores them (quants.py): q8_0, q4_0 (32 values a block, an
+    fp16 scale), q4_k, q5_k (256 values in 8 sub-blocks, each with its own 6-bit scale and minimum), q6_k
+    (256 values in 16 sub-blocks, 8-bit scales). A GGUF file's blocks are taken over as they are and written
+    back byte for byte. Stored: uint8 [..., out, in / values per block, bytes per block], one tensor with
+    its scales inside; its last axis (the bytes) tells the type apart from int4's [..., out, in/2]."""
+    name: str = "q4_k"
+    kernels = ()
+
+    @property
+    def spec(self):
+        return self.name
+
+    def layout(self, shape, dtype):
+        *rows, inputs = shape
+        values, size = quants.BLOCKS[self.name]
+        return {"": ((*rows, inputs // values, size), torch.uint8)}
+
+    def quantize(self, w, importance=None):
+        problem = self.row_problem(w.shape[-1])
+        if problem:
+            raise UserError(f"a row of {w.shape[-1]} inputs {problem}")
+        size = quants.BLOCKS[self.name][1]
+        return {"": quants.quantize(self.name, w, importance).unflatten(-1, (-1, size))}
+
+    def dequantize(self, t, dtype):
+        return quants.dequantize(self.name, t[""].flatten(-2), dtype)
+
+    def stored_axis(self, key, axis):
+        return axis - 1  # [..., out, blocks, bytes]: the rows, and the inputs by whole blocks
+
+    def row_problem(self, inputs):
+        values = quants.BLOCKS[self.name][0]
+        if inputs % values:
+            return f"is not a whole number of {self.name} blocks of {values}"
+        return None
+
+
 # ----------------------------------------------------------------------------- names
 
-FORMATS = {"full": FullPrecision, "int8": Int8, "int4": Int4}  # the registry: name -> class
+FORMATS = {"full": FullPrecision, "int8": Int8, "int4": Int4, **{name: Blocks for name in quants.BLOCKS}}
 
 
 def parse_format(spec: str) -> WeightFormat:
-    """'full', 'int8', 'int4' (groups of 32) or 'int4:g<32|64|128>' -> the format; a UserError otherwise."""
+    """'full', 'int8', 'int4' (groups of 32), 'int4:g<32|64|128>', or a block type (q8_0, q4_0, q4_k, q5_k,
+    q6_k) -> the format; a UserError otherwise. FORMATS is its registry: name -> class."""
     name, _, option = spec.partition(":")
     if name in ("full", "int8") and not option:
         return FORMATS[name]()
+    if name in quants.BLOCKS and not option:
+        return Blocks(name)
     if name == "int4":
         groupsize = option[1:] if option.startswith("g") else ("32" if not option else "")
         if groupsize.isdigit() and int(groupsize) in Int4.GROUP_SIZES:
             return Int4(int(groupsize))
         raise UserError(f"int4 group size {option!r}: choose one of "
                         f"{', '.join(f'g{g}' for g in Int4.GROUP_SIZES)} (e.g. int4:g32)")
-    raise UserError(f"unknown weight format {spec!r}: choose full, int8 or int4:g32 (g64, g128)")
+    raise UserError(f"unknown weight format {spec!r}: choose full, int8, int4:g32 (g64, g128) or one of "
+                    f"{', '.join(quants.BLOCKS)}")
 
 
 @dataclass(frozen=True)
@@ -316,6 +373,9 @@ def stored_format(state_dict: dict, name: str) -> WeightFormat:
         return FullPrecision()
     prefix, weight = name.rsplit(".", 1)
     scales = state_dict.get(f"{prefix}.{stored_name(weight, 'scales')}")
+    if t.dtype == torch.uint8 and scales is None:  # the blocks hold their scales: their size tells the type
+        types = [name for name, (_, size) in quants.BLOCKS.items() if t.dim() and t.shape[-1] == size]
+        return Blocks(types[0]) if len(types) == 1 else Int4()
     if t.dtype == torch.int8 or not isinstance(scales, Tensor) or scales.dim() == 0 or not scales.shape[-1]:
         return Int8() if t.dtype == torch.int8 else Int4()
     return Int4(2 * t.shape[-1] // scales.shape[-1])

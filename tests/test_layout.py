@@ -8,8 +8,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top; a file may import only files on lower floors.
 FLOORS = [
     ("errors",),
-    ("model", "writing", "kernels.cpu", "kernels.triton_moe"),
-    ("dispatch",),
+    ("model", "writing", "quants", "kernels.cpu", "kernels.triton_moe"),
+    ("dispatch", "gguf_file"),
     ("formats",),
     ("layers",),
     ("tp", "measuring"),
