@@ -381,9 +381,11 @@ class TextStreamer:
 
     def emit(self, text: str):
         if text.startswith(self.printed):
-            self.out.write(text[len(self.printed):])
+            # Counted as printed first: Ctrl-C during the write (a chat's answer stopped) then loses some of
+            # it from the screen rather than printing it twice.
+            new, self.printed = text[len(self.printed):], text
+            self.out.write(new)
             self.out.flush()
-            self.printed = text
 
     def finish(self, seq: Tensor):
         self.emit(self.tokenizer.decode(seq.tolist()))

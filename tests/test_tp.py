@@ -49,8 +49,8 @@ def transformers_text(folder, tokenizer) -> str:
 
 
 def text_of(result) -> str:
-    """The streamed text: everything rank 0 printed before its timing line."""
-    return result.stdout.split("Time for inference 1:")[0].removesuffix("\n")
+    """The streamed text: all rank 0 printed on stdout (the timings go to stderr)."""
+    return result.stdout.removesuffix("\n")
 
 
 def shape_on_each_of_two_ranks(name: str, shape) -> list:
@@ -72,7 +72,7 @@ def test_two_ranks_greedy_text_matches_one_process_and_transformers(checkpoint, 
     assert one_process_text(checkpoint, tokenizer, temperature=0) == expected
     assert text_of(tp) == expected
     # Only rank 0 printed: the text and each timing line once.
-    assert tp.stdout.count(expected) == 1 and tp.stdout.count("Average tokens/sec") == 1
+    assert tp.stdout.count(expected) == 1 and tp.stderr.count("Average tokens/sec") == 1
     assert tp.stderr.count("Time to load model") == 1
 
 
@@ -97,21 +97,24 @@ def test_two_ranks_sample_a_batch_of_prompts_as_one_process(checkpoint, tokenize
 def test_interactive_turns_are_read_by_rank_0_and_shared(checkpoint, tokenizer):
     """All ranks inherit torchrun's stdin: rank 0 alone reads each line and broadcasts it, so every
     rank runs the same turn and none is left waiting for a line another rank consumed. The checkpoint
-    is a base one: the second line continues the text of the first, from the cache each rank kept."""
+    is a base one: the second line continues the text of the first on a new line, from the cache each rank kept."""
     lines = [PROMPT, "The quick brown fox"]
     result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
                         "--max_new_tokens", "24", "--precision", "float32", "--temperature", "0", "--interactive",
                         stdin="".join(f"{line}\n" for line in lines), timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-4000:]
     model = load_ours(checkpoint)
-    text = [tokenizer.bos_id()]
-    for line in lines:  # the whole text so far, prefilled at once in one process
-        prompt = text + tokenizer.encode(line)
+    text, answers = [tokenizer.bos_id()], []
+    for n, line in enumerate(lines):  # the whole text so far, prefilled at once in one process
+        # A later line as SentencePiece tokenizes a line inside a text: from its '\n' on, no space piece before it.
+        inside = tokenizer.encode("x\n" + line)
+        prompt = text + (tokenizer.encode(line) if n == 0 else inside[inside.index(tokenizer.piece_to_id("<0x0A>")):])
         text = generate(model, torch.tensor(prompt, dtype=torch.int), 24, temperature=0, top_k=None,
                         eos_id=tokenizer.eos_id()).tolist()
-        answer = tokenizer.decode(text[len(prompt):]).replace("\r", "\n")  # as run_script's text mode reads it
-        assert result.stdout.count(f"What is your prompt? {answer}\n") == 1, result.stdout
-    assert result.stdout.count("What is your prompt?") == 3  # two prompts, then end of input
+        answers.append(tokenizer.decode(text[len(prompt):]).replace("\r", "\n"))  # as run_script's text mode reads it
+        text = text[:-1] if text[-1] == tokenizer.eos_id() else text  # plain text goes on after an end
+    assert result.stdout == "".join(f"{answer}\n" for answer in answers)  # the answers alone, once: rank 0's
+    assert result.stderr.count("What is your prompt?") == 3  # two prompts, then end of input
 
 
 def test_each_rank_holds_half_of_the_sharded_weights(checkpoint, tmp_path):
