@@ -201,7 +201,8 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, te
     else:
         next_token = prefill_fn(model, seq[:, :T], prompt_pos, s, ends - 1)
         input_pos = (ends + start_pos).to(torch.int)[:, None]  # [B, 1]
-    new = [None] * B  # each sequence's new tokens once it has ended
+    ended = [None] * B  # how many new tokens each sequence that has ended has
+    new_ids = [[] for _ in range(B)]  # each sequence's new tokens, on the host where something reads them
     n = 0
     while True:
         # The compiled step may reuse its output buffer (CUDA graphs): copy the token out at once.
@@ -214,23 +215,17 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, te
             on_token(seq[:, :T + n])
         # One host sync per step, outside the compiled step, and only when something can end a sequence early.
         if eos_id is not None or any(stops):
-            ended(seq, lengths, n, next_token, new, eos_id, stops)
-            if all(t is not None for t in new):
+            for b, token in enumerate(next_token[:, 0].tolist()):
+                new_ids[b].append(token)
+                if ended[b] is None and (token == eos_id or (stops[b] is not None and stops[b](new_ids[b]))):
+                    ended[b] = n
+            if None not in ended:
                 break
         if n == max_new_tokens:
             break
         next_token = decode_fn(model, next_token.view(B, 1), input_pos, s)
         input_pos += 1
-    return [seq[b, :lengths[b] + (n if new[b] is None else len(new[b]))] for b in range(B)]
-
-
-def ended(seq: Tensor, lengths: list, n: int, next_token: Tensor, new: list, eos_id: Optional[int], stops: list):
-    """Marks in `new` the sequences that the token just added ended (at eos_id, or when stops[b] says so)."""
-    tokens = next_token[:, 0].tolist()
-    for b, token in enumerate(tokens):
-        if new[b] is None and (token == eos_id or (stops[b] is not None and stops[b](
-                seq[b, lengths[b]:lengths[b] + n].tolist()))):
-            new[b] = seq[b, lengths[b]:lengths[b] + n]
+    return [seq[b, :lengths[b] + (n if ended[b] is None else ended[b])] for b in range(B)]
 
 
 @dataclass
