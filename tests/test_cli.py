@@ -16,6 +16,8 @@ import generate as generate_script
 from conftest import REPO, fails_cleanly, run_script
 from kernels import cpu as cpu_kernels
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: small models, a shared machine
+
 
 def argv(folder, *extra) -> list:
     return [str(a) for a in ("--checkpoint_path", folder / "model.pth", "--device", "cpu", "--num_samples", "1",
