@@ -408,6 +408,8 @@ def chat(model, tokenizer, conversation: Conversation, settings: Settings, rank:
             tokens_per_sec.append((answer.size(0) - 1) / (seconds - first))
             print(f"[{answer.size(0)} tokens, {first:.2f} s to first token, {tokens_per_sec[-1]:.1f} tokens/s]",
                   file=sys.stderr)
+        else:
+            print(f"[1 token, {first:.2f} s to first token]", file=sys.stderr)
         conversation.answered(fed, answer)
     return tokens_per_sec
 

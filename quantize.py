@@ -133,7 +133,8 @@ def format_spec(args) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Quantize a converted Mixtral checkpoint.", formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Quantize a converted Mixtral checkpoint.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path,
                         default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"),
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")

@@ -83,7 +83,8 @@ def test_exit_and_reset(checkpoint, tokenizer, monkeypatch, capsys):
                      r"conversation, /exit or Ctrl-D quits\.$", err, re.M)
     # The answers alone on stdout, the second as to a first turn; each turn's timing, short, on stderr.
     reference = load_reference(checkpoint)
-    answers = [transformers_greedy(reference, [tokenizer.bos_id()] + tokenizer.encode(text), 8) for text in ("Hello", "Hi")]
+    answers = [transformers_greedy(reference, [tokenizer.bos_id()] + tokenizer.encode(text), 8)
+               for text in ("Hello", "Hi")]
     assert out == "".join(tokenizer.decode(answer) + "\n" for answer in answers)
     assert len(re.findall(r"^\[\d+ tokens, [\d.]+ s to first token, [\d.]+ tokens/s\]$", err, re.M)) == 2
 

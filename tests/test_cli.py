@@ -63,7 +63,8 @@ def script_parsers() -> dict:
     import quantize
     from scripts import bench_kernels, benchmark, convert_hf_checkpoint, make_tiny_checkpoint
     return {"generate.py": generate_script.parse_args, "eval.py": eval_script.parse_args, "quantize.py": quantize.main,
-            "convert_hf_checkpoint.py": convert_hf_checkpoint.main, "make_tiny_checkpoint.py": make_tiny_checkpoint.main,
+            "convert_hf_checkpoint.py": convert_hf_checkpoint.main,
+            "make_tiny_checkpoint.py": make_tiny_checkpoint.main,
             "benchmark.py": benchmark.parse_args, "bench_kernels.py": bench_kernels.main}
 
 

@@ -142,7 +142,8 @@ def break_folder(checkpoint, tmp_path, case):
     ("corrupt_checkpoint", ["model.pth"]),
     ("config_misfit", ["config.json"]),
     ("missing_config", ["config.json"]),
-    ("hub_safetensors_renamed", ["Hugging Face checkpoint", "python scripts/convert_hf_checkpoint.py --checkpoint_dir"]),
+    ("hub_safetensors_renamed", ["Hugging Face checkpoint",
+                                 "python scripts/convert_hf_checkpoint.py --checkpoint_dir"]),
 ])
 def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words, capsys):
     folder = break_folder(checkpoint, tmp_path, case)
