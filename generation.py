@@ -24,8 +24,9 @@ class Sampling(NamedTuple):
     """How each of B sequences draws its next token: [B, 1] tensors of the controls' values, a control that is
     off for every row None (then it costs nothing). A compiled step is given the same shapes and the same
     Nones at every step, so it stays one graph whatever the values."""
-    temperature: Optional[Tensor] = None  # [B, 1]; 0 in a row: greedy; None: greedy for every row
-    top_k: Optional[Tensor] = None  # [B, 1] int
+    temperature: Optional[Tensor] = None  # [B, 1], above 0; None: greedy for every row
+    greedy: Optional[Tensor] = None  # [B, 1] bool: the rows of temperature 0, which take the likeliest token
+    top_k: Optional[Tensor] = None  # [B, 1] int; None too when every row has the same k: candidates is the filter
     top_p: Optional[Tensor] = None  # [B, 1]
     min_p: Optional[Tensor] = None  # [B, 1]
     repetition_penalty: Optional[Tensor] = None  # [B, 1]
@@ -46,10 +47,13 @@ def sampling(batch: int, device, temperature=0.0, top_k=None, top_p=None, min_p=
         given = values(given, neutral)
         return None if given is None else torch.tensor(given, dtype=dtype, device=device)[:, None]
 
-    if values(temperature, 0.0) is None:  # greedy everywhere: the penalty is the one control that applies
+    t = values(temperature, 0.0)
+    if t is None:  # greedy everywhere: the penalty is the one control that applies
         return Sampling(repetition_penalty=rows(repetition_penalty, 1.0))
     k = values(top_k, 0)
-    return Sampling(rows(temperature, 0.0), rows(top_k, 0, torch.long), rows(top_p, 1.0), rows(min_p, 0.0),
+    one_k = k is not None and 0 not in k and len(set(k)) == 1
+    return Sampling(rows([max(v, 1e-5) for v in t], 0.0), rows([v == 0 for v in t], False, torch.bool),
+                    None if one_k else rows(top_k, 0, torch.long), rows(top_p, 1.0), rows(min_p, 0.0),
                     rows(repetition_penalty, 1.0), candidates=None if k is None or 0 in k else max(k))
 
 
@@ -88,10 +92,10 @@ def filtered(logits: Tensor, s: Sampling) -> tuple:
     """s's temperature, top-k, top-p and min-p on logits [B, V] (the penalty already applied): (the tempered
     logits of the tokens each sequence may draw, -inf for those the controls removed, [B, N]; their token ids
     [B, N], or None when the N are the whole vocabulary in order)."""
-    logits = logits / s.temperature.clamp_min(1e-5)
     ids = None
-    if s.top_k is not None or s.top_p is not None:  # ranked; when only the k best can be drawn, k values, not V
+    if s.candidates is not None or s.top_p is not None:  # ranked; when only the k best can be drawn, k values, not V
         logits, ids = torch.topk(logits, min(s.candidates or logits.size(-1), logits.size(-1)))  # [B, N] each
+    logits = logits / s.temperature
     if s.top_k is not None:
         logits = keep_top_k(logits, s.top_k)
     if s.top_p is not None:
@@ -106,16 +110,15 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     logits = logits.float()
     if s.repetition_penalty is not None:
         logits = penalize_repetition(logits, s.seen, s.repetition_penalty)
-    greedy = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
     if s.temperature is None:
-        return greedy
-    logits, ids = filtered(logits, s)
-    probs = torch.softmax(logits, dim=-1)
+        return logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+    kept, ids = filtered(logits, s)
+    probs = torch.softmax(kept, dim=-1)
     # Exponential race instead of torch.multinomial: same distribution, no host sync (CUDA graphs).
     q = torch.empty_like(probs).exponential_(1)
     choice = torch.argmax(probs / q, dim=-1, keepdim=True)  # [B, 1]
     drawn = choice if ids is None else ids.gather(-1, choice)
-    return torch.where(s.temperature > 0, drawn, greedy)
+    return drawn if s.greedy is None else torch.where(s.greedy, logits.argmax(dim=-1, keepdim=True), drawn)
 
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, s: Sampling, last: Optional[Tensor] = None) -> Tensor:

@@ -15,6 +15,8 @@ V = 1000
 # Each row its own controls: (temperature, top_k, top_p, min_p, repetition_penalty); 0, 1, 0, 1 are off.
 ROWS = [(0.7, 50, 0.9, 0.0, 1.0), (1.3, 0, 0.8, 0.05, 1.3), (1.0, 20, 1.0, 0.2, 0.8), (0.9, 0, 1.0, 0.0, 1.0),
         (1.0, 400, 0.5, 0.0, 1.2)]
+# One top_k for every row (the command line's case: the top-k draw is then the filter itself).
+ONE_K = [(t, 50, p, m, r) for t, _, p, m, r in ROWS]
 
 
 def transformers_kept(logits: torch.Tensor, ids: torch.Tensor, temperature, top_k, top_p, min_p, penalty):
@@ -32,12 +34,12 @@ def transformers_kept(logits: torch.Tensor, ids: torch.Tensor, temperature, top_
     return scores[0]
 
 
-def ours_kept(logits: torch.Tensor, ids: list) -> torch.Tensor:
-    """generation.py's filtering of the batch, every row with its own ROWS values: the logits [B, V] of the
+def ours_kept(logits: torch.Tensor, ids: list, rows: list) -> torch.Tensor:
+    """generation.py's filtering of the batch, every row with its own values: the logits [B, V] of the
     allowed tokens, -inf elsewhere."""
-    temperature, top_k, top_p, min_p, penalty = (list(values) for values in zip(*ROWS))
-    s = sampling(len(ROWS), "cpu", temperature, top_k, top_p, min_p, penalty)
-    seen = torch.zeros(len(ROWS), V, dtype=torch.bool)
+    temperature, top_k, top_p, min_p, penalty = (list(values) for values in zip(*rows))
+    s = sampling(len(rows), "cpu", temperature, top_k, top_p, min_p, penalty)
+    seen = torch.zeros(len(rows), V, dtype=torch.bool)
     for b, row_ids in enumerate(ids):
         seen[b, row_ids] = True
     kept, kept_ids = filtered(penalize_repetition(logits, seen, s.repetition_penalty), s)
@@ -63,18 +65,19 @@ def unambiguous(penalized: torch.Tensor, temperature, top_k, top_p, min_p):
         assert (probs / probs[0] - min_p).abs().min() > 1e-4
 
 
-def test_filters_keep_what_transformers_keeps_row_by_row():
+@pytest.mark.parametrize("rows", [ROWS, ONE_K], ids=["own-k", "one-k"])
+def test_filters_keep_what_transformers_keeps_row_by_row(rows):
     torch.manual_seed(0)
-    logits = torch.randn(len(ROWS), V) * 1.5  # [B, V]
-    ids = [torch.randint(0, V, (30,)) for _ in ROWS]  # each row's sequence so far, repeats included
-    ours = ours_kept(logits, ids)
-    for b, (temperature, top_k, top_p, min_p, penalty) in enumerate(ROWS):
+    logits = torch.randn(len(rows), V) * 1.5  # [B, V]
+    ids = [torch.randint(0, V, (30,)) for _ in rows]  # each row's sequence so far, repeats included
+    ours = ours_kept(logits, ids, rows)
+    for b, (temperature, top_k, top_p, min_p, penalty) in enumerate(rows):
         expected = transformers_kept(logits[b], ids[b], temperature, top_k, top_p, min_p, penalty)
         # The same tokens allowed...
         allowed = torch.isfinite(expected)
         assert torch.equal(torch.isfinite(ours[b]), allowed), b
         # Each row's controls removed some tokens and kept more than one; the row with all of them off, none.
-        assert 1 < allowed.sum() < V or (ROWS[b][1:] == (0, 1.0, 0.0, 1.0) and allowed.all()), b
+        assert 1 < allowed.sum() < V or (rows[b][1:] == (0, 1.0, 0.0, 1.0) and allowed.all()), b
         # ... with the same probabilities, renormalized over them: exp of the same float32 logits (penalized and
         # tempered by the same float32 operations), each divided by a float32 sum of N terms, whose order of
         # summation may differ: a relative error of at most N units of 2^-24 in the sum, one more for exp and
@@ -82,7 +85,7 @@ def test_filters_keep_what_transformers_keeps_row_by_row():
         n = int(allowed.sum())
         torch.testing.assert_close(torch.softmax(ours[b], -1), torch.softmax(expected, -1), rtol=(n + 2) * 2 ** -24,
                                    atol=0)
-    for b, (temperature, top_k, top_p, min_p, penalty) in enumerate(ROWS):
+    for b, (temperature, top_k, top_p, min_p, penalty) in enumerate(rows):
         seen = torch.zeros(V, dtype=torch.bool).index_fill_(0, ids[b], True)
         penalized = torch.where(seen, torch.where(logits[b] < 0, logits[b] * penalty, logits[b] / penalty), logits[b])
         unambiguous(penalized, temperature, top_k, top_p, min_p)
@@ -104,16 +107,22 @@ def test_draws_follow_the_filtered_distribution():
 
 
 def test_greedy_rows_of_a_sampled_batch_take_the_penalized_argmax():
-    """Temperature 0 in one row is greedy there, whatever the other rows draw: transformers' greedy search
-    takes the penalty too."""
+    """Temperature 0 in a row is greedy there, whatever the other rows draw, even between two tokens a hair
+    apart (a tiny temperature would draw either); transformers' greedy search takes the penalty too: the
+    likeliest token, seen already, falls behind the next."""
     torch.manual_seed(2)
-    logits = torch.randn(3, V)
-    seen = torch.zeros(3, V, dtype=torch.bool)
-    top = logits[1].argmax()
-    seen[1, top] = True
-    s = sampling(3, "cpu", [1.0, 0.0, 1.0], repetition_penalty=[1.0, 5.0, 1.0])._replace(seen=seen)
-    expected = RepetitionPenaltyLogitsProcessor(5.0)(top.view(1, 1), logits[1:2].clone()).argmax()
-    assert expected != top and sample(logits, s)[1, 0] == expected
+    logits = torch.randn(64, V)
+    top = logits.argmax(dim=-1)  # [64]
+    second = logits.clone().scatter_(1, top[:, None], float("-inf")).argmax(dim=-1)
+    logits[torch.arange(64), second] = logits[torch.arange(64), top] - 1e-6  # a near tie for the lead
+    seen = torch.zeros(64, V, dtype=torch.bool)
+    seen[0, top[0]] = True  # the first row has seen its likeliest token
+    s = sampling(64, "cpu", [0.0, 1.0] * 32, repetition_penalty=1.3)._replace(seen=seen)
+    penalized = RepetitionPenaltyLogitsProcessor(1.3)(top[:1, None], logits[:1].clone())
+    drawn = sample(logits, s)[:, 0]
+    assert drawn[0] == penalized.argmax() == second[0]
+    assert torch.equal(drawn[2::2], top[2::2])  # the other greedy rows
+    assert not torch.equal(drawn[1::2], top[1::2])  # the sampled rows did sample
 
 
 class FixedLogits(torch.nn.Module):
