@@ -182,17 +182,17 @@ class CheckedOutput:
 @contextlib.contextmanager
 def checked_output():
     """Within, stdout is a CheckedOutput. A closed stdout (`>&-`, which Python shows as None) is refused before
-    any work; a closed stderr becomes nothing, or print(file=sys.stderr) would write to stdout."""
-    if sys.stdout is None:
-        raise UserError("stdout is closed (>&-): give the output somewhere to go, e.g. > out.txt or > /dev/null")
-    stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout = CheckedOutput(stdout)
+    any work; a closed stderr becomes nothing for good, or print(file=sys.stderr) would write to stdout."""
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:
+        raise UserError("stdout is closed (>&-): give the output somewhere to go, e.g. > out.txt or > /dev/null")
+    stdout = sys.stdout
+    sys.stdout = CheckedOutput(stdout)
     try:
         yield
     finally:
-        sys.stdout, sys.stderr = stdout, stderr
+        sys.stdout = stdout
 
 
 def exit_as_on_sigpipe():

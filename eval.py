@@ -184,11 +184,11 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     device = rank_device(args.device) if rank is not None else args.device
     prepare_cpu_kernels(device)
     models = [load_model(checkpoint, device, PRECISIONS[args.precision], rank, world_size) for checkpoint in checkpoints]
-    # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
     step = forward
     if args.compile:
         print("compiling the forward pass with torch.compile (the first chunk waits for it)…", file=sys.stderr,
               flush=True)
+        # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
         step = torch.compile(forward, fullgraph=True, dynamic=True)
     summary = evaluate(models, ids, args.context, tokenizer.bos_id(), step)
     print_table(args, summary, [(checkpoint.path, model_scheme(model).spec, active_weight_bytes(model) * world_size)
