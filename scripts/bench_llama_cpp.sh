@@ -86,7 +86,8 @@ echo "llama.cpp ($src, commit $commit), $threads threads, ${cpu:-unknown CPU}; -
 header=1
 for type in $types; do
     table=$("$build/bin/llama-bench" -m "$out/$type.gguf" -t "$threads" -p "${PROMPT:-512}" -n "${GEN:-64}" \
-                -r "${REPS:-3}" "$@" 2>/dev/null) || { echo "| $type: llama-bench failed |"; continue; }
+                -r "${REPS:-3}" "$@" 2>/dev/null) ||
+        { echo "| $type: llama-bench failed (exit status $?; on some CPUs its repacked layout crashes: try -- --repack 0) |"; continue; }
     if [[ $header == 1 ]]; then
         grep -E '^\|' <<< "$table"
         header=0
