@@ -294,7 +294,7 @@ def parse_format(spec: str) -> WeightFormat:
 
 # The weights a scheme stores in formats, by part of the model (our checkpoint names; the embedding table,
 # the norms and the router always stay as the checkpoint has them).
-PARTS = {"attention": r"layers\.\d+\.attention\.(wqkv|wo)\.weight",  # wqkv and wo of every layer
+PARTS = {"attention": r"layers\.\d+\.attention\.(wqkv\.(weight|q|k|v)|wo\.weight)",  # wqkv (or its q, k, v rows) and wo
          "experts": r"layers\.\d+\.block_sparse_moe\.w[13]",  # each expert's gate and up projections
          "down": r"layers\.\d+\.block_sparse_moe\.w2",  # each expert's down projection
          "output": r"output\.weight"}  # the output head

@@ -39,19 +39,23 @@ class FormattedWeights(nn.Module):
 
 
 class Linear(FormattedWeights):
-    """nn.Linear without bias, its weight [out, in] stored in a format."""
+    """nn.Linear without bias, its weight [out, in] stored in a format; or its rows stored in parts, each in
+    its own format (rows: [(name, format, rows)]: a GGUF file's q, k and v projections may differ)."""
 
-    def __init__(self, fmt: WeightFormat, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, fmt: WeightFormat, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
+                 rows: list = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.add_weight("weight", fmt, (out_features, in_features), dtype)
+        for name, fmt_, n in rows or [("weight", fmt, out_features)]:
+            self.add_weight(name, fmt_, (n, in_features), dtype)
 
     @property
     def format(self) -> WeightFormat:
-        return self.formats["weight"]
+        """The weight's format (its first part's, when stored in parts)."""
+        return next(iter(self.formats.values()))
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.format, x, self.weight_tensors("weight"))
+        return torch.cat([linear(fmt, x, self.weight_tensors(name)) for name, fmt in self.formats.items()], dim=-1)
 
 
 class MOEFeedForward(FormattedWeights):
@@ -84,9 +88,14 @@ class Attention(reference.Attention):
     """model.Attention with wqkv and wo stored in formats, attending on dispatch.py's path."""
 
     def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32,
-                 wo: WeightFormat = None):
+                 wo: WeightFormat = None, qkv: tuple = None):
+        # qkv: the q, k and v rows' formats, where they differ (then wqkv is stored in three parts)
+        rows = None
+        if qkv is not None:
+            q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
+            rows = list(zip("qkv", qkv, (q_size, kv_size, kv_size)))
         super().__init__(config, make_linear=lambda name, inputs, outputs: Linear(
-            wo or fmt if name == "wo" else fmt, inputs, outputs, dtype))
+            wo or fmt if name == "wo" else fmt, inputs, outputs, dtype, rows=rows if name == "wqkv" else None))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return ATTENTION_PATHS[dispatch.attention_path(q)](q, k, v, mask)
@@ -103,7 +112,9 @@ def build_model(config: ModelArgs, fmt, dtype: torch.dtype = torch.float32) -> T
         if of("block_sparse_moe.w1") != of("block_sparse_moe.w3"):
             raise UserError(f"layer {i}'s experts hold w1 in {of('block_sparse_moe.w1').spec} and w3 in "
                             f"{of('block_sparse_moe.w3').spec}: an expert's gate and up projections share a format")
-        layer.attention = Attention(of("attention.wqkv.weight"), config, dtype, wo=of("attention.wo.weight"))
+        qkv = tuple(of(f"attention.wqkv.{p}") for p in "qkv")
+        layer.attention = Attention(of("attention.wqkv.weight"), config, dtype, wo=of("attention.wo.weight"),
+                                    qkv=qkv if len(set(qkv)) > 1 else None)
         layer.block_sparse_moe = MOEFeedForward(of("block_sparse_moe.w1"), config, dtype,
                                                 down=of("block_sparse_moe.w2"))
     model.output = Linear(scheme.format_of("output.weight"), config.dim, config.vocab_size, dtype)

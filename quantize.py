@@ -34,11 +34,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import check_tensors, load_state_dict, open_checkpoint, quantized_path, tensor_shapes
+from checkpoint import check_tensors, load_state_dict, open_checkpoint, quantized_path
 from cli import one_line_errors
 from errors import UserError
 from formats import Int4, detect_format, parse_scheme
 from layers import stored_weights
+from names import tensor_shapes
 from writing import atomic_file, reserve
 
 
@@ -126,7 +127,7 @@ def format_spec(args) -> str:
         raise UserError(f"--mode {args.mode} and --format {args.format} both name the format: keep one")
     if args.mode == "int8":
         if args.groupsize is not None or args.int4_attention:
-            raise UserError(f"--groupsize and --int4_attention are for --mode int4 (groups of inputs sharing a "
+            raise UserError("--groupsize and --int4_attention are for --mode int4 (groups of inputs sharing a "
                             f"scale); --mode int8 has one scale per row: drop them")
         return "int8"
     return f"int4:g{args.groupsize or 32}" + (":attn4" if args.int4_attention else "")

@@ -102,7 +102,11 @@ def shard_attention(attn: Attention, rank: int, world_size: int):
     def own_rows(t, axis):  # (H + 2*KV) * Dh rows -> (H + 2*KV) / N * Dh rows, still [q | k | v]
         return torch.cat([_chunk(part, axis, rank, world_size) for part in t.split([q_size, kv_size, kv_size], axis)], axis)
 
-    _slice_weight(attn.wqkv, "weight", -2, own_rows)
+    if "weight" in attn.wqkv.formats:
+        _slice_weight(attn.wqkv, "weight", -2, own_rows)
+    else:  # stored in parts (a GGUF file's q, k and v in different formats): each part's own heads
+        for part in "qkv":
+            _slice_weight(attn.wqkv, part, -2, lambda t, axis: _chunk(t, axis, rank, world_size))
     _slice_weight(attn.wo, "weight", -1, lambda t, axis: _chunk(t, axis, rank, world_size))  # [D, H*Dh] -> [D, H/N * Dh]
     # The forward splits q/k/v and sizes the KV cache by these counts.
     attn.n_head //= world_size

@@ -10,9 +10,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import check_tensors, from_hub, hub_tensor_shapes, json_entry, read_config, read_json_object  # noqa: E402
+from checkpoint import check_tensors, json_entry, read_config, read_json_object  # noqa: E402
 from cli import one_line_errors  # noqa: E402
 from errors import UserError  # noqa: E402
+from names import from_hub, hub_tensor_shapes  # noqa: E402
 from writing import atomic_file  # noqa: E402
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import config_from_hub, hub_config, hub_tensor_shapes  # noqa: E402
+from checkpoint import config_from_hub, hub_config  # noqa: E402
+from names import hub_tensor_shapes  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 # Mixtral-8x7B-v0.1's own config.json, as published.

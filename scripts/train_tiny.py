@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import hub_config, to_hub  # noqa: E402
+from checkpoint import hub_config  # noqa: E402
+from names import to_hub  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from scripts.make_tiny_checkpoint import write_hub_checkpoint  # noqa: E402
 
