@@ -1,12 +1,15 @@
 # Writing a checkpoint so that no fault leaves part of one behind: the converter and quantize.py write
 # to a temporary name beside the output and rename it when complete. A full disk, a file-size limit
 # or a signal (Ctrl-C, SIGTERM from `timeout` or a job scheduler, SIGHUP from a closed terminal)
-# removes the temporary file and ends the run with one line.
+# removes the temporary file and ends the run with one line. Each run has a temporary name of its
+# own, so that two runs writing one output never write one file; the last to finish wins, whole.
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -21,18 +24,35 @@ def readable_size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
+def check_replaceable(path: Path):
+    """Refuses, in one line, to replace a read-only file: making it so is how a user says 'keep this'.
+    Callers with a long way to go before writing call it up front too."""
+    if not path.exists():
+        return
+    # os.access alone would pass every file for root, who may write anything: the mode bits say it too.
+    if not os.access(path, os.W_OK) or not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise UserError(f"{path} is read-only: make it writable (chmod u+w) or remove it to write it again")
+
+
+def temporary_path(path: Path) -> Path:
+    """A name beside path that no other run uses: path's name, a random part, '.tmp'."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, needed_bytes: int):
-    """Yields a file opened for writing under path + '.tmp', renamed to path when the block ends.
-    A write error, or a stopping signal, removes it and raises a UserError (SystemExit for a signal)
-    with one line naming the path, and for a full disk the space needed_bytes asks for there.
+    """Yields a file opened for writing under a temporary name of this run's own beside path (its name
+    ends in '.tmp'), renamed to path when the block ends. A write error, or a stopping signal, removes it
+    and raises a UserError (SystemExit for a signal) with one line naming the path, and for a full disk
+    the space needed_bytes asks for there. A read-only file at path is refused before anything is written.
     Write torch.save's output through the file object yielded: torch's own writer, given a path,
     reports a full disk as a RuntimeError that does not say so."""
-    tmp = path.with_name(path.name + ".tmp")
+    check_replaceable(path)
+    tmp = temporary_path(path)
     try:
         with stop_cleanly_on_signals(f"{path} was not written"):
             try:
-                with open(tmp, "wb") as f:
+                with open(tmp, "xb") as f:  # x: never another's file, however unlikely the name
                     yield f
             except (OSError, RuntimeError) as e:
                 raise UserError(write_failure(path, needed_bytes, writer_cause(e))) from None
@@ -94,7 +114,9 @@ def stop_cleanly_on_signals(what: str):
         return
 
     def stop(signum, frame):
-        print(f"error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+        # A progress bar's line has no newline until the bar closes: the error line starts its own.
+        start = "\n" if progress_bar_drawn() else ""
+        print(f"{start}error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in STOPPING_SIGNALS}
@@ -103,3 +125,10 @@ def stop_cleanly_on_signals(what: str):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def progress_bar_drawn() -> bool:
+    """Whether a tqdm bar is open now (tqdm keeps every open bar in its class's _instances). tqdm is
+    looked up, not imported: a process that has not imported it has no bar."""
+    tqdm = sys.modules.get("tqdm.std")
+    return tqdm is not None and len(getattr(tqdm.tqdm, "_instances", ())) > 0

@@ -13,7 +13,7 @@ import pytest
 
 import generate as generate_script
 import quantize as quantize_script
-from conftest import fails_cleanly, run_script
+from conftest import REPO, fails_cleanly, run_script
 from scripts.convert_hf_checkpoint import main as convert_main
 
 
@@ -176,6 +176,70 @@ def test_quantize_reserves_the_disk_space_before_writing_through_the_map(checkpo
     assert allocated >= size
 
 
+QUANTIZE_AT_A_BARRIER = """
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import quantize
+barrier, real_save = sys.argv[1], quantize.torch.save
+
+def save(*args, **kwargs):  # each run waits here, its temporary file open, until both runs are here
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return real_save(*args, **kwargs)
+quantize.torch.save = save
+quantize.main(sys.argv[2:])
+"""
+
+
+def test_two_runs_writing_the_same_output_at_once_both_succeed(checkpoint, tmp_path):
+    """Two quantize.py runs with one output shared one temporary file: the first to finish renamed it
+    away under the other (which then failed, or died of SIGBUS when one truncated what the other had
+    mapped). Each has its own now: both succeed, the output is whole, nothing is left behind."""
+    import subprocess
+    import torch
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    command = [sys.executable, "-c", QUANTIZE_AT_A_BARRIER, barrier, "--checkpoint_path", folder / "model.pth"]
+    runs = [subprocess.Popen([str(a) for a in command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    for run in runs:
+        run.stdout.close()
+        run.stderr.close()
+    assert len(list(barrier.iterdir())) == 2  # both runs had their temporary file open at once
+    assert [code for code, _ in results] == [0, 0], results
+    assert leftovers(folder) == []
+    written = torch.load(folder / "model_int8.pth", weights_only=True)
+    source = torch.load(checkpoint / "model.pth", weights_only=True)
+    assert written["tok_embeddings.weight"].equal(source["tok_embeddings.weight"])  # kept as it is
+    q, scales = written["layers.0.attention.wo.weight"], written["layers.0.attention.wo.scales"]
+    w = source["layers.0.attention.wo.weight"].double()
+    # int8, one scale a row: each weight within half a step (scale / 2) of the source, the scale max|row| / 127.
+    assert q.dtype == torch.int8 and ((q.double() * scales.double()[:, None] - w).abs() <= scales.double()[:, None] / 2 * (1 + 1e-6)).all()
+    assert torch.allclose(scales.double(), w.abs().amax(dim=1) / 127, rtol=1e-6)
+
+
+def test_a_read_only_output_is_refused_not_replaced(checkpoint, tmp_path, capsys):
+    """A read-only model_int8.pth or model.pth is the user's 'keep this': it was replaced silently.
+    Now one line names it, and it is left as it was."""
+    import stat
+    folder = linked_folder(checkpoint, tmp_path, "model.pth", *HUB_FILES)
+    kept = folder / "model_int8.pth"
+    kept.write_bytes(b"keep me")
+    kept.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    fails_cleanly(quantize_script.main, ["--checkpoint_path", folder / "model.pth"], capsys, str(kept), "read-only")
+    assert kept.read_bytes() == b"keep me" and leftovers(folder) == []
+    output = folder / "model.pth"
+    output.unlink()
+    output.write_bytes(b"keep me too")
+    output.chmod(stat.S_IRUSR)
+    fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, str(output), "read-only")
+    assert output.read_bytes() == b"keep me too" and leftovers(folder) == []
+
+
 @pytest.fixture
 def counted_signals():
     """A handler for SIGTERM and SIGHUP that only counts them, in place of the default (which would end
@@ -218,3 +282,23 @@ def test_a_signal_while_writing_removes_the_temporary_file(checkpoint, tmp_path,
     stopped(quantize_script.main, ["--checkpoint_path", folder / "model.pth"], "model_int8.pth")
     count, received = counted_signals
     assert received == [] and signal.getsignal(signum) is count
+
+
+def test_the_signal_line_starts_a_line_of_its_own_after_a_progress_bar(checkpoint, tmp_path, capsys, monkeypatch,
+                                                                        counted_signals):
+    """SIGTERM while quantize.py's progress bar is drawn: the bar ends without a newline, and the error
+    line was glued to it (not found by a reader looking for lines that start with 'error:')."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth")
+    real_quantize_into = quantize_script.quantize_into
+
+    def quantize_into_then_signal(*args, **kwargs):
+        real_quantize_into(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(quantize_script, "quantize_into", quantize_into_then_signal)
+    with pytest.raises(SystemExit) as exit_:
+        quantize_script.main(["--checkpoint_path", str(folder / "model.pth")])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "%|" in err  # a bar was drawn
+    assert [line for line in err.split("\n") if line.startswith("error: stopped by SIGTERM")], repr(err)
+    assert leftovers(folder) == []
