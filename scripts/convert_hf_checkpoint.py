@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, UserError, json_entry, read_json_object  # noqa: E402
-from writing import atomic_file  # noqa: E402
+from writing import atomic_file, check_replaceable  # noqa: E402
 
 
 def hub_tensor_shapes(config: ModelArgs) -> dict:
@@ -61,10 +61,26 @@ def open_shard(path: Path):
         raise UserError(f"{path} is not a readable safetensors file ({e}); download it again")
 
 
+def check_values(name: str, tensor: torch.Tensor, path: Path):
+    """Refuses weights no model can run: integer ones (a quantized export, which this converter does not
+    read) and NaN or Inf (a damaged file: one makes every later activation NaN). Checked as each tensor
+    is read, so a bad one stops the run before the rest is converted."""
+    if not tensor.is_floating_point():
+        raise UserError(f"tensor {name} in {path} holds {str(tensor.dtype).removeprefix('torch.')} values, not "
+                        f"floating point: the converter reads float weights (bfloat16, float16, float32), not a "
+                        f"quantized export")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        raise UserError(f"tensor {name} in {path} holds {int(bad.sum())} NaN or Inf values: the file is damaged; "
+                        f"download it again")
+
+
 def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") -> Path:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"{checkpoint_dir} is not a folder: download the checkpoint first")
+    output = checkpoint_dir / output_name
+    check_replaceable(output)  # up front: the whole model is read before it is written
     config = ModelArgs.from_json(checkpoint_dir / "config.json")
     expected = hub_tensor_shapes(config)
     files = find_weight_files(checkpoint_dir)
@@ -88,6 +104,7 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
         if tuple(tensor.shape) != expected[name]:
             raise UserError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                                   f"{expected[name]}: config.json does not fit these weights")
+        check_values(name, tensor, files[name])
         return tensor
 
     state_dict = {"tok_embeddings.weight": read("model.embed_tokens.weight")}
@@ -107,7 +124,6 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
     state_dict["output.weight"] = read("model.embed_tokens.weight" if config.tie_word_embeddings
                                        else "lm_head.weight")
 
-    output = checkpoint_dir / output_name
     with atomic_file(output, sum(t.nbytes for t in state_dict.values())) as f:
         torch.save(state_dict, f)
     return output
