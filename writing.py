@@ -114,9 +114,7 @@ def stop_cleanly_on_signals(what: str):
         return
 
     def stop(signum, frame):
-        # A progress bar's line has no newline until the bar closes: the error line starts its own.
-        start = "\n" if progress_bar_drawn() else ""
-        print(f"{start}error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr, flush=True)
+        say_stopped(signum, what)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in STOPPING_SIGNALS}
@@ -125,6 +123,13 @@ def stop_cleanly_on_signals(what: str):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def say_stopped(signum: int, what: str):
+    """The one line for a stopping signal. A progress bar's line has no newline until the bar closes:
+    with one drawn, the error line starts a line of its own."""
+    start = "\n" if progress_bar_drawn() else ""
+    print(f"{start}error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr, flush=True)
 
 
 def progress_bar_drawn() -> bool:
