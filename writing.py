@@ -1,11 +1,14 @@
 # Writing a checkpoint so that no fault leaves part of one behind: the converter and quantize.py write
-# to a temporary name beside the output and rename it when complete. A full disk, a file-size limit
-# or a signal (Ctrl-C, SIGTERM from `timeout` or a job scheduler, SIGHUP from a closed terminal)
-# removes the temporary file and ends the run with one line. Each run has a temporary name of its
-# own, so that two runs writing one output never write one file; the last to finish wins, whole.
+# a file (atomic_file), scripts/make_tiny_checkpoint.py and scripts/train_tiny.py a folder of files
+# (atomic_folder), under a temporary name beside the output, renamed when complete. A full disk, a
+# file-size limit or a signal (Ctrl-C, SIGTERM from `timeout` or a job scheduler, SIGHUP from a closed
+# terminal) removes the temporary one and ends the run with one line. Each run has a temporary name of
+# its own, so that two runs writing one output never write one file; the last to finish wins, whole.
 import contextlib
 import errno
+import fnmatch
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -61,6 +64,75 @@ def atomic_file(path: Path, needed_bytes: int):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path, replaceable: tuple = ()):
+    """Yields a new, empty folder beside path, under a temporary name of this run's own, to write into;
+    when the block ends it takes path's place, so that path is never a mix of old and new files: an old
+    folder there is renamed aside, the new one renamed to path, the old one removed. A write error, or a
+    stopping signal, removes the new folder, leaves path as it was, and raises a UserError (SystemExit
+    for a signal) with one line naming path. The folder is made at once, so a place that cannot be
+    written is found before the work that fills it. An old folder is replaced only if each of its
+    entries is a file whose name matches one of the replaceable patterns (fnmatch): anything else in
+    it is not this writer's to remove, and path is refused."""
+    path = Path(path)
+    check_folder_replaceable(path, replaceable)
+    tmp = temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with stop_cleanly_on_signals(f"{path} was not written"):
+            try:
+                yield tmp
+                replace_folder(tmp, path)
+            except OSError as e:
+                raise UserError(write_failure(path, None, e)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_folder_replaceable(path: Path, replaceable: tuple):
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} is a file: give a folder to write into")
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() or not any(fnmatch.fnmatch(entry.name, pattern) for pattern in replaceable):
+            raise UserError(f"{path} holds {entry.name}, which is not a checkpoint's: the folder would be replaced "
+                            f"as a whole, so give a new folder (or one holding a checkpoint only)")
+
+
+def replace_folder(new: Path, path: Path):
+    """new takes path's place; an old folder at path is removed once it has."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    aside = temporary_path(path)
+    os.rename(path, aside)
+    try:
+        os.rename(new, path)
+    except OSError:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_room(path: Path, sizes: list):
+    """Refuses files of these sizes (bytes) where path will be, before the work that leads to them: one
+    larger than the file-size limit (ulimit -f), or all of them more than the free space."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and max(sizes) > limit:
+        raise UserError(f"{path} needs a file of {readable_size(max(sizes))}, more than the file-size limit "
+                        f"(ulimit -f) of {readable_size(limit)}: raise the limit, or write elsewhere")
+    existing = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if sum(sizes) > free:
+        raise UserError(f"{path} needs {readable_size(sum(sizes))} and {existing} has {readable_size(free)} free: "
+                        f"make room there")
+
+
 def writer_cause(error: BaseException) -> BaseException:
     """What made a write fail. torch's writer calls the file object's write() and turns any exception it
     raises (a full disk's OSError, a signal's SystemExit) into a RuntimeError of its own, keeping the
@@ -75,16 +147,18 @@ def writer_cause(error: BaseException) -> BaseException:
     return cause
 
 
-def write_failure(path: Path, needed_bytes: int, error: OSError) -> str:
-    """The line for a failed write: what happened, where, and for a full disk how much space it needs."""
+def write_failure(path: Path, needed_bytes, error: OSError) -> str:
+    """The line for a failed write: what happened, where, and for a full disk how much space it needs
+    (needed_bytes; None where it is not known)."""
     message = f"could not write {path}: {error.strerror or error}"
+    size = readable_size(needed_bytes) if needed_bytes is not None else None
     if error.errno == errno.EFBIG:
-        return message + (f"; it needs {readable_size(needed_bytes)}, more than the file-size limit (ulimit -f) "
-                          f"or the file system allows")
+        return message + (f"; it needs {size}, more than" if size else "; a file grew past") + \
+            " the file-size limit (ulimit -f) or what the file system allows"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = shutil.disk_usage(path.parent).free
-        return message + (f"; it needs {readable_size(needed_bytes)} in {path.parent}, which has "
-                          f"{readable_size(free)} free: make room there")
+        free = readable_size(shutil.disk_usage(path.parent).free)
+        return message + (f"; it needs {size} in {path.parent}, which has {free} free" if size else
+                          f"; {path.parent} has {free} free") + ": make room there"
     return message
 
 

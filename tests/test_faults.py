@@ -302,3 +302,114 @@ def test_the_signal_line_starts_a_line_of_its_own_after_a_progress_bar(checkpoin
     assert "%|" in err  # a bar was drawn
     assert [line for line in err.split("\n") if line.startswith("error: stopped by SIGTERM")], repr(err)
     assert leftovers(folder) == []
+
+
+# ----------------------------------------------------------------------------- scripts/train_tiny.py, make_tiny_checkpoint.py
+
+TINY_TRAINING = ["--max_files", "12", "--steps", "3", "--eval_every", "3", "--vocab_size", "800", "--dim", "32",
+                 "--n_layer", "2", "--n_head", "2", "--n_kv_head", "1", "--intermediate_size", "32", "--seq_len", "32",
+                 "--batch_size", "2", "--val_windows", "2", "--threads", "1"]
+OLD_FOLDER = {"config.json": b'{"old": 1}', "model.safetensors": b"old weights", "tokenizer.model": b"old tokenizer",
+              "model.pth": b"old conversion"}
+
+
+def old_folder(path):
+    """A checkpoint folder as an earlier run left it."""
+    path.mkdir(parents=True)
+    for name, data in OLD_FOLDER.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+def folder_files(path) -> dict:
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_train_tiny_under_a_file_size_limit_leaves_the_old_folder_whole(tmp_path):
+    """A write that failed (file-size limit) left the new tokenizer.model beside the old weights, and
+    every later run on the folder failed. The limit is found before training now, and the folder stays
+    as it was, with nothing beside it."""
+    out = old_folder(tmp_path / "tiny")
+    result = run_script("scripts/train_tiny.py", "--out_dir", out, *TINY_TRAINING, preexec_fn=limit_file_size(64 << 10))
+    assert result.returncode == 1
+    one_error_line(result.stderr, str(out), "file-size limit")
+    assert "step 3" not in result.stdout + result.stderr  # refused before training
+    assert folder_files(out) == OLD_FOLDER and [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_train_tiny_replaces_an_old_folder_as_a_whole(tmp_path):
+    """Written file by file over an old folder, the new checkpoint kept the old folder's other files: a
+    model.pth converted from the old weights stood beside the new ones."""
+    from scripts import train_tiny
+    out = old_folder(tmp_path / "tiny")
+    train_tiny.main([str(a) for a in ["--out_dir", out, *TINY_TRAINING]])
+    import torch
+    torch.set_num_threads(1)  # main set its own
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model", "training.json"]
+    assert (out / "config.json").read_bytes() != OLD_FOLDER["config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_train_tiny_refuses_a_folder_that_holds_more_than_a_checkpoint(tmp_path, capsys):
+    """The folder is replaced as a whole, so one holding anything else (a notes file, a subfolder: any
+    folder given by mistake) is refused before any work, and left as it was."""
+    from scripts import train_tiny
+    out = old_folder(tmp_path / "tiny")
+    (out / "notes.txt").write_text("mine")
+    fails_cleanly(train_tiny.main, ["--out_dir", out, *TINY_TRAINING], capsys, str(out), "notes.txt")
+    assert folder_files(out) == {**OLD_FOLDER, "notes.txt": b"mine"} and [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_train_tiny_refuses_the_shipped_model_without_force(capsys, monkeypatch):
+    """The default --out_dir was the shipped assets/tiny-stdlib: a bare run replaced the repo's model."""
+    from scripts import train_tiny
+    shipped = REPO / "assets" / "tiny-stdlib"
+    before = folder_files(shipped)
+    monkeypatch.chdir(REPO)
+    for out_dir in (shipped, "assets/tiny-stdlib", "assets/../assets/tiny-stdlib"):
+        fails_cleanly(train_tiny.main, ["--out_dir", out_dir, *TINY_TRAINING], capsys, str(out_dir), "assets", "--force")
+    assert folder_files(shipped) == before
+    assert not [p for p in shipped.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_while_training_is_one_line_and_leaves_the_old_folder(tmp_path):
+    import subprocess
+    out = old_folder(tmp_path / "tiny")
+    command = [sys.executable, "scripts/train_tiny.py", "--out_dir", out, *TINY_TRAINING[:-1], "1", "--steps", "100000"]
+    with open(tmp_path / "stderr", "w+") as err:
+        process = subprocess.Popen([str(a) for a in command], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in process.stdout:  # the model is built: training starts now
+            if line.startswith("model:"):
+                break
+        process.send_signal(signal.SIGINT)
+        process.stdout.read()
+        assert process.wait(timeout=60) == 128 + signal.SIGINT
+        err.seek(0)
+        one_error_line(err.read(), "stopped by SIGINT", str(out))
+    assert folder_files(out) == OLD_FOLDER and sorted(p.name for p in tmp_path.iterdir()) == ["stderr", "tiny"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--steps", "0"], ["--steps", "at least 1"]),
+    (["--steps", "-5"], ["--steps", "at least 1"]),
+    (["--vocab_size", "100"], ["--vocab_size 100", "too small"]),
+    (["--stdlib", "{tmp}/nowhere"], ["--stdlib", "nowhere", "not a folder"]),
+    (["--stdlib", "{tmp}/empty"], ["--stdlib", "empty", "no .py files"]),
+], ids=["steps-0", "steps-negative", "vocab-too-small", "stdlib-missing", "stdlib-empty"])
+def test_bad_training_arguments_are_one_line_each(tmp_path, capsys, flags, words):
+    from scripts import train_tiny
+    (tmp_path / "empty").mkdir()
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    fails_cleanly(train_tiny.main, ["--out_dir", tmp_path / "out", *TINY_TRAINING, *flags], capsys, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_make_tiny_checkpoint_under_a_file_size_limit_leaves_the_old_folder_whole(tmp_path):
+    """The writer train_tiny.py uses, on its own: the first shard that did not fit was left cut short
+    among the old folder's files."""
+    out = old_folder(tmp_path / "tiny")
+    result = run_script("scripts/make_tiny_checkpoint.py", "--checkpoint_dir", out, preexec_fn=limit_file_size(1 << 20))
+    assert result.returncode == 1
+    one_error_line(result.stderr, str(out), "File too large")
+    assert folder_files(out) == OLD_FOLDER and [p.name for p in tmp_path.iterdir()] == ["tiny"]
