@@ -116,7 +116,10 @@ def replace_folder(new: Path, path: Path):
     except OSError:
         os.rename(aside, path)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.is_symlink():  # a link to a folder: the link was replaced, not what it points to
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_room(path: Path, sizes: list):

@@ -405,6 +405,18 @@ def test_bad_training_arguments_are_one_line_each(tmp_path, capsys, flags, words
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+def test_train_tiny_finds_a_place_it_cannot_write_before_any_work(tmp_path, capsys, monkeypatch):
+    """A file where the folder (or its parent) should go was found only after training, as a traceback."""
+    from scripts import train_tiny
+    read = []
+    monkeypatch.setattr(train_tiny, "stdlib_files", lambda *args: read.append(args))
+    (tmp_path / "a_file").write_text("mine")
+    fails_cleanly(train_tiny.main, ["--out_dir", tmp_path / "a_file", *TINY_TRAINING], capsys, "a_file", "is a file")
+    fails_cleanly(train_tiny.main, ["--out_dir", tmp_path / "a_file" / "tiny", *TINY_TRAINING], capsys, "cannot write",
+                  str(tmp_path / "a_file" / "tiny"))
+    assert read == [] and (tmp_path / "a_file").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_make_tiny_checkpoint_under_a_file_size_limit_leaves_the_old_folder_whole(tmp_path):
     """The writer train_tiny.py uses, on its own: the first shard that did not fit was left cut short
     among the old folder's files."""
