@@ -257,8 +257,7 @@ def checksum_path(library: Path) -> Path:
 
 
 def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # a library of a few hundred KB
 
 
 def record_checksum(library: Path):
