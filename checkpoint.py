@@ -143,6 +143,19 @@ def check_tensors(found: dict, expected: dict, where: str):
                             f"{'nothing' if found[name] is None else tuple(found[name])}")
 
 
+def check_values(name: str, tensor: torch.Tensor, path: Path):
+    """Refuses weights no model can run: integer ones (a quantized export, which the converter does not read)
+    and NaN or Inf (a damaged file: one makes every later activation NaN). The converter and quantize.py check
+    each tensor (or each chunk of one) as they read it, so a bad one stops the run before the rest is done."""
+    if not tensor.is_floating_point():
+        raise UserError(f"tensor {name} in {path} holds {str(tensor.dtype).removeprefix('torch.')} values, not "
+                        f"floating point: full-precision weights are bfloat16, float16 or float32, not a quantized export")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        raise UserError(f"tensor {name} in {path} holds {int(bad.sum())} NaN or Inf values: the file is damaged; "
+                        f"download it again")
+
+
 # ----------------------------------------------------------------------------- weights files
 
 @dataclass(frozen=True)
@@ -217,18 +230,32 @@ def load_model(checkpoint: Checkpoint, device: str, precision: torch.dtype, rank
     state_dict, scheme = load_weights(checkpoint)
     with torch.device("meta"):
         model = build_model(checkpoint.config, scheme)
-    try:
-        model.load_state_dict(state_dict, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise UserError(f"{checkpoint.path} does not fit its config: {detail}")
+    check_state_dict(state_dict, model.state_dict(), checkpoint.path)
+    model.load_state_dict(state_dict, assign=True)
     if rank is not None:
         apply_tp(model, rank, world_size)  # while the weights are still mmapped: a rank reads only its slices
     if torch.device(device).type == "cpu":
         cpu_kernels.available()  # built now, once, or one line saying why PyTorch's kernels are used
     # Module.to(dtype) casts floating-point tensors only: int8 and int4 (uint8) weights stay as they are.
     return model.to(device=device, dtype=precision).eval()
+
+
+def check_state_dict(state_dict: dict, expected: dict, where: Path):
+    """A UserError unless the state dict holds exactly the tensors the model built for it expects: every name,
+    shape and, for stored codes, dtype (full-precision tensors may be any float: loading casts them). A file
+    that a bug, another tool or a hand wrote wrongly is named here, not met as a crash inside a kernel."""
+    bad = next((name for name, t in state_dict.items() if not isinstance(name, str) or not isinstance(t, torch.Tensor)),
+               None)
+    if bad is not None:
+        raise UserError(f"{where} holds {type(state_dict[bad]).__name__} under {bad!r}, not a tensor: it is not a "
+                        f"checkpoint this repo wrote; convert or quantize it again")
+    check_tensors({name: tuple(t.shape) for name, t in state_dict.items()},
+                  {name: tuple(t.shape) for name, t in expected.items()}, str(where))
+    for name, want in expected.items():
+        got = state_dict[name].dtype
+        if got != want.dtype and not (got.is_floating_point and want.dtype.is_floating_point):
+            raise UserError(f"{where}: {name} is {str(got).removeprefix('torch.')}, but its format stores "
+                            f"{str(want.dtype).removeprefix('torch.')}; convert or quantize it again")
 
 
 def quantized_path(path: Path, scheme: Scheme) -> Path:
@@ -310,14 +337,21 @@ def load_tokenizer(checkpoint: Checkpoint):
     """The SentencePiece tokenizer: tokenizer.model beside the weights, or the vocabulary a GGUF file carries."""
     import sentencepiece as spm
     if checkpoint.gguf is not None:
-        return tokenizer_from_gguf(checkpoint.gguf)
-    path = checkpoint.folder / "tokenizer.model"
-    if not path.is_file():
-        raise UserError(f"tokenizer {path} not found: put the model's tokenizer.model beside the checkpoint")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:
-        raise UserError(f"{path} is not a SentencePiece model ({e})")
+        tokenizer, where = tokenizer_from_gguf(checkpoint.gguf), f"{checkpoint.path}'s vocabulary"
+    else:
+        path = checkpoint.folder / "tokenizer.model"
+        if not path.is_file():
+            raise UserError(f"tokenizer {path} not found: put the model's tokenizer.model beside the checkpoint")
+        try:
+            tokenizer, where = spm.SentencePieceProcessor(model_file=str(path)), str(path)
+        except Exception as e:
+            raise UserError(f"{path} is not a SentencePiece model ({e})")
+    # A larger vocabulary gives ids the embedding table lacks; a smaller one cannot spell every token the model
+    # may choose. Either way the tokenizer is another model's.
+    if tokenizer.vocab_size() != checkpoint.config.vocab_size:
+        raise UserError(f"{where} has {tokenizer.vocab_size()} tokens but the model has {checkpoint.config.vocab_size} "
+                        f"(vocab_size): the tokenizer belongs to another model; put this model's beside it")
+    return tokenizer
 
 
 def is_instruct(checkpoint: Checkpoint) -> bool:

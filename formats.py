@@ -397,6 +397,9 @@ def stored_format(state_dict: dict, name: str) -> WeightFormat:
     size its scales imply), uint8 alone a block type (by its block's size), int8 is int8, anything else full
     precision. A weight or scales the checkpoint lacks leave it to loading to say what does not fit."""
     t = state_dict.get(name)
+    if isinstance(t, Tensor) and not t.dtype.is_floating_point and t.dtype not in (torch.uint8, torch.int8):
+        raise UserError(f"{name} is {str(t.dtype).removeprefix('torch.')}: weights here are floats, int8 or "
+                        f"uint8 (int4, block types); convert or quantize the model again")
     if not isinstance(t, Tensor) or t.dtype not in (torch.uint8, torch.int8):
         return FullPrecision()
     prefix, weight = name.rsplit(".", 1) if "." in name else ("", name)
@@ -406,7 +409,11 @@ def stored_format(state_dict: dict, name: str) -> WeightFormat:
         return Blocks(types[0]) if len(types) == 1 else Int4()
     if t.dtype == torch.int8 or not isinstance(scales, Tensor) or scales.dim() == 0 or not scales.shape[-1]:
         return Int8() if t.dtype == torch.int8 else Int4()
-    return Int4(2 * t.shape[-1] // scales.shape[-1])
+    groupsize = 2 * t.shape[-1] // scales.shape[-1]
+    if groupsize not in Int4.GROUP_SIZES:
+        raise UserError(f"{name}'s int4 scales imply groups of {groupsize} inputs; int4 here has groups of "
+                        f"{', '.join(map(str, Int4.GROUP_SIZES))}: quantize the model again")
+    return Int4(groupsize)
 
 
 def scheme_of(formats: dict) -> Scheme:
@@ -425,7 +432,8 @@ def scheme_of(formats: dict) -> Scheme:
 
 def detect_format(state_dict: dict) -> Scheme:
     """The formats a checkpoint is stored in, weight by weight, told by its content, not its file name."""
-    return scheme_of({name: stored_format(state_dict, name) for name in state_dict if part_of(name)})
+    return scheme_of({name: stored_format(state_dict, name) for name in state_dict
+                      if isinstance(name, str) and part_of(name)})
 
 
 # ----------------------------------------------------------------------------- PyTorch's arithmetic
