@@ -55,6 +55,8 @@ class Linear(FormattedWeights):
         return next(iter(self.formats.values()))
 
     def forward(self, x: Tensor) -> Tensor:
+        if len(self.formats) == 1:
+            return linear(self.format, x, self.weight_tensors(next(iter(self.formats))))
         return torch.cat([linear(fmt, x, self.weight_tensors(name)) for name, fmt in self.formats.items()], dim=-1)
 
 
