@@ -45,8 +45,10 @@ class WeightFormat:
     name: str = ""  # shown to users: 'int8'
     quantized: bool = True
     # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp), 'triton'
-    # (kernels/triton_moe.py). Both take a weight and optional scales, told apart by the stored dtypes.
+    # (kernels/triton_moe.py). Both take a weight, optional scales and the format's name for them,
+    # kernel_name, which they check against the stored dtypes.
     kernels: tuple = ()
+    kernel_name: str = ""
     # Whether grouped_experts runs one grouped matmul over all experts (else one expert at a time).
     grouped_matmul: bool = False
 
@@ -105,18 +107,18 @@ class WeightFormat:
 
     # The hand-written kernels, for the formats that list them in `kernels`.
     def cpu_linear(self, x: Tensor, t: dict) -> Tensor:
-        return cpu_kernels.ops().linear(x, t[""], t.get("scales"))
+        return cpu_kernels.ops().linear(x, t[""], t.get("scales"), self.kernel_name)
 
     def cpu_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
         return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
-                                     w3.get("scales"), w2.get("scales"))
+                                     w3.get("scales"), w2.get("scales"), self.kernel_name)
 
     def cuda_linear(self, x: Tensor, t: dict) -> Tensor:
-        return torch.ops.mixtral_triton.linear(x, t[""], t.get("scales"))
+        return torch.ops.mixtral_triton.linear(x, t[""], t.get("scales"), self.kernel_name)
 
     def cuda_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
         return torch.ops.mixtral_triton.moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
-                                            w3.get("scales"), w2.get("scales"))
+                                            w3.get("scales"), w2.get("scales"), self.kernel_name)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class FullPrecision(WeightFormat):
     name = "full precision"
     quantized = False
     kernels = ("cpu", "triton")
+    kernel_name = "full"
     grouped_matmul = True
 
     @property
@@ -158,6 +161,7 @@ class Int8(WeightFormat):
     stored in the full-precision dtype (loading casts them to --precision like any weight)."""
     name = "int8"
     kernels = ("cpu", "triton")
+    kernel_name = "int8"
 
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
@@ -218,6 +222,7 @@ class Int4(WeightFormat):
     groupsize: int = 32
     name = "int4"
     kernels = ("cpu", "triton")
+    kernel_name = "int4"  # the kernels take the group size from the scales' shape
     GROUP_SIZES = (32, 64, 128)
 
     @property

@@ -10,24 +10,27 @@
 // below). Each thread streams its rows in order, prefetching ahead.
 //
 // This file is compiled once per instruction set, with that set's flags (kernels/cpu.py chooses the
-// best the CPU has). Everything here is common to all: the activations' quantization, the row loops,
-// threading, the ops and their registration. Only the inner dot products differ, one header per set:
+// best the CPU has), and holds everything: the activations' quantization, the row loops, threading, the
+// ops and their registration. The loops are written in a small vocabulary of vector types and
+// operations (isa::Float, isa::Int, isa::load, isa::fma, isa::dot_bytes2, ...) that each set's header
+// defines at its own width, with its own instructions for what differs:
 //   cpu_avx2.h    AVX2 + FMA + F16C (MIXTRAL_ISA_AVX2), and with AVX-VNNI's integer products (MIXTRAL_ISA_AVXVNNI)
-//   cpu_avx512.h  AVX-512 with VNNI and BF16 (MIXTRAL_ISA_AVX512)
+//   cpu_avx512.h  AVX-512 with VNNI and BF16 (MIXTRAL_ISA_AVX512), and its bf16 dot product's loop
 // Each build registers its ops in its own namespace, MIXTRAL_OPS (mixtral_cpu_avx2, ...), so that one
 // process can hold several: the tests compare every set the machine has.
 //
-// Ops (torch.ops.MIXTRAL_OPS.*):
-//   linear(x [M, K], weight [N, K], scales [N]?) -> [M, N]          y = x @ (weight * scales).T
+// Ops (torch.ops.MIXTRAL_OPS.*), each told its weights' format by name ('full', 'int8', 'int4'), which
+// the ops check against the tensors' dtypes:
+//   linear(x [M, K], weight [N, K], scales [N]?, format) -> [M, N]          y = x @ (weight * scales).T
 //   moe(x [T, D], experts [T, Kx], weights [T, Kx], w1 [E, I, D], w3 [E, I, D], w2 [E, D, I],
-//       w1_scales [E, I]?, w3_scales [E, I]?, w2_scales [E, D]?) -> [T, D]
+//       w1_scales [E, I]?, w3_scales [E, I]?, w2_scales [E, D]?, format) -> [T, D]
 //   dequantize_int8(q [..., C], scales [...], dtype) -> [..., C]    q * scales, for prompts
 //   dequantize_int4(packed [..., C/2], scales [..., C/group], dtype) -> [..., C]
 // moe reads each chosen expert in place, once per call however many tokens chose it, with w1 and w3 in
-// one pass and silu(w1 x) * (w3 x) computed as the rows come in. Weights are float32, bf16, fp16, int8
-// (with float scales per output row) or int4 (uint8, two values a byte, with float scales per group
-// of `group` values along a row: then scales [N, K/group] and [E, I, D/group], [E, D, I/group]);
-// activations any of the three float types.
+// one pass and silu(w1 x) * (w3 x) computed as the rows come in. Formats: 'full', float32, bf16 or fp16
+// weights; 'int8', int8 weights with float scales per output row; 'int4', uint8 weights (two values a
+// byte) with float scales per group of `group` values along a row (then scales [N, K/group] and
+// [E, I, D/group], [E, D, I/group]). Activations any of the three float types.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -52,8 +55,8 @@ using at::Tensor;
 
 // ---------------------------------------------------------------------------- weights and activations
 
-// Eight weights as float32 (AVX2, which every instruction set here includes): the tails of the dot
-// products and the dequantization for prompts.
+// Eight weights as float32 (AVX2, which every instruction set here includes): int4's group scales and
+// the dequantization for prompts.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 inline __m256 load8(const c10::BFloat16* p) {
@@ -98,6 +101,19 @@ inline void prefetch_ahead(const W* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1);
 }
 
+// The vector vocabulary of this build's instruction set (namespace isa).
+#if defined(MIXTRAL_ISA_AVX512)
+#include "cpu_avx512.h"
+#elif defined(MIXTRAL_ISA_AVX2) || defined(MIXTRAL_ISA_AVXVNNI)
+#include "cpu_avx2.h"
+#else
+#error "an instruction set (MIXTRAL_ISA_*) is set by kernels/cpu.py"
+#endif
+
+// int4 activations are reordered a chunk of this many values at a time (evens, then odds): the values
+// whose weights' low and high nibbles one vector of packed bytes holds.
+constexpr int64_t kInt4Chunk = 8 * isa::kFloats;
+
 // Activation vectors, M of K values each: float32, and where the weights call for it also:
 //  - bf16 weights, where the instruction set multiplies bf16 pairs and the activations are bf16: the
 //    activations in bf16. A model run in bf16 holds them in bf16 anyway; only the MoE's hidden
@@ -110,7 +126,7 @@ inline void prefetch_ahead(const W* p) {
 //  - int4 weights: int8 in blocks of 32 values (|q| <= 127), llama.cpp's Q8_0. The unsigned nibbles
 //    times int8 activations multiply and add in one or two instructions. The step, 1/254 of a block's
 //    largest value, is a small fraction of the int4 weights' own (1/16 of a group's range).
-//    Each isa::kChunk values ("a chunk": the values one load of packed weights holds) are stored evens
+//    Each kInt4Chunk values ("a chunk": the values one load of packed weights holds) are stored evens
 //    first, then odds: the order in which the low and high nibbles of the weights come out. The int32
 //    sums of a chunk's products come out in lanes of 8 consecutive values, four lanes a block. Per
 //    chunk, two vectors line up with those lanes, stored once per activation vector (the inner loop,
@@ -130,9 +146,9 @@ struct Vectors {
   const float* scale = nullptr;
   const int8_t* q8 = nullptr;          // int8 blocks, chunks reordered
   const float* scale8 = nullptr;       // per block
-  const float* chunk_scale = nullptr;  // per chunk, a vector's lanes (chunk / 8 of them)
+  const float* chunk_scale = nullptr;  // per chunk, a vector's lanes (kInt4Chunk / 8 of them)
   const int32_t* lane_offset = nullptr;  // per chunk and lane: -8 * the sum of its 8 values of q8
-  int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0, chunk = 0;
+  int64_t K = 0, blocks = 0, blocks8 = 0, chunks = 0;
 
   Vectors at(int64_t m) const {
     Vectors v = *this;
@@ -141,19 +157,11 @@ struct Vectors {
     if (q) v.q = q + m * K, v.scale = scale + m * blocks;
     if (q8) {
       v.q8 = q8 + m * K, v.scale8 = scale8 + m * blocks8;
-      v.chunk_scale = chunk_scale + m * chunks * (chunk / 8), v.lane_offset = lane_offset + m * chunks * (chunk / 8);
+      v.chunk_scale = chunk_scale + m * chunks * isa::kFloats, v.lane_offset = lane_offset + m * chunks * isa::kFloats;
     }
     return v;
   }
 };
-
-#if defined(MIXTRAL_ISA_AVX512)
-#include "cpu_avx512.h"
-#elif defined(MIXTRAL_ISA_AVX2) || defined(MIXTRAL_ISA_AVXVNNI)
-#include "cpu_avx2.h"
-#else
-#error "an instruction set (MIXTRAL_ISA_*) is set by kernels/cpu.py"
-#endif
 
 struct VectorStore {  // owns what a Vectors view points to
   std::vector<c10::BFloat16> bf;
@@ -211,9 +219,9 @@ void quantize_int16(const float* x, int64_t M, int64_t K, VectorStore& v) {
 
 // K is a multiple of 32 here (int4 groups are); a last, partial chunk is stored like a whole one, evens first.
 void quantize_int8(const float* x, int64_t M, int64_t K, VectorStore& v) {
-  constexpr int64_t kChunk = isa::kChunk, kLanes = kChunk / 8, kLanesPerBlock = kBlock8 / 8, per_chunk = kChunk / kBlock8;
+  constexpr int64_t kChunk = kInt4Chunk, kLanes = kChunk / 8, kLanesPerBlock = kBlock8 / 8, per_chunk = kChunk / kBlock8;
   const int64_t blocks = K / kBlock8, chunks = K / kChunk;
-  v.view.blocks8 = blocks, v.view.chunks = chunks, v.view.chunk = kChunk;
+  v.view.blocks8 = blocks, v.view.chunks = chunks;
   v.q8.resize(M * K), v.scale8.resize(M * blocks);
   v.chunk_scale.resize(M * chunks * kLanes), v.lane_offset.resize(M * chunks * kLanes);
   // Bytes of a block in order (after the packs, which interleave 128-bit halves and 4-byte groups) ...
@@ -272,45 +280,142 @@ Quantized activations_for(bool bf16_activations) {
 
 // ---------------------------------------------------------------------------- dot products
 
-// The values past what an instruction set's tile took (from k on), in scalar float32.
+// out[r * MC + m] = dot(rows[r], x + m * K) for float rows and float32 vectors: the whole vectors of
+// values in the instruction set's width, then the last few in scalar float32. U independent accumulators
+// per (row, vector) pair keep R * MC * U >= 4 multiply-adds in flight.
 template <typename W, int R, int MC>
-inline void add_tail(const W* const* rows, const float* x, int64_t k, int64_t K, float* out) {
+inline void dot_tile_float(const W* const* rows, const float* x, int64_t K, float* out) {
+  constexpr int V = isa::kFloats, U = R * MC >= 4 ? 1 : 4 / (R * MC);
+  constexpr int64_t kLine = 64 / sizeof(W);  // values in a cache line of weights: prefetched once each
+  isa::Float acc[R][MC][U];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m)
+      for (int u = 0; u < U; ++u) acc[r][m][u] = isa::zero();
+  int64_t k = 0;
+  for (; k + V * U <= K; k += V * U) {
+    for (int r = 0; r < R; ++r)
+      for (int64_t p = 0; p < V * U; p += kLine) prefetch_ahead(rows[r] + k + p);
+    for (int u = 0; u < U; ++u) {
+      isa::Float xv[MC];
+      for (int m = 0; m < MC; ++m) xv[m] = isa::load(x + m * K + k + V * u);
+      for (int r = 0; r < R; ++r) {
+        const isa::Float w = isa::load(rows[r] + k + V * u);
+        for (int m = 0; m < MC; ++m) acc[r][m][u] = isa::fma(w, xv[m], acc[r][m][u]);
+      }
+    }
+  }
+  for (; k + V <= K; k += V)
+    for (int r = 0; r < R; ++r) {
+      const isa::Float w = isa::load(rows[r] + k);
+      for (int m = 0; m < MC; ++m) acc[r][m][0] = isa::fma(w, isa::load(x + m * K + k), acc[r][m][0]);
+    }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) {
-      float s = 0.0f;
+      isa::Float a = acc[r][m][0];
+      for (int u = 1; u < U; ++u) a = isa::add(a, acc[r][m][u]);
+      float s = isa::sum(a);
       for (int64_t j = k; j < K; ++j) s += to_float(rows[r][j]) * x[m * K + j];
-      out[r * MC + m] += s;
+      out[r * MC + m] = s;
     }
 }
 
-// out[r * MC + m] = dot(rows[r], x[m]) for float rows (and int8 rows, whose blocks' last, partial one
-// is added here).
+// out[r * MC + m] = dot(rows[r], x[m]) for int8 rows and int16 vectors: exact integer sums within each
+// whole block of 64 values (its products, at most 127 * 32767 each, fit an int32 lane many times over),
+// then scaled and added in float32; the last, partial block in scalar.
+template <int R, int MC>
+inline void dot_tile_int8(const int8_t* const* rows, const Vectors& x, float* out) {
+  constexpr int V = isa::kFloats;  // 2V int16 values a vector
+  const int64_t K = x.K, full_blocks = K / kBlock;
+  isa::Float acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = isa::zero();
+  for (int64_t b = 0; b < full_blocks; ++b) {
+    const int64_t k0 = b * kBlock;
+    for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + k0);
+    isa::Int sums[R][MC];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MC; ++m) sums[r][m] = isa::int_zero();
+    for (int64_t k = k0; k < k0 + kBlock; k += 2 * V) {
+      isa::Int xv[MC];
+      for (int m = 0; m < MC; ++m) xv[m] = isa::load_int(x.q + m * K + k);
+      for (int r = 0; r < R; ++r) {
+        const isa::Int w = isa::widen_int8(rows[r] + k);
+        for (int m = 0; m < MC; ++m) sums[r][m] = isa::dot_int16(sums[r][m], w, xv[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      const isa::Float scale = isa::broadcast(x.scale[m * x.blocks + b]);
+      for (int r = 0; r < R; ++r) acc[r][m] = isa::fma(isa::to_float(sums[r][m]), scale, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) {
+      float s = isa::sum(acc[r][m]);
+      for (int64_t k = full_blocks * kBlock; k < K; ++k)
+        s += float(rows[r][k]) * float(x.q[m * K + k]) * x.scale[m * x.blocks + k / kBlock];
+      out[r * MC + m] = s;
+    }
+}
+
+// out[r * MC + m] = dot(rows[r], x[m]) for float and int8 rows.
 template <typename W, int R, int MC>
 inline void dot_tile(const W* const* rows, const Vectors& x, float* out) {
-  const int64_t K = x.K;
   if constexpr (std::is_same_v<W, int8_t>) {
-    isa::dot_tile_int8<R, MC>(rows, x, out);
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MC; ++m)
-        for (int64_t k = K / kBlock * kBlock; k < K; ++k)
-          out[r * MC + m] += float(rows[r][k]) * float(x.q[m * K + k]) * x.scale[m * x.blocks + k / kBlock];
+    dot_tile_int8<R, MC>(rows, x, out);
   } else {
     if constexpr (std::is_same_v<W, c10::BFloat16> && isa::kBF16Dot)
       if (x.bf) {
-        isa::dot_tile_bf16<R, MC>(rows, x.bf, K, out);  // every value, the last through masked loads
+        isa::dot_tile_bf16<R, MC>(rows, x.bf, x.K, out);  // every value, the last through masked loads
         return;
       }
-    add_tail<W, R, MC>(rows, x.f, isa::dot_tile<W, R, MC>(rows, x.f, K, out), K, out);
+    dot_tile_float<W, R, MC>(rows, x.f, x.K, out);
   }
 }
 
+// int4 rows times int8 vectors over whole chunks [c0, c1) of kInt4Chunk values, added to out: a vector
+// of packed bytes split into its low nibbles (the chunk's even values) and high nibbles (odd), each
+// multiplied with the matching half of the reordered activations. Lane j of the int32 sums holds values
+// 8j..8j+7, so each block of 32 is 4 lanes; block_scale[r][b - b0] is the weight scale of row r's block b.
+template <int R, int MC>
+inline void int4_chunks(const uint8_t* const* rows, const float (*block_scale)[kSegmentBlocks], int64_t b0, int64_t c0,
+                        int64_t c1, const Vectors& x, float* out) {
+  constexpr int V = isa::kFloats;
+  constexpr int64_t kBytes = kInt4Chunk / 2;  // of packed weights a chunk
+  const int64_t K = x.K;
+  isa::Float acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = isa::zero();
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c * kBytes % 64 == 0)  // once a cache line
+      for (int r = 0; r < R; ++r) prefetch_ahead(rows[r] + c * kBytes);
+    isa::Int even[MC], odd[MC];
+    for (int m = 0; m < MC; ++m) {
+      even[m] = isa::load_int(x.q8 + m * K + c * kInt4Chunk);
+      odd[m] = isa::load_int(x.q8 + m * K + c * kInt4Chunk + kInt4Chunk / 2);
+    }
+    for (int r = 0; r < R; ++r) {
+      const isa::Int packed = isa::load_int(rows[r] + c * kBytes);
+      const isa::Int low = isa::low_nibbles(packed), high = isa::high_nibbles(packed);
+      const isa::Float w_scale = isa::spread4(block_scale[r] + c * (kInt4Chunk / kBlock8) - b0);
+      for (int m = 0; m < MC; ++m) {
+        const isa::Int start = isa::load_int(x.lane_offset + (m * x.chunks + c) * V);  // the nibbles' offset
+        const isa::Int sums = isa::dot_bytes2(start, low, even[m], high, odd[m]);
+        const isa::Float scale = isa::mul(w_scale, isa::load(x.chunk_scale + (m * x.chunks + c) * V));
+        acc[r][m] = isa::fma(isa::to_float(sums), scale, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) out[r * MC + m] += isa::sum(acc[r][m]);
+}
+
 // out[r * MC + m] = dot(rows[r], x[m]) for int4 rows (with their group scales) and int8 vectors, a
-// segment of blocks at a time: the blocks' weight scales converted first, the whole chunks multiplied
-// by the instruction set, and a last, partial chunk here.
+// segment of blocks at a time: the blocks' weight scales converted first, then the whole chunks, then
+// what is left of a last, partial chunk in scalar.
 template <typename S, int R, int MC>
 inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, int64_t group, const Vectors& x,
                           float* out) {
-  const int64_t K = x.K, blocks = x.blocks8, blocks_per_group = group / kBlock8, per_chunk = isa::kChunk / kBlock8;
+  const int64_t K = x.K, blocks = x.blocks8, blocks_per_group = group / kBlock8, per_chunk = kInt4Chunk / kBlock8;
   // repeat[n / 2][j]: lanes 8j..8j+7 of eight values each repeated n times (n = 1, 2, 4).
   static const __m256i repeat[3][4] = {
       {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)},
@@ -340,9 +445,9 @@ inline void dot_tile_int4(const uint8_t* const* rows, const S* const* scales, in
     }
     // Whole chunks of this segment (it starts on a chunk), then what is left of the last chunk.
     const int64_t c0 = b0 / per_chunk, c1 = b1 / per_chunk;
-    isa::int4_chunks<R, MC>(rows, block_scale, b0, c0, c1, x, out);
+    int4_chunks<R, MC>(rows, block_scale, b0, c0, c1, x, out);
     if (b1 == blocks && blocks % per_chunk) {  // blocks of 32 values: 16 bytes each, evens then odds in the activations
-      const int64_t k0 = c1 * isa::kChunk, span = (K - k0) / 2;
+      const int64_t k0 = c1 * kInt4Chunk, span = (K - k0) / 2;
       for (int64_t b = c1 * per_chunk; b < blocks; ++b)
         for (int r = 0; r < R; ++r)
           for (int m = 0; m < MC; ++m) {
@@ -442,6 +547,94 @@ struct Floats {
   }
 };
 
+// ---------------------------------------------------------------------------- formats
+
+// The weight formats, named by the caller (formats.py's kernel_name): the dtypes alone cannot tell
+// them apart (any packed format is uint8).
+enum class Format { kFull, kInt8, kInt4 };
+
+struct FormatNamed {
+  const char* name;
+  Format format;
+  const char* weights;  // what the format stores, for the messages
+};
+constexpr FormatNamed kFormats[] = {
+    {"full", Format::kFull, "float32, bfloat16 or float16 weights and no scales"},
+    {"int8", Format::kInt8, "int8 weights and scales"},
+    {"int4", Format::kInt4, "uint8 weights (two values a byte) and scales"},
+};
+
+// torch's name of a dtype (ATen's own says Char and Byte for int8 and uint8).
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    default: return c10::toString(t);
+  }
+}
+
+// The format called `name`, checked against the weights' dtype and whether scales came: a mismatch is
+// refused, rather than the bytes read as another format's.
+Format format_of(c10::string_view name, const Tensor& w, const c10::optional<Tensor>& scales, const char* op) {
+  for (const FormatNamed& f : kFormats) {
+    if (name != f.name) continue;
+    const at::ScalarType t = w.scalar_type();
+    const bool dtype_fits = f.format == Format::kFull ? (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)
+                            : f.format == Format::kInt8 ? t == at::kChar
+                                                        : t == at::kByte;
+    TORCH_CHECK(dtype_fits && scales.has_value() == (f.format != Format::kFull), op, ": format '", f.name, "' takes ",
+                f.weights, "; got ", dtype_name(t), " weights and ", scales ? "scales" : "no scales");
+    return f.format;
+  }
+  TORCH_CHECK(false, op, ": unknown weight format '", name, "'; one of full, int8, int4 expected");
+}
+
+// Values per stored element of a row.
+inline int64_t values_per_element(Format f) { return f == Format::kInt4 ? 2 : 1; }
+
+// Calls f with a null pointer of the weights' element type (int4: Int4 of their scales' type).
+template <typename F>
+void dispatch_weight_type(Format format, const Tensor& w, const c10::optional<Tensor>& scales, F&& f) {
+  switch (format) {
+    case Format::kFull:
+      switch (w.scalar_type()) {
+        case at::kFloat: return f(static_cast<const float*>(nullptr));
+        case at::kBFloat16: return f(static_cast<const c10::BFloat16*>(nullptr));
+        default: return f(static_cast<const c10::Half*>(nullptr));  // format_of allows no other
+      }
+    case Format::kInt8: return f(static_cast<const int8_t*>(nullptr));
+    case Format::kInt4:
+      switch (scales->scalar_type()) {
+        case at::kFloat: return f(static_cast<const Int4<float>*>(nullptr));
+        case at::kBFloat16: return f(static_cast<const Int4<c10::BFloat16>*>(nullptr));
+        case at::kHalf: return f(static_cast<const Int4<c10::Half>*>(nullptr));
+        default: TORCH_CHECK(false, "mixtral_cpu: int4 scales of dtype ", scales->scalar_type(), " are not supported");
+      }
+  }
+}
+
+// Checks the scales of weights w [..., N, K / values per element] in format f (format_of has checked
+// that they come where f needs them), and returns the number of groups per row (0 unless int4).
+int64_t check_scales(Format f, const c10::optional<Tensor>& scales, const Tensor& w, int64_t K) {
+  if (!scales) return 0;
+  TORCH_CHECK(scales->is_contiguous(), "mixtral_cpu: scales must be contiguous");
+  const auto rows = w.sizes().slice(0, w.dim() - 1);
+  if (f == Format::kInt8) {
+    TORCH_CHECK(scales->sizes() == rows, "mixtral_cpu: scales of shape ", scales->sizes(), " do not fit int8 weights of shape ",
+                w.sizes());
+    return 0;
+  }
+  const int64_t groups = scales->size(-1);
+  TORCH_CHECK(scales->dim() == w.dim() && scales->sizes().slice(0, w.dim() - 1) == rows && groups > 0 &&
+                  K % groups == 0 && (K / groups) % kBlock8 == 0,
+              "mixtral_cpu: int4 scales of shape ", scales->sizes(), " do not fit weights of shape ", w.sizes(),
+              " (groups of a multiple of 32 values along the rows expected)");
+  return groups;
+}
+
 // ---------------------------------------------------------------------------- linear
 
 // y[m, n] = scale[n] * dot(w[n], x[m]) for rows n in [n0, n1). One row at a time: the rows lie one after
@@ -466,59 +659,19 @@ void linear_rows(const W* w, const Floats& scales, int64_t groups, const Vectors
   }
 }
 
-// Calls f with a null pointer of the weights' element type (uint8 weights: Int4 of their scales' type).
-template <typename F>
-void dispatch_weight_type(const Tensor& w, const c10::optional<Tensor>& scales, F&& f) {
-  switch (w.scalar_type()) {
-    case at::kFloat: return f(static_cast<const float*>(nullptr));
-    case at::kBFloat16: return f(static_cast<const c10::BFloat16*>(nullptr));
-    case at::kHalf: return f(static_cast<const c10::Half*>(nullptr));
-    case at::kChar: return f(static_cast<const int8_t*>(nullptr));
-    case at::kByte:
-      switch (scales->scalar_type()) {
-        case at::kFloat: return f(static_cast<const Int4<float>*>(nullptr));
-        case at::kBFloat16: return f(static_cast<const Int4<c10::BFloat16>*>(nullptr));
-        case at::kHalf: return f(static_cast<const Int4<c10::Half>*>(nullptr));
-        default: TORCH_CHECK(false, "mixtral_cpu: int4 scales of dtype ", scales->scalar_type(), " are not supported");
-      }
-    default: TORCH_CHECK(false, "mixtral_cpu: weights of dtype ", w.scalar_type(), " are not supported");
-  }
-}
-
-// Checks the scales of weights w [..., N, K / values per element] against what the weights' dtype
-// needs, and returns the number of groups per row (0 unless int4).
-int64_t check_scales(const c10::optional<Tensor>& scales, const Tensor& w, int64_t K) {
-  const bool int8 = w.scalar_type() == at::kChar, int4 = w.scalar_type() == at::kByte;
-  TORCH_CHECK(scales.has_value() == (int8 || int4),
-              "mixtral_cpu: int8 and int4 weights need scales, and only they take them");
-  if (!scales) return 0;
-  TORCH_CHECK(scales->is_contiguous(), "mixtral_cpu: scales must be contiguous");
-  const auto rows = w.sizes().slice(0, w.dim() - 1);
-  if (int8) {
-    TORCH_CHECK(scales->sizes() == rows, "mixtral_cpu: scales of shape ", scales->sizes(), " do not fit int8 weights of shape ",
-                w.sizes());
-    return 0;
-  }
-  const int64_t groups = scales->size(-1);
-  TORCH_CHECK(scales->dim() == w.dim() && scales->sizes().slice(0, w.dim() - 1) == rows && groups > 0 &&
-                  K % groups == 0 && (K / groups) % kBlock8 == 0,
-              "mixtral_cpu: int4 scales of shape ", scales->sizes(), " do not fit weights of shape ", w.sizes(),
-              " (groups of a multiple of 32 values along the rows expected)");
-  return groups;
-}
-
-Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scales) {
-  const int64_t per = weight.scalar_type() == at::kByte ? 2 : 1;  // int4: two values a byte
+Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scales, c10::string_view format_name) {
+  const Format format = format_of(format_name, weight, scales, "mixtral_cpu.linear");
+  const int64_t per = values_per_element(format);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) * per,
               "mixtral_cpu.linear: x [M, K] and weight [N, K] expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), "mixtral_cpu.linear: weight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const int64_t groups = check_scales(scales, weight, K);
+  const int64_t groups = check_scales(format, scales, weight, K);
   const std::vector<float> xf = Floats(x.contiguous()).to_vector(M * K);
   const Floats s(scales);
   Tensor y = at::empty({M, N}, x.options());
   const Floats out(y);
-  dispatch_weight_type(weight, scales, [&](auto tag) {
+  dispatch_weight_type(format, weight, scales, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const W* w = static_cast<const W*>(weight.data_ptr());
     const VectorStore xv = make_vectors(xf.data(), M, K, activations_for<W>(x.scalar_type() == at::kBFloat16));
@@ -627,10 +780,13 @@ void moe_experts(const Groups& g, const float* x, bool bf16, const Floats& pair_
 
 Tensor moe(const Tensor& x, const Tensor& experts, const Tensor& weights, const Tensor& w1, const Tensor& w3,
            const Tensor& w2, const c10::optional<Tensor>& w1_scales, const c10::optional<Tensor>& w3_scales,
-           const c10::optional<Tensor>& w2_scales) {
+           const c10::optional<Tensor>& w2_scales, c10::string_view format_name) {
   TORCH_CHECK(x.dim() == 2 && experts.dim() == 2 && weights.sizes() == experts.sizes() && experts.size(0) == x.size(0),
               "mixtral_cpu.moe: x [T, D], experts and weights [T, K] expected");
-  const int64_t per = w1.scalar_type() == at::kByte ? 2 : 1;  // int4: two values a byte
+  const Format format = format_of(format_name, w1, w1_scales, "mixtral_cpu.moe");
+  format_of(format_name, w3, w3_scales, "mixtral_cpu.moe");
+  format_of(format_name, w2, w2_scales, "mixtral_cpu.moe");
+  const int64_t per = values_per_element(format);
   TORCH_CHECK(w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 && w2.size(0) == w1.size(0) &&
               w2.size(1) == w1.size(2) * per && w2.size(2) * per == w1.size(1) && w1.size(2) * per == x.size(1),
               "mixtral_cpu.moe: w1, w3 [E, I, D] and w2 [E, D, I] expected, got ", w1.sizes(), ", ", w3.sizes(),
@@ -639,17 +795,17 @@ Tensor moe(const Tensor& x, const Tensor& experts, const Tensor& weights, const 
               "mixtral_cpu.moe: w1, w3 and w2 must share a dtype");
   TORCH_CHECK(w1.is_contiguous() && w3.is_contiguous() && w2.is_contiguous(), "mixtral_cpu.moe: weights must be contiguous");
   const int64_t E = w1.size(0), I = w1.size(1), D = x.size(1);
-  const int64_t groups1 = check_scales(w1_scales, w1, D);
-  TORCH_CHECK(check_scales(w3_scales, w3, D) == groups1 && (!w3_scales || w3_scales->scalar_type() == w1_scales->scalar_type()),
+  const int64_t groups1 = check_scales(format, w1_scales, w1, D);
+  TORCH_CHECK(check_scales(format, w3_scales, w3, D) == groups1 && (!w3_scales || w3_scales->scalar_type() == w1_scales->scalar_type()),
               "mixtral_cpu.moe: w1 and w3 must share their scales' shape and dtype");
-  const int64_t groups2 = check_scales(w2_scales, w2, I);
+  const int64_t groups2 = check_scales(format, w2_scales, w2, I);
   TORCH_CHECK(!w2_scales || w2_scales->scalar_type() == w1_scales->scalar_type(),
               "mixtral_cpu.moe: w1 and w2 must share their scales' dtype");
   const int64_t T = x.size(0);
   const std::vector<float> xf = Floats(x.contiguous()).to_vector(T * D);
   std::vector<float> yf(T * D, 0.0f);
   const Groups g = group_by_expert(experts, E);
-  dispatch_weight_type(w1, w1_scales, [&](auto tag) {
+  dispatch_weight_type(format, w1, w1_scales, [&](auto tag) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     moe_experts<W>(g, xf.data(), x.scalar_type() == at::kBFloat16, Floats(weights.contiguous()), static_cast<const W*>(w1.data_ptr()),
                    static_cast<const W*>(w3.data_ptr()), static_cast<const W*>(w2.data_ptr()), Floats(w1_scales),
@@ -720,7 +876,7 @@ Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarTyp
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() >= 1,
               "mixtral_cpu.dequantize_int4: contiguous uint8 weights expected");
   const int64_t C = packed.size(-1) * 2, rows = packed.numel() / std::max<int64_t>(packed.size(-1), 1);
-  const int64_t groups = check_scales(scales, packed, C), group = C / groups;
+  const int64_t groups = check_scales(Format::kInt4, scales, packed, C), group = C / groups;
   const std::vector<float> s = Floats(scales).to_vector(rows * groups);
   std::vector<int64_t> shape(packed.sizes().begin(), packed.sizes().end());
   shape.back() = C;
@@ -750,9 +906,9 @@ Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarTyp
 #define MIXTRAL_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 MIXTRAL_LIBRARY(MIXTRAL_OPS, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? scales, str format) -> Tensor");
   m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor? w1_scales, "
-        "Tensor? w3_scales, Tensor? w2_scales) -> Tensor");
+        "Tensor? w3_scales, Tensor? w2_scales, str format) -> Tensor");
   m.def("dequantize_int8(Tensor q, Tensor scales, ScalarType dtype) -> Tensor");
   m.def("dequantize_int4(Tensor packed, Tensor scales, ScalarType dtype) -> Tensor");
 }
