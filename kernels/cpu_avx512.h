@@ -47,6 +47,7 @@ inline Int load_int(const void* p) { return _mm512_loadu_si512(p); }
 inline Int widen_int8(const int8_t* p) {  // 2 * kFloats int8 -> int16
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+inline Int bit_or(Int a, Int b) { return _mm512_or_si512(a, b); }
 inline Int low_nibbles(Int bytes) { return _mm512_and_si512(bytes, _mm512_set1_epi8(0x0F)); }
 inline Int high_nibbles(Int bytes) { return _mm512_and_si512(_mm512_srli_epi16(bytes, 4), _mm512_set1_epi8(0x0F)); }
 
@@ -56,6 +57,56 @@ inline Int dot_int16(Int sums, Int a, Int b) { return _mm512_dpwssd_epi32(sums, 
 // sums + each int32 lane's four products of unsigned bytes a and signed bytes b, plus those of c and d.
 inline Int dot_bytes2(Int sums, Int a, Int b, Int c, Int d) {
   return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, a, b), c, d);
+}
+
+// sums + each int32 lane's four products of signed bytes w1 and a1, plus those of w2 and a2 (|a| <= 127):
+// |w| times a with w's sign, which the unsigned-by-signed product takes (there is no vpsignb at this
+// width: a is negated where w < 0).
+inline Int dot_signed2(Int sums, Int w1, Int a1, Int w2, Int a2) {
+  auto signed_a = [](Int w, Int a) { return _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), _mm512_setzero_si512(), a); };
+  sums = _mm512_dpbusd_epi32(sums, _mm512_abs_epi8(w1), signed_a(w1, a1));
+  return _mm512_dpbusd_epi32(sums, _mm512_abs_epi8(w2), signed_a(w2, a2));
+}
+
+// GGUF's blocks, a vector of bytes at a time. A unit is 32 values (32 bytes), kFloats / 8 of them a vector.
+
+// kFloats / 4 groups of 16 bytes, from p, p + stride, ... (here four).
+inline Int gather16(const uint8_t* p, int64_t stride) {
+  auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * stride)); };
+  const __m512i v = _mm512_inserti32x4(_mm512_castsi128_si512(at(0)), at(1), 1);
+  return _mm512_inserti32x4(_mm512_inserti32x4(v, at(2), 2), at(3), 3);
+}
+
+// Per 16-bit lane, a shift of `a` in the vector's low half and of `b` in its high half.
+inline __m512i halves(int a, int b) { return _mm512_inserti64x4(_mm512_set1_epi16(short(a)), _mm256_set1_epi16(short(b)), 1); }
+
+// kFloats / 8 units, from unit `first` (even), of 32-byte groups at p whose low nibbles are unit 2k and
+// high nibbles unit 2k + 1 (here two: one group, both nibbles).
+inline Int split_nibbles(const uint8_t* p, int first) {
+  const __m512i group = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * (first / 2))));
+  return _mm512_and_si512(_mm512_srlv_epi16(group, halves(0, 4)), _mm512_set1_epi8(0x0F));
+}
+
+// kFloats / 8 units' top bits from the same 32 bytes p: unit i's are bits shift + i * step, `mask` of
+// them, moved to bit 4 (here two units). The 16-bit shift moves a neighbour's bits into a byte's top,
+// which the mask drops.
+inline Int unit_bits(const uint8_t* p, int shift, int step, int mask) {
+  const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i bits = _mm512_and_si512(_mm512_srlv_epi16(q, halves(shift, shift + step)), _mm512_set1_epi8(char(mask)));
+  return _mm512_slli_epi16(bits, 4);
+}
+
+// The first 16 bytes of each unit of a, then of b; and the last 16.
+inline Int pair_low(Int a, Int b) { return _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(2, 0, 2, 0)); }
+inline Int pair_high(Int a, Int b) { return _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 1, 3, 1)); }
+// Per 16 bytes, the first 8 of a and of b; and the last 8.
+inline Int unpack_low64(Int a, Int b) { return _mm512_unpacklo_epi64(a, b); }
+inline Int unpack_high64(Int a, Int b) { return _mm512_unpackhi_epi64(a, b); }
+
+// kFloats / 2 floats, each repeated over 2 consecutive lanes.
+inline Float spread2(const float* s) {
+  const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  return _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(s)));
 }
 
 // out[r * MC + m] = dot(rows[r], x + m * K) for bf16 rows and bf16 vectors, all K values (the last < 32

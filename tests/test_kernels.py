@@ -176,7 +176,7 @@ def test_a_format_that_does_not_match_the_weights_is_refused(isa, op):
     wrong = [("int4", int8, "format 'int4' takes uint8 weights \\(two values a byte\\) and scales; got int8 weights and scales"),
              ("full", {"": int4[""]}, "format 'full' takes float32, bfloat16 or float16 weights and no scales; got uint8"),
              ("int8", floats, "format 'int8' takes int8 weights and scales; got float32 weights and no scales"),
-             ("int3", int4, "unknown weight format 'int3'; one of full, int8, int4 expected")]
+             ("int3", int4, "unknown weight format 'int3'; one of full, int8, int4, q8_0, q4_0, q4_k, q5_k, q6_k expected")]
     for name, t, message in wrong:
         with pytest.raises(RuntimeError, match=f"mixtral_cpu.{op}: {message}"):
             if op == "linear":
