@@ -11,10 +11,12 @@
 #   python scripts/bench_kernels.py                      # 14336 x 4096: one Mixtral expert's w1
 #   python scripts/bench_kernels.py --rows 32000 --cols 1024 --threads 1
 #   python scripts/bench_kernels.py --moe --isa avx2 --formats int4 q4_k
+#   python scripts/bench_kernels.py --no-torch --threads 1 --rows 512 --cols 4096 --mb 8 --cpu-time  # in cache
 import argparse
 import itertools
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -57,6 +59,13 @@ def stored(name: str, shape: tuple, g) -> tuple:
         return (torch.randint(0, 256, (*rows, cols // 2), dtype=torch.uint8, generator=g),
                 (torch.rand(*rows, cols // 32, generator=g) / 100).to(torch.bfloat16), "int4")
     return gguf_blocks(name, shape, g), None, name
+
+
+def thread_seconds(fn) -> float:
+    """The CPU seconds this thread spends in fn()."""
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
 
 
 def nbytes(t: tuple) -> int:
@@ -139,13 +148,21 @@ def main(argv=None):
     p.add_argument("--isa", nargs="+", default=None, help="this repo's kernels for these instruction sets only")
     p.add_argument("--formats", nargs="+", default=FORMAT_NAMES, choices=FORMAT_NAMES, help="this repo's kernels in these only")
     p.add_argument("--no-torch", action="store_true", help="leave out PyTorch's kernels")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by this thread's CPU time (with --threads 1 the kernels run in it): on a shared "
+                        "machine other processes' turns do not count. For weights that stay in cache (small "
+                        "--rows, --mb), to see what the arithmetic allows")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time and torch.get_num_threads() != 1:
+        p.error("--cpu-time measures this thread alone: add --threads 1")
+    timed = thread_seconds if args.cpu_time else seconds
     isas = [i for i in cpu_kernels.supported() if args.isa is None or i in args.isa] if cpu_kernels.available() else []
     copies = max(2, (args.mb << 20) // (args.rows * args.cols * 2))
     bandwidth = Bandwidth("cpu")
-    print(f"- machine: {machine_name('cpu')}, {torch.get_num_threads()} threads")
+    print(f"- machine: {machine_name('cpu')}, {torch.get_num_threads()} threads"
+          f"{'; timed in this thread CPU time' if args.cpu_time else ''}")
     shape = (f"one token through {E} experts of {I} x {D} (2 chosen)" if args.moe else
              f"{copies} matrices of {args.rows} x {args.cols} cycled")
     print(f"- {shape}; memory read {bandwidth.measure() / 1e9:.1f} GB/s (the benchmark's probe)\n")
@@ -167,7 +184,7 @@ def main(argv=None):
             def every_copy():
                 for call in calls:
                     call()
-            rate = statistics.median(nbytes_read * len(calls) / seconds(every_copy) for _ in range(args.runs))
+            rate = statistics.median(nbytes_read * len(calls) / timed(every_copy) for _ in range(args.runs))
             print(f"| {name} | {fmt(rate / 1e9)} | {fmt(rate / nbytes_read * values / 1e9)} |", flush=True)
 
 

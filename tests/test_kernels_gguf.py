@@ -2,10 +2,9 @@
 bytes, against float64 computed here, for every instruction set this CPU runs: the weights are the gguf
 package's dequantization of the same bytes, the activations are rounded to int8 blocks of 32 as the
 kernels' description says (written here, not taken from their code), and each tolerance is derived from
-float32 arithmetic on the terms the kernel adds (see `bound`)."""
+float32 arithmetic on the terms the kernel adds (float32_error)."""
 import functools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,8 @@ D_AT = {"q8_0": 0, "q4_0": 0, "q4_k": 0, "q5_k": 0, "q6_k": 208}
 DMIN_AT = {"q4_k": 2, "q5_k": 2}
 LARGEST = {"q8_0": 128, "q4_0": 8, "q4_k": 15 * 63, "q5_k": 31 * 63, "q6_k": 32 * 128}
 U = 2.0 ** -24  # float32's unit roundoff
-# Row widths: blocks of 32 in odd numbers (AVX-512 takes them two at a time: a last one alone), and
-# K-quants' blocks of 256, one and three; output rows not a multiple of the 64 a thread takes.
+# Row widths: blocks of 32 that do not fill the kernels' steps of 8 (3 of them, and 9: a step and one
+# more), and K-quants' blocks of 256, one and three; output rows not a multiple of the 64 a thread takes.
 WIDTHS = {"q8_0": (96, 288), "q4_0": (96, 288), "q4_k": (256, 768), "q5_k": (256, 768), "q6_k": (256, 768)}
 ROWS = 131
 ISAS = cpu_kernels.supported()
@@ -95,8 +94,8 @@ def activations(x: torch.Tensor) -> torch.Tensor:
 
 def float32_error(terms: torch.Tensor, K: int) -> torch.Tensor:
     """A bound on the error of the kernel's float32 sum of products whose magnitudes add up to `terms`:
-    each product of an exact integer (a lane's sum of 4 products of q) and a rounded product of two
-    scales (one rounding), added by fused multiply-adds into one of a vector's lanes (at most K / 32
+    each product of an exact integer (a lane's sum of 8 products of q) and a rounded product of two
+    scales (one rounding), added by fused multiply-adds into one of a vector's lanes (fewer than K / 32
     additions each), the lanes then added (at most 4 more), the mins' sum likewise and subtracted (1):
     (K / 32 + 8) roundings of u, relative to the sum of the terms' magnitudes; 1 % for second order."""
     return 1.01 * (K / 32 + 8) * U * terms
@@ -124,8 +123,8 @@ def linear_case(fmt: str, source: str, K: int, dtype, tokens: int) -> tuple:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_linear_matches_float64(isa, fmt, source, dtype, tokens):
-    """One, three and eight tokens (the kernels take 2 or 4 a pass over a row), rows of one or several
-    blocks (blocks of 32 in odd numbers), random blocks and gguf-quantized ones."""
+    """One, three and eight tokens (the kernels take 4 a pass over a row), rows of one or several steps
+    of 256 values, whole or not, random blocks and gguf-quantized ones."""
     for K in WIDTHS[fmt]:
         x, blocks, want, bound = linear_case(fmt, source, K, dtype, tokens)
         got = cpu_kernels.ops().linear(x, blocks, None, fmt)
