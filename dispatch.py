@@ -78,7 +78,7 @@ def triton_kernels_requested(layers: str) -> bool:
 def dequantize_path(fmt, q: Tensor, dtype: torch.dtype) -> str:
     """'cpu kernel' where kernels/cpu.cpp reads back weights q stored in fmt in dtype (one pass instead of
     PyTorch's three), else 'pytorch' (the format's own dequantize)."""
-    if (fmt.quantized and "cpu" in fmt.kernels and q.device.type == "cpu"
+    if ("cpu dequantize" in fmt.kernels and q.device.type == "cpu"
             and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()):
         return "cpu kernel"
     return "pytorch"

@@ -42,8 +42,9 @@ class WeightFormat:
     that read the weights back in full precision. Subclasses are frozen dataclasses: equal by value."""
     name: str = ""  # the registry's key: 'int4'; spec adds the options: 'int4:g32'
     quantized: bool = True
-    # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp), 'triton'
-    # (kernels/triton_moe.py). layers.py calls them with the format's name.
+    # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp's decode ops),
+    # 'cpu dequantize' (its one-pass copy in full precision, for prompts), 'triton' (kernels/triton_moe.py).
+    # layers.py calls them with the format's name, which they check the tensors against.
     kernels: tuple = ()
     # Whether the prompt path runs one grouped matmul over all experts (else one expert at a time).
     grouped_matmul: bool = False
@@ -68,6 +69,10 @@ class WeightFormat:
     def dequantize(self, t: dict, dtype: torch.dtype) -> Tensor:
         """The weight in full precision, computed in dtype, from its tensors t."""
         raise NotImplementedError
+
+    def kernel_weight(self, t: dict) -> Tensor:
+        """The stored weight as the kernels read it: a row of values (or of bytes) per output row."""
+        return t[""]
 
     def stored_axis(self, key: str, axis: int) -> Optional[int]:
         """The axis of stored tensor `key` that follows the weight's `axis` (-2 out, -1 in), or None when
@@ -124,7 +129,7 @@ class Int8(WeightFormat):
     """Symmetric int8 with one scale per output row: w ~= q * scales[..., None], |q| <= 127. Scales are
     stored in the full-precision dtype (loading casts them to --precision like any weight)."""
     name = "int8"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "cpu dequantize", "triton")
 
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
@@ -183,7 +188,7 @@ class Int4(WeightFormat):
     `groupsize`: reading back and the kernels take it from the shapes."""
     groupsize: int = 32
     name = "int4"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "cpu dequantize", "triton")  # the kernels take the group size from the scales' shape
     GROUP_SIZES = (32, 64, 128)
 
     @property
@@ -238,7 +243,7 @@ class Blocks(WeightFormat):
     back byte for byte. Stored: uint8 [..., out, in / values per block, bytes per block], one tensor with
     its scales inside; its last axis (the bytes) tells the type apart from int4's [..., out, in/2]."""
     name: str = "q4_k"
-    kernels = ()
+    kernels = ("cpu",)
 
     @property
     def spec(self):
@@ -258,6 +263,9 @@ class Blocks(WeightFormat):
 
     def dequantize(self, t, dtype):
         return quants.dequantize(self.name, t[""].flatten(-2), dtype)
+
+    def kernel_weight(self, t):
+        return t[""].flatten(-2)  # the blocks of a row, one after another: GGUF's own order
 
     def stored_axis(self, key, axis):
         return axis - 1  # [..., out, blocks, bytes]: the rows, and the inputs by whole blocks

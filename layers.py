@@ -202,13 +202,13 @@ def linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
 
 
 def cpu_kernel_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
-    y = cpu_kernels.ops().linear(x.reshape(-1, x.shape[-1]), t[""], t.get("scales"))
+    y = cpu_kernels.ops().linear(x.reshape(-1, x.shape[-1]), fmt.kernel_weight(t), t.get("scales"), fmt.name)
     return y.view(*x.shape[:-1], -1)
 
 
 def triton_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
     from kernels import triton_moe  # noqa: F401  registers torch.ops.mixtral_triton (CUDA users only import triton)
-    y = torch.ops.mixtral_triton.linear(x.reshape(-1, x.shape[-1]), t[""], t.get("scales"))
+    y = torch.ops.mixtral_triton.linear(x.reshape(-1, x.shape[-1]), fmt.kernel_weight(t), t.get("scales"), fmt.name)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -250,14 +250,15 @@ def run_experts(fmt: WeightFormat, x: Tensor, experts: Tensor, weights: Tensor, 
 
 
 def cpu_kernel_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
-    return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"), w3.get("scales"),
-                                 w2.get("scales"))
+    w1, w3, w2 = ({"": fmt.kernel_weight(w), "scales": w.get("scales")} for w in (w1, w3, w2))
+    return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
+                                 w2["scales"], fmt.name)
 
 
 def triton_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
     from kernels import triton_moe  # noqa: F401
     return torch.ops.mixtral_triton.moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
-                                        w3.get("scales"), w2.get("scales"))
+                                        w3.get("scales"), w2.get("scales"), fmt.name)
 
 
 def decode_experts(fmt, x, experts, weights, w1, w3, w2, down=None):

@@ -182,7 +182,8 @@ def extension_builder():
 
 def register_fakes(namespace: str):
     """What torch.compile needs to know of each op: its output's shape and dtype."""
-    torch.library.register_fake(f"{namespace}::linear", lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::linear",
+                                lambda x, weight, scales, format: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake(f"{namespace}::moe", lambda x, *_: torch.empty_like(x))
     torch.library.register_fake(f"{namespace}::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
     torch.library.register_fake(f"{namespace}::dequantize_int4",

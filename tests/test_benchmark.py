@@ -230,12 +230,15 @@ def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys, monkeypatch):
     assert header == ["kernel", "GB/s of weights", "G weights/s"]
     names = [r[0] for r in rows]
     from kernels import cpu as cpu_kernels
-    for isa in cpu_kernels.supported():  # each instruction set this CPU runs
-        assert {f"kernels/cpu.cpp {isa}, bf16", f"kernels/cpu.cpp {isa}, int8",
-                f"kernels/cpu.cpp {isa}, int4:g32"} <= set(names), names
+    for isa in cpu_kernels.supported():  # each instruction set this CPU runs; rows of 96 hold GGUF's blocks of 32
+        assert {f"kernels/cpu.cpp {isa}, bf16", f"kernels/cpu.cpp {isa}, int8", f"kernels/cpu.cpp {isa}, int4:g32",
+                f"kernels/cpu.cpp {isa}, q8_0", f"kernels/cpu.cpp {isa}, q4_0"} <= set(names), names
     assert "torch F.linear, bf16" in names
-    for r in rows:  # bytes per weight: bf16 2, int8 1, int4 half a byte and a bf16 scale per 32
-        per_weight = 2 if "bf16" in r[0] else 0.5 + 2 / 32 if "int4" in r[0] else 1
+    # Bytes per weight: bf16 2; int8 1 (ours: and a bf16 scale per row of 96); int4 half a byte and a bf16
+    # scale per 32; GGUF's blocks of 32 values, 34 bytes (q8_0) or 18 (q4_0).
+    bytes_per = {"bf16": 2, "int4:g32": 0.5 + 2 / 32, "q8_0": 34 / 32, "q4_0": 18 / 32}
+    for r in rows:
+        per_weight = bytes_per.get(r[0].split(", ")[-1], 1 + 2 / 96 if r[0].startswith("kernels/") else 1)
         assert number(r[1]) > 0 and number(r[2]) == pytest.approx(number(r[1]) / per_weight, rel=0.02)
 
 

@@ -158,12 +158,33 @@ def test_moe_matches_float64(isa, fmt, dtype, experts):
 
 def test_bad_arguments_are_refused_not_misread(isa):
     x = torch.randn(1, D)
-    with pytest.raises(RuntimeError, match="need scales"):
-        cpu_kernels.ops().linear(x, torch.zeros(VOCAB, D, dtype=torch.int8), None)
+    with pytest.raises(RuntimeError, match="format 'int8' takes int8 weights and scales; got int8 weights and no scales"):
+        cpu_kernels.ops().linear(x, torch.zeros(VOCAB, D, dtype=torch.int8), None, "int8")
     with pytest.raises(RuntimeError, match="out of range"):
         t = stored("full", torch.randn(E, I, D), torch.float32)
         t2 = stored("full", torch.randn(E, D, I), torch.float32)
         EXPERTS_PATHS["cpu kernel"](FullPrecision(), x, torch.tensor([[0, E]]), torch.ones(1, 2), t, t, t2)
+
+
+@pytest.mark.parametrize("op", ["linear", "moe"])
+def test_a_format_that_does_not_match_the_weights_is_refused(isa, op):
+    """The ops are told the format by name and check the tensors against it: weights of another format
+    (int8 called int4, uint8 called full, floats called int8) or a name no one knows are refused with
+    what the format takes, where dtypes alone would read int4 into any uint8 format."""
+    x = torch.randn(1, 64)
+    int8, int4, floats = (parse_format("int8").quantize(torch.randn(E, 64, 64)), parse_format("int4").quantize(torch.randn(E, 64, 64)),
+                          parse_format("full").quantize(torch.randn(E, 64, 64)))
+    wrong = [("int4", int8, "format 'int4' takes uint8 weights \\(two values a byte\\) and scales; got int8 weights and scales"),
+             ("full", {"": int4[""]}, "format 'full' takes float32, bfloat16 or float16 weights and no scales; got uint8"),
+             ("int8", floats, "format 'int8' takes int8 weights and scales; got float32 weights and no scales"),
+             ("int3", int4, "unknown weight format 'int3'; one of full, int8, int4, q8_0, q4_0, q4_k, q5_k, q6_k expected")]
+    for name, t, message in wrong:
+        with pytest.raises(RuntimeError, match=f"mixtral_cpu.{op}: {message}"):
+            if op == "linear":
+                cpu_kernels.ops().linear(x, t[""][0], None if "scales" not in t else t["scales"][0], name)
+            else:
+                cpu_kernels.ops().moe(x, torch.tensor([[0, 1]]), torch.ones(1, 2), t[""], t[""], t[""], t.get("scales"),
+                                      t.get("scales"), t.get("scales"), name)
 
 
 @pytest.mark.parametrize("fmt", ["full", "int8", "int4"])
@@ -198,7 +219,9 @@ def test_compiled_decode_calls_the_kernels_in_one_graph(checkpoint, fmt):
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     n_layer = model.config.n_layer
-    calls = re.findall(r'aoti_torch_call_dispatcher\("mixtral_cpu_\w+::(\w+)"', code)  # the C++ wrapper's op calls
+    # The C++ wrapper's op calls: through aoti_torch_call_dispatcher, or (ops with a str argument, the
+    # format's name) on a boxed stack, the op found once by name.
+    calls = re.findall(r'(?:aoti_torch_call_dispatcher|findSchemaOrThrow)\("mixtral_cpu_\w+::(\w+)"', code)
     assert calls.count("moe") == n_layer, code
     assert calls.count("linear") == 3 * n_layer + 1  # wqkv, wo and the router of each layer; the head
 

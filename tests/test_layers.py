@@ -110,8 +110,9 @@ def test_a_mixed_model_runs_each_weight_in_its_own_format():
         with cpu_kernels.turned_off():
             pytorch_step = model(idx[:, 11:], torch.tensor([11]))
     assert relative_error(prompt, want[:, :11]) < 1e-5 and relative_error(pytorch_step, want[:, 11:]) < 1e-5
-    # The CPU kernels round int8 weights' activations to int16 (a step of 2^-15 of each block's largest value).
-    assert relative_error(step, want[:, 11:]) < 1e-3
+    # The CPU kernels round the activations of int8 weights to int16 (a step of 2^-15 of each block's largest
+    # value) and of block types to int8 in blocks of 32 (1/127 of it: about 0.6 % of a block's RMS).
+    assert relative_error(step, want[:, 11:]) < 2e-2
 
 
 def test_an_experts_gate_and_up_projections_share_a_format():
