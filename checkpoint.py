@@ -2,10 +2,11 @@
 # config.json, tokenizer.model and sharded safetensors; the converter adds model.pth (our names, bf16) and
 # quantize.py adds model_int8.pth, model_int4.g32.pth, ... beside it. Here:
 #   - config.json read into ModelArgs, every value checked, and ModelArgs written back as config.json;
-#   - the one table between the hub's tensor names and ours, from which the converter, train_tiny.py and the
-#     tests derive the names and shapes they need, and the check that a file's tensors fit the config;
+#   - the check that a file's tensors fit the config (their names: names.py);
 #   - a weights file opened (checked, its config read once), loaded by memory map into the served model
 #     (layers.py) in the formats its content says, and sharded for a tensor-parallel rank (tp.py);
+#   - a GGUF file (llama.cpp's, as the hub's community repositories hold Mixtral) read the same way: its
+#     metadata for the config (gguf_file.py), its tensors kept in their types, its vocabulary as the tokenizer;
 #   - the tokenizer beside it, whether the model wants Mixtral's [INST] chat format, and the file name a
 #     quantized checkpoint gets.
 import contextlib
@@ -13,15 +14,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+import quants
 from errors import UserError
-from formats import Scheme, detect_format, file_tag
+from formats import FullPrecision, Scheme, detect_format, file_tag, parse_format, part_of, scheme_of
+from gguf_file import (chat_template, config_from_gguf, gguf_tensors, is_instruct_template, open_gguf,
+                       tokenizer_from_gguf, undo_rope_permute)
 from kernels import cpu as cpu_kernels
 from layers import build_model
 from model import ModelArgs, Transformer
+from names import gguf_names, tensor_shapes
 from tp import apply_tp
 
 
@@ -121,107 +126,6 @@ def hub_config(c: ModelArgs) -> dict:
                 rms_norm_eps=c.norm_eps)
 
 
-# ----------------------------------------------------------------------------- tensor names
-
-# Each of our tensors ({i}: a layer), the hub's tensor(s) it is made of, and how:
-#   ""         one tensor, as it is;
-#   "q,k,v"    the hub's q, k and v projections ({p}) stacked along the rows: one matmul per token, not three;
-#   "experts"  each expert's ({e}) matrix stacked along a new first axis: [E, out, in].
-# The rotary layout is the hub's (model.apply_rope): nothing is permuted.
-NAMES = (
-    ("tok_embeddings.weight", "model.embed_tokens.weight", ""),
-    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight", ""),
-    ("layers.{i}.attention.wqkv.weight", "model.layers.{i}.self_attn.{p}_proj.weight", "q,k,v"),
-    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight", ""),
-    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", ""),
-    ("layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight", ""),
-    ("layers.{i}.block_sparse_moe.w1", "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "experts"),
-    ("layers.{i}.block_sparse_moe.w2", "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "experts"),
-    ("layers.{i}.block_sparse_moe.w3", "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "experts"),
-    ("norm.weight", "model.norm.weight", ""),
-    ("output.weight", "lm_head.weight", ""),  # tied embeddings: the hub has no lm_head, the embedding serves
-)
-
-
-def hub_names(config: ModelArgs) -> dict:
-    """Each of our tensor names -> (how it is made, the hub's names of the tensors it is made of, in order)."""
-    names = {}
-    for ours, hub, made in NAMES:
-        for i in range(config.n_layer) if "{i}" in ours else [None]:
-            if made == "q,k,v":
-                parts = [hub.format(i=i, p=p) for p in "qkv"]
-            elif made == "experts":
-                parts = [hub.format(i=i, e=e) for e in range(config.num_experts)]
-            else:
-                parts = [hub.format(i=i)]
-            if ours == "output.weight" and config.tie_word_embeddings:
-                parts = ["model.embed_tokens.weight"]
-            names[ours.format(i=i)] = (made, parts)
-    return names
-
-
-def tensor_shapes(config: ModelArgs) -> dict:
-    """Each of our full-precision tensor names -> its shape."""
-    D, I, V, E = config.dim, config.intermediate_size, config.vocab_size, config.num_experts
-    q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
-    of_layer = {"attention_norm.weight": (D,), "attention.wqkv.weight": (q_size + 2 * kv_size, D),
-                "attention.wo.weight": (D, q_size), "ffn_norm.weight": (D,), "block_sparse_moe.gate.weight": (E, D),
-                "block_sparse_moe.w1": (E, I, D), "block_sparse_moe.w2": (E, D, I), "block_sparse_moe.w3": (E, I, D)}
-    of_model = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
-    return {name: of_layer[name.split(".", 2)[2]] if name.startswith("layers.") else of_model[name]
-            for name in hub_names(config)}
-
-
-def hub_parts(made: str, t: torch.Tensor, config: ModelArgs) -> list:
-    """Our tensor t cut into the hub's tensors it is made of (NAMES says how)."""
-    if made == "q,k,v":
-        q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
-        return list(t.split([q_size, kv_size, kv_size]))
-    if made == "experts":
-        return list(t.unbind(0))
-    return [t]
-
-
-def joined(made: str, parts: list) -> torch.Tensor:
-    """The hub's tensors made into ours: hub_parts backwards."""
-    return torch.cat(parts) if made == "q,k,v" else torch.stack(parts) if made == "experts" else parts[0]
-
-
-def hub_order(config: ModelArgs) -> list:
-    """The hub's tensor names in the hub's order: the embedding, each layer's tensors (its experts last, each
-    expert's w1, w2 and w3 together), the final norm and the head."""
-    names = hub_names(config)
-    order = list(names["tok_embeddings.weight"][1])
-    for i in range(config.n_layer):
-        rows = [(made, parts) for ours, (made, parts) in names.items() if ours.startswith(f"layers.{i}.")]
-        order += [name for made, parts in rows if made != "experts" for name in parts]
-        order += [parts[e] for e in range(config.num_experts) for made, parts in rows if made == "experts"]
-    return order + [name for name in names["norm.weight"][1] + names["output.weight"][1] if name not in order]
-
-
-def hub_tensor_shapes(config: ModelArgs) -> dict:
-    """Each of the hub's tensor names -> its shape, in the hub's order."""
-    shapes = {}
-    for ours, shape in tensor_shapes(config).items():
-        made, names = hub_names(config)[ours]
-        parts = hub_parts(made, torch.empty(shape, device="meta"), config)
-        shapes.update({name: tuple(part.shape) for name, part in zip(names, parts)})
-    return {name: shapes[name] for name in hub_order(config)}
-
-
-def to_hub(state_dict: dict, config: ModelArgs) -> dict:
-    """Our full-precision tensors under the hub's names, in the hub's order (the converter backwards)."""
-    hub = {}
-    for ours, (made, names) in hub_names(config).items():
-        hub.update(zip(names, hub_parts(made, state_dict[ours], config)))
-    return {name: hub[name] for name in hub_tensor_shapes(config)}
-
-
-def from_hub(read: Callable, config: ModelArgs) -> dict:
-    """Our tensors, each made of the hub's tensors that read(name) returns."""
-    return {ours: joined(made, [read(name) for name in names]) for ours, (made, names) in hub_names(config).items()}
-
-
 def check_tensors(found: dict, expected: dict, where: str):
     """A UserError unless the tensors found ({name: shape}) are exactly those expected, in name and shape:
     a file whose weights do not fit its config.json."""
@@ -239,13 +143,27 @@ def check_tensors(found: dict, expected: dict, where: str):
                             f"{'nothing' if found[name] is None else tuple(found[name])}")
 
 
+def check_values(name: str, tensor: torch.Tensor, path: Path):
+    """Refuses weights no model can run: integer ones (a quantized export, which the converter does not read)
+    and NaN or Inf (a damaged file: one makes every later activation NaN). The converter and quantize.py check
+    each tensor (or each chunk of one) as they read it, so a bad one stops the run before the rest is done."""
+    if not tensor.is_floating_point():
+        raise UserError(f"tensor {name} in {path} holds {str(tensor.dtype).removeprefix('torch.')} values, not "
+                        f"floating point: full-precision weights are bfloat16, float16 or float32, not a quantized export")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        raise UserError(f"tensor {name} in {path} holds {int(bad.sum())} NaN or Inf values: the file is damaged; "
+                        f"download it again")
+
+
 # ----------------------------------------------------------------------------- weights files
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A weights file (model.pth, model_int8.pth, ...) and its config.json, read once."""
+    """A weights file (model.pth, model_int8.pth, ..., or a GGUF file) and its config, read once."""
     path: Path
     config: ModelArgs
+    gguf: Optional[object] = None  # a GGUF file's reader (gguf_file.open_gguf): its metadata and tensors
 
     @property
     def folder(self) -> Path:
@@ -269,15 +187,32 @@ def check_checkpoint_file(path: Path):
                         f"(scripts/download.py, scripts/convert_hf_checkpoint.py)")
 
 
+def is_gguf(path: Path) -> bool:
+    """A GGUF file, by its name or its first bytes."""
+    if path.suffix == ".gguf":
+        return True
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    return False
+
+
 def open_checkpoint(path) -> Checkpoint:
-    """The checkpoint at path, its file checked and its config.json read; no weights are read yet."""
+    """The checkpoint at path, its file checked and its config read (config.json beside it, or a GGUF file's
+    metadata); no weights are read yet."""
     path = Path(path)
+    if is_gguf(path):
+        reader = open_gguf(path)
+        return Checkpoint(path, config_from_gguf(reader), reader)
     check_checkpoint_file(path)
     return Checkpoint(path, read_config(path.parent / "config.json"))
 
 
 def load_state_dict(checkpoint: Checkpoint) -> dict:
-    """The checkpoint's tensors, memory-mapped: nothing is read until used."""
+    """The tensors of a converted checkpoint (.pth), memory-mapped: nothing is read until used."""
+    if checkpoint.gguf is not None:
+        raise UserError(f"{checkpoint.path} is a GGUF file: it is already quantized as its maker chose; give "
+                        f"a model.pth (scripts/convert_hf_checkpoint.py) to quantize it yourself")
     try:
         state_dict = torch.load(checkpoint.path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # zip/pickle errors from a truncated or foreign file
@@ -299,19 +234,23 @@ def is_safetensors(path: Path) -> bool:
     return False
 
 
+def load_weights(checkpoint: Checkpoint) -> tuple:
+    """(the state dict, the scheme it is stored in) of any checkpoint, told by its content."""
+    if checkpoint.gguf is not None:
+        return gguf_weights(checkpoint)
+    state_dict = load_state_dict(checkpoint)
+    return state_dict, detect_format(state_dict)
+
+
 def load_model(checkpoint: Checkpoint, device: str, precision: torch.dtype, rank: Optional[int] = None,
                world_size: int = 1) -> Transformer:
     """The served model of the checkpoint, in the formats its content says (not its file name), its weights
     mmapped; with a rank, only that rank's tensor-parallel shard of them is kept."""
-    state_dict = load_state_dict(checkpoint)
+    state_dict, scheme = load_weights(checkpoint)
     with torch.device("meta"):
-        model = build_model(checkpoint.config, detect_format(state_dict))
-    try:
-        model.load_state_dict(state_dict, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise UserError(f"{checkpoint.path} does not fit {checkpoint.folder / 'config.json'}: {detail}")
+        model = build_model(checkpoint.config, scheme)
+    check_state_dict(state_dict, model.state_dict(), checkpoint.path)
+    model.load_state_dict(state_dict, assign=True)
     if rank is not None:
         apply_tp(model, rank, world_size)  # while the weights are still mmapped: a rank reads only its slices
     if torch.device(device).type == "cpu":
@@ -320,28 +259,129 @@ def load_model(checkpoint: Checkpoint, device: str, precision: torch.dtype, rank
     return model.to(device=device, dtype=precision).eval()
 
 
+def check_state_dict(state_dict: dict, expected: dict, where: Path):
+    """A UserError unless the state dict holds exactly the tensors the model built for it expects: every name,
+    shape and, for stored codes, dtype (full-precision tensors may be any float: loading casts them). A file
+    that a bug, another tool or a hand wrote wrongly is named here, not met as a crash inside a kernel."""
+    bad = next((name for name, t in state_dict.items() if not isinstance(name, str) or not isinstance(t, torch.Tensor)),
+               None)
+    if bad is not None:
+        raise UserError(f"{where} holds {type(state_dict[bad]).__name__} under {bad!r}, not a tensor: it is not a "
+                        f"checkpoint this repo wrote; convert or quantize it again")
+    check_tensors({name: tuple(t.shape) for name, t in state_dict.items()},
+                  {name: tuple(t.shape) for name, t in expected.items()}, str(where))
+    for name, want in expected.items():
+        got = state_dict[name].dtype
+        if got != want.dtype and not (got.is_floating_point and want.dtype.is_floating_point):
+            raise UserError(f"{where}: {name} is {str(got).removeprefix('torch.')}, but its format stores "
+                            f"{str(want.dtype).removeprefix('torch.')}; convert or quantize it again")
+
+
 def quantized_path(path: Path, scheme: Scheme) -> Path:
     """Where quantize.py writes path's model in scheme: gpt-fast's names, model_int8.pth, model_int4.g32.pth
     (model_int4.g32.attn4.pth with int4 attention)."""
     return path.with_name(f"{path.stem}_{file_tag(scheme)}.pth")
 
 
+# ----------------------------------------------------------------------------- GGUF files
+
+# GGUF's tensor types this repo reads: floats as they are, llama.cpp's block types as formats.Blocks holding the
+# same bytes (never rounded again).
+GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+GGUF_BLOCKS = {name.upper(): name for name in quants.BLOCKS}
+
+
+def gguf_tensor(name: str, tensor, where: Path) -> tuple:
+    """(format, tensor in that format's layout) of a GGUF tensor, its bytes in place where they can be."""
+    if tensor.type in GGUF_FLOATS:
+        return FullPrecision(), tensor.data.view(GGUF_FLOATS[tensor.type]).reshape(tensor.shape)
+    if tensor.type in GGUF_BLOCKS:
+        fmt = parse_format(GGUF_BLOCKS[tensor.type])
+        return fmt, tensor.data.view(*fmt.layout(tensor.shape, torch.uint8)[""][0])
+    raise UserError(f"{where}: tensor {name} is of type {tensor.type}, which this repo does not read; it reads "
+                    f"{', '.join([*GGUF_FLOATS, *GGUF_BLOCKS])} (a file quantized to Q4_K_M, Q5_K_M, Q6_K, Q8_0 or Q4_0)")
+
+
+def gguf_weights(checkpoint: Checkpoint) -> tuple:
+    """(state dict, scheme) of a GGUF file: each weight a format stores keeps the file's type; the embedding
+    table, the norms and the router, which this repo keeps in full precision, are read back in float32.
+    The q and k rows get the hub's rotary order back (gguf_file.undo_rope_permute); q, k and v become wqkv,
+    in three parts where the file quantized them differently."""
+    config, where = checkpoint.config, checkpoint.path
+    tensors = gguf_tensors(checkpoint.gguf)
+    expected = tensor_shapes(config)
+    state_dict, formats = {}, {}
+
+    def read(name: str, shape: tuple) -> tuple:
+        if name not in tensors:
+            raise UserError(f"{where} lacks tensor {name}, which a Mixtral of its metadata has: the file is "
+                            f"damaged or not a Mixtral; download it again")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise UserError(f"{where}: tensor {name} is {tuple(tensors[name].shape)}, but the file's metadata "
+                            f"implies {tuple(shape)}; the file is damaged")
+        return gguf_tensor(name, tensors[name], where)
+
+    for ours, (made, names) in gguf_names(config).items():
+        shape = expected[ours]
+        if made == "q,k,v":
+            q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
+            parts = [read(name, (rows, config.dim)) for name, rows in zip(names, (q_size, kv_size, kv_size))]
+            parts = [(fmt, undo_rope_permute(t, heads) if heads else t)
+                     for (fmt, t), heads in zip(parts, (config.n_head, config.n_local_heads, 0))]
+            if len({fmt for fmt, _ in parts}) == 1:
+                formats[ours], state_dict[ours] = parts[0][0], torch.cat([t for _, t in parts])
+            else:
+                for p, (fmt, t) in zip("qkv", parts):
+                    formats[f"{ours[:-len('weight')]}{p}"], state_dict[f"{ours[:-len('weight')]}{p}"] = fmt, t
+            continue
+        if made == "experts" and names[0] not in tensors:  # files converted before 2024: a tensor per expert
+            per_expert = [read(names[0].replace("_exps.weight", f".{e}.weight"), shape[1:]) for e in range(shape[0])]
+            fmt, t = per_expert[0][0], torch.stack([t for _, t in per_expert])
+            if len({f for f, _ in per_expert}) > 1:
+                raise UserError(f"{where}: the experts of {names[0]} are quantized to different types; "
+                                f"this repo stores a layer's experts in one format")
+        else:
+            fmt, t = read(names[0], shape)
+        if part_of(ours) is None and fmt.quantized:  # kept in full precision here
+            fmt, t = FullPrecision(), fmt.dequantize({"": t}, torch.float32)
+        if part_of(ours) is not None:
+            formats[ours] = fmt
+        state_dict[ours] = t
+    return state_dict, scheme_of(formats)
+
+
 # ----------------------------------------------------------------------------- tokenizer and chat format
 
 def load_tokenizer(checkpoint: Checkpoint):
+    """The SentencePiece tokenizer: tokenizer.model beside the weights, or the vocabulary a GGUF file carries."""
     import sentencepiece as spm
-    path = checkpoint.folder / "tokenizer.model"
-    if not path.is_file():
-        raise UserError(f"tokenizer {path} not found: put the model's tokenizer.model beside the checkpoint")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:
-        raise UserError(f"{path} is not a SentencePiece model ({e})")
+    if checkpoint.gguf is not None:
+        tokenizer, where = tokenizer_from_gguf(checkpoint.gguf), f"{checkpoint.path}'s vocabulary"
+    else:
+        path = checkpoint.folder / "tokenizer.model"
+        if not path.is_file():
+            raise UserError(f"tokenizer {path} not found: put the model's tokenizer.model beside the checkpoint")
+        try:
+            tokenizer, where = spm.SentencePieceProcessor(model_file=str(path)), str(path)
+        except Exception as e:
+            raise UserError(f"{path} is not a SentencePiece model ({e})")
+    # A larger vocabulary gives ids the embedding table lacks; a smaller one cannot spell every token the model
+    # may choose. Either way the tokenizer is another model's.
+    if tokenizer.vocab_size() != checkpoint.config.vocab_size:
+        raise UserError(f"{where} has {tokenizer.vocab_size()} tokens but the model has {checkpoint.config.vocab_size} "
+                        f"(vocab_size): the tokenizer belongs to another model; put this model's beside it")
+    return tokenizer
 
 
 def is_instruct(checkpoint: Checkpoint) -> bool:
-    """Instruct checkpoints want [INST] ... [/INST] around each turn. The hub's tokenizer_config.json
-    carries a chat template for them; without it, the hub's repo name says so."""
+    """Instruct checkpoints want [INST] ... [/INST] around each turn. The hub's tokenizer_config.json (or a
+    GGUF file's metadata) carries a chat template for them; without one, the hub's repo name (or the file's
+    name) says so."""
+    if checkpoint.gguf is not None:
+        template = chat_template(checkpoint.gguf)
+        if template is not None:
+            return is_instruct_template(template)
+        return "instruct" in checkpoint.path.name.lower()
     tok_config = checkpoint.folder / "tokenizer_config.json"
     if tok_config.is_file():
         with contextlib.suppress(ValueError, OSError):

@@ -78,7 +78,7 @@ def triton_kernels_requested(layers: str) -> bool:
 def dequantize_path(fmt, q: Tensor, dtype: torch.dtype) -> str:
     """'cpu kernel' where kernels/cpu.cpp reads back weights q stored in fmt in dtype (one pass instead of
     PyTorch's three), else 'pytorch' (the format's own dequantize)."""
-    if (fmt.quantized and "cpu" in fmt.kernels and q.device.type == "cpu"
+    if ("cpu dequantize" in fmt.kernels and q.device.type == "cpu"
             and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()):
         return "cpu kernel"
     return "pytorch"
@@ -117,10 +117,11 @@ def compiled_batch_step(x: Tensor) -> bool:
     return few_tokens(x) and torch.compiler.is_compiling()
 
 
-def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int) -> str:
-    """How each token's experts run, x [N, D], experts [N, K] of num_experts:
+def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, down=None) -> str:
+    """How each token's experts run, x [N, D], experts [N, K] of num_experts, their w1 and w3 stored in fmt and
+    their w2 in down (fmt when None; the kernels take one format for all three):
     'cpu kernel', 'triton'   the hand-written kernels (a few tokens);
-    'decode'                 matrix-vector products on the chosen experts' weights (fmt.decode_experts):
+    'decode'                 matrix-vector products on the chosen experts' weights (layers.decode_experts):
                              where the tokens choose at most as many expert matrices as a grouped pass
                              over all of them would read, and in a compiled step of a few tokens
                              (compiled_batch_step);
@@ -128,12 +129,13 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int) -> str:
                              for formats that have one, where half precision is not slow;
     'one by one'             prompts otherwise: each chosen expert over its tokens, its weights read back
                              in matmul_dtype (layers.dequantized_experts)."""
-    kernel = kernel_path(x, "experts", fmt)
+    kernel = kernel_path(x, "experts", fmt) if down in (None, fmt) else ""
     if kernel:
         return kernel
     if experts.numel() <= num_experts or compiled_batch_step(x):
         return "decode"
-    if fmt.grouped_matmul and not (x.device.type == "cpu" and half_matmul_is_slow(x.dtype)):
+    if (fmt.grouped_matmul and (down or fmt).grouped_matmul
+            and not (x.device.type == "cpu" and half_matmul_is_slow(x.dtype))):
         return "grouped"
     return "one by one"
 

@@ -17,7 +17,7 @@
 #
 # Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -42,8 +42,9 @@ class WeightFormat:
     that read the weights back in full precision. Subclasses are frozen dataclasses: equal by value."""
     name: str = ""  # the registry's key: 'int4'; spec adds the options: 'int4:g32'
     quantized: bool = True
-    # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp), 'triton'
-    # (kernels/triton_moe.py). layers.py calls them with the format's name.
+    # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp's decode ops),
+    # 'cpu dequantize' (its one-pass copy in full precision, for prompts), 'triton' (kernels/triton_moe.py).
+    # layers.py calls them with the format's name, which they check the tensors against.
     kernels: tuple = ()
     # Whether the prompt path runs one grouped matmul over all experts (else one expert at a time).
     grouped_matmul: bool = False
@@ -68,6 +69,10 @@ class WeightFormat:
     def dequantize(self, t: dict, dtype: torch.dtype) -> Tensor:
         """The weight in full precision, computed in dtype, from its tensors t."""
         raise NotImplementedError
+
+    def kernel_weight(self, t: dict) -> Tensor:
+        """The stored weight as the kernels read it: a row of values (or of bytes) per output row."""
+        return t[""]
 
     def stored_axis(self, key: str, axis: int) -> Optional[int]:
         """The axis of stored tensor `key` that follows the weight's `axis` (-2 out, -1 in), or None when
@@ -124,7 +129,7 @@ class Int8(WeightFormat):
     """Symmetric int8 with one scale per output row: w ~= q * scales[..., None], |q| <= 127. Scales are
     stored in the full-precision dtype (loading casts them to --precision like any weight)."""
     name = "int8"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "cpu dequantize", "triton")
 
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
@@ -183,7 +188,7 @@ class Int4(WeightFormat):
     `groupsize`: reading back and the kernels take it from the shapes."""
     groupsize: int = 32
     name = "int4"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "cpu dequantize", "triton")  # the kernels take the group size from the scales' shape
     GROUP_SIZES = (32, 64, 128)
 
     @property
@@ -238,7 +243,7 @@ class Blocks(WeightFormat):
     back byte for byte. Stored: uint8 [..., out, in / values per block, bytes per block], one tensor with
     its scales inside; its last axis (the bytes) tells the type apart from int4's [..., out, in/2]."""
     name: str = "q4_k"
-    kernels = ()
+    kernels = ("cpu",)
 
     @property
     def spec(self):
@@ -258,6 +263,9 @@ class Blocks(WeightFormat):
 
     def dequantize(self, t, dtype):
         return quants.dequantize(self.name, t[""].flatten(-2), dtype)
+
+    def kernel_weight(self, t):
+        return t[""].flatten(-2)  # the blocks of a row, one after another: GGUF's own order
 
     def stored_axis(self, key, axis):
         return axis - 1  # [..., out, blocks, bytes]: the rows, and the inputs by whole blocks
@@ -292,35 +300,65 @@ def parse_format(spec: str) -> WeightFormat:
                     f"{', '.join(quants.BLOCKS)}")
 
 
+# The weights a scheme stores in formats, by part of the model (our checkpoint names; the embedding table,
+# the norms and the router always stay as the checkpoint has them).
+PARTS = {"attention": r"layers\.\d+\.attention\.(wqkv\.(weight|q|k|v)|wo\.weight)",  # wqkv (or its q, k, v rows) and wo
+         "experts": r"layers\.\d+\.block_sparse_moe\.w[13]",  # each expert's gate and up projections
+         "down": r"layers\.\d+\.block_sparse_moe\.w2",  # each expert's down projection
+         "output": r"output\.weight"}  # the output head
+
+
+def part_of(name: str) -> Optional[str]:
+    """The part (PARTS) weight `name` belongs to, or None for the weights no format stores."""
+    return next((part for part, pattern in PARTS.items() if re.fullmatch(pattern, name)), None)
+
+
 @dataclass(frozen=True)
 class Scheme:
-    """The format of each part of the model that a checkpoint may quantize. The router, the norms and the
-    embedding table always stay in full precision."""
-    attention: WeightFormat  # wqkv and wo of every layer
-    experts: WeightFormat  # w1, w3 and w2 of every layer
-    output: WeightFormat  # the output head
+    """The format of each weight a checkpoint may quantize: one per part (down: the experts' w2, as the
+    experts' when None), and overrides for single weights ((name, format) pairs: a GGUF file's mix, a preset
+    that gives some layers more bits). The router, the norms and the embedding table stay as they are."""
+    attention: WeightFormat
+    experts: WeightFormat
+    output: WeightFormat
+    down: Optional[WeightFormat] = None
+    overrides: tuple = ()
 
     @classmethod
     def of(cls, fmt) -> "Scheme":
         """fmt as it is if a Scheme, else one format for every part."""
         return fmt if isinstance(fmt, Scheme) else cls(fmt, fmt, fmt)
 
-    def parts(self) -> dict:
-        return {"attention": self.attention, "experts": self.experts, "output": self.output}
+    def format_of(self, name: str) -> WeightFormat:
+        """The format of weight `name` (a PARTS name)."""
+        for weight, fmt in self.overrides:
+            if weight == name:
+                return fmt
+        part = part_of(name)
+        return self.experts if part == "down" and self.down is None else getattr(self, part)
+
+    def formats(self) -> set:
+        return {self.attention, self.experts, self.output, self.down or self.experts} | {f for _, f in self.overrides}
 
     @property
     def spec(self) -> str:
         """The scheme as parse_scheme reads it: 'int8', 'int4:g32' (int8 attention and head),
-        'int4:g32:attn4' (int4 everywhere), else each part's 'experts=...,attention=...,output=...'."""
-        if parse_scheme(self.experts.spec) == self:
-            return self.experts.spec
-        if isinstance(self.experts, Int4) and self == Scheme.of(self.experts):
-            return f"{self.experts.spec}:{ALL_PARTS}"
-        return f"experts={self.experts.spec},attention={self.attention.spec},output={self.output.spec}"
+        'int4:g32:attn4' (int4 everywhere), else each part's 'experts=...,attention=...,output=...', the down
+        projections' and each override's after them."""
+        if not self.overrides and self.down in (None, self.experts):
+            plain = Scheme(self.attention, self.experts, self.output)
+            if parse_scheme(self.experts.spec) == plain:
+                return self.experts.spec
+            if isinstance(self.experts, Int4) and plain == Scheme.of(self.experts):
+                return f"{self.experts.spec}:{ALL_PARTS}"
+        spec = f"experts={self.experts.spec},attention={self.attention.spec},output={self.output.spec}"
+        if self.down not in (None, self.experts):
+            spec += f",down={self.down.spec}"
+        return spec + "".join(f",{name}={fmt.spec}" for name, fmt in self.overrides)
 
     @property
     def quantized(self) -> bool:
-        return any(fmt.quantized for fmt in self.parts().values())
+        return any(fmt.quantized for fmt in self.formats())
 
 
 # The option of a 4-bit scheme that puts attention and the output head in it too.
@@ -333,14 +371,17 @@ def parse_scheme(spec: str) -> Scheme:
     'int4:g32' (g64, g128)           int4 experts, with attention and the output head int8: a tenth more bytes
                                      per token, and far closer to the source (BENCHMARKS.md, quality);
     'int4:g32:attn4'                 int4 everywhere;
-    'experts=S,attention=S,output=S' each part's format spec, any mix."""
+    'experts=S,attention=S,output=S' each part's format spec, any mix, then optionally down=S (the experts'
+                                     down projections) and NAME=S for single weights (layers.3.block_sparse_moe.w2)."""
     if "=" in spec:
-        parts = dict(part.partition("=")[::2] for part in spec.split(","))
-        unknown = set(parts) - {"experts", "attention", "output"}
-        if unknown or len(parts) != 3:
-            raise UserError(f"scheme {spec!r}: name each of experts, attention and output once, "
-                            f"e.g. experts=int4:g32,attention=int8,output=int8")
-        return Scheme(**{part: parse_format(fmt) for part, fmt in parts.items()})
+        pairs = [pair.partition("=")[::2] for pair in spec.split(",")]
+        parts = {key: parse_format(value) for key, value in pairs if key in ("experts", "attention", "output", "down")}
+        overrides = tuple((key, parse_format(value)) for key, value in pairs if key not in parts)
+        bad = [key for key, _ in overrides if part_of(key) is None]
+        if len(parts) + len(overrides) != len(pairs) or bad or not {"experts", "attention", "output"} <= parts.keys():
+            raise UserError(f"scheme {spec!r}: name each of experts, attention and output once (and optionally down "
+                            f"and single weights), e.g. experts=int4:g32,attention=int8,output=int8")
+        return Scheme(**parts, overrides=overrides)
     fmt_spec, everywhere = spec, False
     if spec.endswith(f":{ALL_PARTS}"):
         fmt_spec, everywhere = spec[:-len(ALL_PARTS) - 1], True
@@ -359,31 +400,48 @@ def file_tag(scheme: Scheme) -> str:
 
 # ----------------------------------------------------------------------------- detection
 
-# The checkpoint name of one weight of each part: its dtype (and int4's scales) tell the part's format.
-PART_WEIGHTS = {"attention": "layers.0.attention.wqkv.weight", "experts": "layers.0.block_sparse_moe.w1",
-                "output": "output.weight"}
-
-
 def stored_format(state_dict: dict, name: str) -> WeightFormat:
-    """The format weight `name` is stored in, told by its content: uint8 is int4 (with the group size its
-    scales imply), int8 is int8, anything else full precision. A weight or scales the checkpoint lacks
-    leave it to loading to say what does not fit."""
+    """The format weight `name` is stored in, told by its content: uint8 with scales is int4 (with the group
+    size its scales imply), uint8 alone a block type (by its block's size), int8 is int8, anything else full
+    precision. A weight or scales the checkpoint lacks leave it to loading to say what does not fit."""
     t = state_dict.get(name)
+    if isinstance(t, Tensor) and not t.dtype.is_floating_point and t.dtype not in (torch.uint8, torch.int8):
+        raise UserError(f"{name} is {str(t.dtype).removeprefix('torch.')}: weights here are floats, int8 or "
+                        f"uint8 (int4, block types); convert or quantize the model again")
     if not isinstance(t, Tensor) or t.dtype not in (torch.uint8, torch.int8):
         return FullPrecision()
-    prefix, weight = name.rsplit(".", 1)
-    scales = state_dict.get(f"{prefix}.{stored_name(weight, 'scales')}")
+    prefix, weight = name.rsplit(".", 1) if "." in name else ("", name)
+    scales = state_dict.get(f"{prefix}.{stored_name(weight, 'scales')}".lstrip("."))
     if t.dtype == torch.uint8 and scales is None:  # the blocks hold their scales: their size tells the type
         types = [name for name, (_, size) in quants.BLOCKS.items() if t.dim() and t.shape[-1] == size]
         return Blocks(types[0]) if len(types) == 1 else Int4()
     if t.dtype == torch.int8 or not isinstance(scales, Tensor) or scales.dim() == 0 or not scales.shape[-1]:
         return Int8() if t.dtype == torch.int8 else Int4()
-    return Int4(2 * t.shape[-1] // scales.shape[-1])
+    groupsize = 2 * t.shape[-1] // scales.shape[-1]
+    if groupsize not in Int4.GROUP_SIZES:
+        raise UserError(f"{name}'s int4 scales imply groups of {groupsize} inputs; int4 here has groups of "
+                        f"{', '.join(map(str, Int4.GROUP_SIZES))}: quantize the model again")
+    return Int4(groupsize)
+
+
+def scheme_of(formats: dict) -> Scheme:
+    """The Scheme of per-weight formats {name: format}: each part's most common format, and the weights that
+    differ from it as overrides."""
+    by_part = {}
+    for name, fmt in formats.items():
+        by_part.setdefault(part_of(name), []).append(fmt)
+    common = {part: max(set(fmts), key=fmts.count) for part, fmts in by_part.items()}
+    scheme = Scheme(attention=common.get("attention", FullPrecision()), experts=common.get("experts", FullPrecision()),
+                    output=common.get("output", FullPrecision()), down=common.get("down"))
+    if scheme.down == scheme.experts:
+        scheme = replace(scheme, down=None)
+    return replace(scheme, overrides=tuple((name, fmt) for name, fmt in formats.items() if scheme.format_of(name) != fmt))
 
 
 def detect_format(state_dict: dict) -> Scheme:
-    """The formats a checkpoint is stored in, part by part, told by its content, not its file name."""
-    return Scheme(**{part: stored_format(state_dict, name) for part, name in PART_WEIGHTS.items()})
+    """The formats a checkpoint is stored in, weight by weight, told by its content, not its file name."""
+    return scheme_of({name: stored_format(state_dict, name) for name in state_dict
+                      if isinstance(name, str) and part_of(name)})
 
 
 # ----------------------------------------------------------------------------- PyTorch's arithmetic

@@ -23,7 +23,7 @@ from cli import (PRECISIONS, HelpFormatter, add_model_flags, check_model_flags, 
 from errors import UserError
 from generation import (Conversation, Settings, StopStrings, TextStreamer, cache_length, compile_steps,
                         conversation_cache_length, user_turn)
-from measuring import Timer, active_weight_bytes, counting_expert_reads, peak_memory_gb, weight_bytes
+from measuring import Timer, active_weight_bytes, available_memory, counting_expert_reads, peak_memory_gb, weight_bytes
 from model import ModelArgs, kv_cache_bytes
 from tp import broadcast_from_rank0, rank_device
 from writing import readable_size
@@ -228,20 +228,6 @@ def check_cache_fits(args, config: ModelArgs, batch_size: int, longest_prompt: i
         raise UserError(f"--batch_size {batch_size} and --max_new_tokens {args.max_new_tokens} ask for a KV cache of "
                         f"{readable_size(needed)} ({batch_size} sequences of {positions} positions in {args.precision}), "
                         f"more than the {readable_size(available)} of memory available on {device}; lower them")
-
-
-def available_memory(device: str) -> Optional[int]:
-    """Bytes that can be allocated on the device now without swapping: Linux's MemAvailable (elsewhere
-    the physical memory) on a CPU, the free memory of a CUDA device; None where it cannot be told."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if torch.device(device).type != "cpu":
-        return None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # kB
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------------------------- batches

@@ -16,7 +16,7 @@ from torch import Tensor
 import dispatch
 import model as reference
 from errors import UserError
-from formats import FullPrecision, Scheme, WeightFormat, chosen_experts, parse_format, stored_name
+from formats import FullPrecision, Scheme, WeightFormat, chosen_experts, parse_format, part_of, scheme_of, stored_name
 from kernels import cpu as cpu_kernels
 from model import ModelArgs, Transformer
 
@@ -24,80 +24,110 @@ from model import ModelArgs, Transformer
 # ----------------------------------------------------------------------------- modules
 
 class FormattedWeights(nn.Module):
-    """A module whose weights are stored in a format: each weight's tensors are buffers named by
+    """A module whose weights are stored in formats, each its own: a weight's tensors are buffers named by
     stored_name (buffers, not parameters: int8 cannot require grad, and nothing trains here)."""
 
     def add_weight(self, name: str, fmt: WeightFormat, shape: tuple, dtype: torch.dtype):
-        self.format = fmt
         layout = fmt.layout(shape, dtype)
-        self.keys = tuple(layout)
-        self.weight_names = getattr(self, "weight_names", ()) + (name,)
+        self.formats = {**getattr(self, "formats", {}), name: fmt}
+        self.keys = {**getattr(self, "keys", {}), name: tuple(layout)}
         for key, (shape_, dtype_) in layout.items():
             self.register_buffer(stored_name(name, key), torch.empty(shape_, dtype=dtype_))
 
     def weight_tensors(self, name: str) -> dict:
-        return {key: getattr(self, stored_name(name, key)) for key in self.keys}
+        return {key: getattr(self, stored_name(name, key)) for key in self.keys[name]}
 
 
 class Linear(FormattedWeights):
-    """nn.Linear without bias, its weight [out, in] stored in a format."""
+    """nn.Linear without bias, its weight [out, in] stored in a format; or its rows stored in parts, each in
+    its own format (rows: [(name, format, rows)]: a GGUF file's q, k and v projections may differ)."""
 
-    def __init__(self, fmt: WeightFormat, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, fmt: WeightFormat, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
+                 rows: list = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.add_weight("weight", fmt, (out_features, in_features), dtype)
+        for name, fmt_, n in rows or [("weight", fmt, out_features)]:
+            self.add_weight(name, fmt_, (n, in_features), dtype)
+
+    @property
+    def format(self) -> WeightFormat:
+        """The weight's format (its first part's, when stored in parts)."""
+        return next(iter(self.formats.values()))
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.format, x, self.weight_tensors("weight"))
+        if len(self.formats) == 1:
+            return linear(self.format, x, self.weight_tensors(next(iter(self.formats))))
+        return torch.cat([linear(fmt, x, self.weight_tensors(name)) for name, fmt in self.formats.items()], dim=-1)
 
 
 class MOEFeedForward(FormattedWeights):
-    """model.MOEFeedForward's routing (model.route) over experts stored in a format; the router stays in
-    full precision in every format: its few weights decide which experts run."""
+    """model.MOEFeedForward's routing (model.route) over experts stored in formats: the gate and up projections
+    (w1, w3) in one, the down projection (w2) in its own. The router stays in full precision in every format:
+    its few weights decide which experts run."""
 
-    def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32):
+    def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32,
+                 down: WeightFormat = None):
         super().__init__()
         E, I, D = config.num_experts, config.intermediate_size, config.dim
         self.gate = Linear(FullPrecision(), D, E, dtype)
         for name, shape in (("w1", (E, I, D)), ("w3", (E, I, D)), ("w2", (E, D, I))):
-            self.add_weight(name, fmt, shape, dtype)
+            self.add_weight(name, down or fmt if name == "w2" else fmt, shape, dtype)
         self.num_activated_experts = config.num_activated_experts
+
+    @property
+    def format(self) -> WeightFormat:
+        return self.formats["w1"]
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         x = x.reshape(-1, D)  # [N, D], N = B * T
         weights, experts = reference.route(self.gate, x, self.num_activated_experts)  # [N, K] each
         w1, w3, w2 = (self.weight_tensors(name) for name in ("w1", "w3", "w2"))
-        return run_experts(self.format, x, experts, weights, w1, w3, w2).view(B, T, D)
+        return run_experts(self.format, x, experts, weights, w1, w3, w2, self.formats["w2"]).view(B, T, D)
 
 
 class Attention(reference.Attention):
-    """model.Attention with wqkv and wo stored in a format, attending on dispatch.py's path."""
+    """model.Attention with wqkv and wo stored in formats, attending on dispatch.py's path."""
 
-    def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32):
-        super().__init__(config, make_linear=lambda inputs, outputs: Linear(fmt, inputs, outputs, dtype))
+    def __init__(self, fmt: WeightFormat, config: ModelArgs, dtype: torch.dtype = torch.float32,
+                 wo: WeightFormat = None, qkv: tuple = None):
+        # qkv: the q, k and v rows' formats, where they differ (then wqkv is stored in three parts)
+        rows = None
+        if qkv is not None:
+            q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
+            rows = list(zip("qkv", qkv, (q_size, kv_size, kv_size)))
+        super().__init__(config, make_linear=lambda name, inputs, outputs: Linear(
+            wo or fmt if name == "wo" else fmt, inputs, outputs, dtype, rows=rows if name == "wqkv" else None))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return ATTENTION_PATHS[dispatch.attention_path(q)](q, k, v, mask)
 
 
 def build_model(config: ModelArgs, fmt, dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Transformer with its linear layers and experts in `fmt`, a format or a Scheme (a format per part).
+    """A Transformer with its linear layers and experts in `fmt`, a format or a Scheme (a format per weight).
     Tensors are made on the current default device: inside `with torch.device("meta")` they cost nothing
     until loaded with load_state_dict(assign=True)."""
     scheme = Scheme.of(fmt)
     model = Transformer(config)
-    for layer in model.layers:
-        layer.attention = Attention(scheme.attention, config, dtype)
-        layer.block_sparse_moe = MOEFeedForward(scheme.experts, config, dtype)
-    model.output = Linear(scheme.output, config.dim, config.vocab_size, dtype)
+    for i, layer in enumerate(model.layers):
+        of = lambda name: scheme.format_of(f"layers.{i}.{name}")  # noqa: E731
+        if of("block_sparse_moe.w1") != of("block_sparse_moe.w3"):
+            raise UserError(f"layer {i}'s experts hold w1 in {of('block_sparse_moe.w1').spec} and w3 in "
+                            f"{of('block_sparse_moe.w3').spec}: an expert's gate and up projections share a format")
+        qkv = tuple(of(f"attention.wqkv.{p}") for p in "qkv")
+        layer.attention = Attention(of("attention.wqkv.weight"), config, dtype, wo=of("attention.wo.weight"),
+                                    qkv=qkv if len(set(qkv)) > 1 else None)
+        layer.block_sparse_moe = MOEFeedForward(of("block_sparse_moe.w1"), config, dtype,
+                                                down=of("block_sparse_moe.w2"))
+    model.output = Linear(scheme.format_of("output.weight"), config.dim, config.vocab_size, dtype)
     return model
 
 
 def model_scheme(model: Transformer) -> Scheme:
-    """The formats a built model holds its parts in (its first layer's, as every layer's)."""
-    layer = model.layers[0]
-    return Scheme(layer.attention.wqkv.format, layer.block_sparse_moe.format, model.output.format)
+    """The formats a built model holds its weights in."""
+    return scheme_of({f"{prefix}.{name}": fmt for prefix, module in model.named_modules()
+                      if isinstance(module, FormattedWeights) for name, fmt in module.formats.items()
+                      if part_of(f"{prefix}.{name}")})
 
 
 def stored_weights(config: ModelArgs, fmt) -> dict:
@@ -106,25 +136,25 @@ def stored_weights(config: ModelArgs, fmt) -> dict:
     'output.weight' -> (Int8, {'': 'output.weight', 'scales': 'output.scales'})."""
     with torch.device("meta"):
         model = build_model(config, fmt)
-    modules = [(prefix, module) for prefix, module in model.named_modules()
-               if isinstance(module, FormattedWeights) and module.format.quantized]
-    return {f"{prefix}.{weight}": (module.format, {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys})
-            for prefix, module in modules for weight in module.weight_names}
+    return {f"{prefix}.{weight}": (fmt, {key: f"{prefix}.{stored_name(weight, key)}" for key in module.keys[weight]})
+            for prefix, module in model.named_modules() if isinstance(module, FormattedWeights)
+            for weight, fmt in module.formats.items() if fmt.quantized}
 
 
 @torch.no_grad()
-def quantize_module(module: nn.Module, config: ModelArgs, fmt) -> nn.Module:
+def quantize_module(module: nn.Module, config: ModelArgs, fmt, layer: int = 0) -> nn.Module:
     """What quantize.py does to a checkpoint, done to a model in memory (scripts/benchmark.py): the
-    TransformerBlock or whole Transformer `module`, in full precision (model.py's own modules or
-    FullPrecision ones), gets its linear layers and experts stored in `fmt` (a format or a Scheme), in place."""
+    TransformerBlock (number `layer`) or whole Transformer `module`, in full precision (model.py's own
+    modules or FullPrecision ones), gets its linear layers and experts stored in `fmt` (a format or a Scheme),
+    in place."""
     scheme = Scheme.of(fmt)
 
-    def converted(old: nn.Module, names: tuple, new: FormattedWeights, fmt: WeightFormat) -> FormattedWeights:
-        stored = getattr(old, "format", FullPrecision())
-        if stored.quantized:  # its tensors are codes, not weights: quantizing them again would be nonsense
-            raise UserError(f"the model is already quantized ({stored.spec}); quantize a full-precision "
-                            f"checkpoint (model.pth) instead")
-        for name in names:
+    def converted(old: nn.Module, new: FormattedWeights) -> FormattedWeights:
+        for name, fmt in new.formats.items():
+            stored = getattr(old, "formats", {}).get(name, FullPrecision())
+            if stored.quantized:  # its tensors are codes, not weights: quantizing them again would be nonsense
+                raise UserError(f"the model is already quantized ({stored.spec}); quantize a full-precision "
+                                f"checkpoint (model.pth) instead")
             w = getattr(old, name).detach()
             for key, t in fmt.quantize(w).items():
                 setattr(new, stored_name(name, key), t)
@@ -135,31 +165,32 @@ def quantize_module(module: nn.Module, config: ModelArgs, fmt) -> nn.Module:
             return old
         with torch.device("meta"):
             new = Linear(fmt, old.in_features, old.out_features, old.weight.dtype)
-        return converted(old, ("weight",), new, fmt)
+        return converted(old, new)
 
-    def experts_in(old, fmt):
-        if isinstance(old, MOEFeedForward) and old.format == fmt:
+    def experts_in(old, fmt, down):
+        if isinstance(old, MOEFeedForward) and old.formats == {"w1": fmt, "w3": fmt, "w2": down}:
             return old
         with torch.device("meta"):
-            new = MOEFeedForward(fmt, config, old.w1.dtype)
+            new = MOEFeedForward(fmt, config, old.w1.dtype, down=down)
         new.gate = linear_in(old.gate, FullPrecision())
-        return converted(old, ("w1", "w3", "w2"), new, fmt)
+        return converted(old, new)
 
-    def attention_in(old, fmt):
+    def attention_in(old, fmt, wo):
         new = old
         if not isinstance(old, Attention):  # model.Attention: layers.Attention attends on dispatch's path
             with torch.device("meta"):
-                new = Attention(fmt, config)
+                new = Attention(fmt, config, wo=wo)
             new.kv_cache = old.kv_cache  # the one attribute that is state, not config
-        new.wqkv, new.wo = linear_in(old.wqkv, fmt), linear_in(old.wo, fmt)
+        new.wqkv, new.wo = linear_in(old.wqkv, fmt), linear_in(old.wo, wo)
         return new
 
-    blocks = list(module.layers) if isinstance(module, Transformer) else [module]
-    for block in blocks:
-        block.attention = attention_in(block.attention, scheme.attention)
-        block.block_sparse_moe = experts_in(block.block_sparse_moe, scheme.experts)
+    blocks = enumerate(module.layers) if isinstance(module, Transformer) else [(layer, module)]
+    for i, block in blocks:
+        of = lambda name: scheme.format_of(f"layers.{i}.{name}")  # noqa: E731
+        block.attention = attention_in(block.attention, of("attention.wqkv.weight"), of("attention.wo.weight"))
+        block.block_sparse_moe = experts_in(block.block_sparse_moe, of("block_sparse_moe.w1"), of("block_sparse_moe.w2"))
     if isinstance(module, Transformer):
-        module.output = linear_in(module.output, scheme.output)
+        module.output = linear_in(module.output, scheme.format_of("output.weight"))
     return module
 
 
@@ -171,13 +202,13 @@ def linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
 
 
 def cpu_kernel_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
-    y = cpu_kernels.ops().linear(x.reshape(-1, x.shape[-1]), t[""], t.get("scales"))
+    y = cpu_kernels.ops().linear(x.reshape(-1, x.shape[-1]), fmt.kernel_weight(t), t.get("scales"), fmt.name)
     return y.view(*x.shape[:-1], -1)
 
 
 def triton_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
     from kernels import triton_moe  # noqa: F401  registers torch.ops.mixtral_triton (CUDA users only import triton)
-    y = torch.ops.mixtral_triton.linear(x.reshape(-1, x.shape[-1]), t[""], t.get("scales"))
+    y = torch.ops.mixtral_triton.linear(x.reshape(-1, x.shape[-1]), fmt.kernel_weight(t), t.get("scales"), fmt.name)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -209,22 +240,34 @@ LINEAR_PATHS = {
 
 # ----------------------------------------------------------------------------- experts
 
-def run_experts(fmt: WeightFormat, x: Tensor, experts: Tensor, weights: Tensor, w1: dict, w3: dict,
-                w2: dict) -> Tensor:
-    """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]."""
-    path = dispatch.experts_path(fmt, x, experts, w1[""].size(0))
-    return EXPERTS_PATHS[path](fmt, x, experts, weights, w1, w3, w2)
+def run_experts(fmt: WeightFormat, x: Tensor, experts: Tensor, weights: Tensor, w1: dict, w3: dict, w2: dict,
+                down: WeightFormat = None) -> Tensor:
+    """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]; w1 and w3 stored in fmt, w2 in
+    down (fmt when None)."""
+    down = down or fmt
+    path = dispatch.experts_path(fmt, x, experts, w1[""].size(0), down)
+    return EXPERTS_PATHS[path](fmt, x, experts, weights, w1, w3, w2, down)
 
 
-def cpu_kernel_experts(fmt, x, experts, weights, w1, w3, w2):
-    return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"), w3.get("scales"),
-                                 w2.get("scales"))
+def cpu_kernel_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
+    w1, w3, w2 = ({"": fmt.kernel_weight(w), "scales": w.get("scales")} for w in (w1, w3, w2))
+    return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
+                                 w2["scales"], fmt.name)
 
 
-def triton_experts(fmt, x, experts, weights, w1, w3, w2):
+def triton_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
     from kernels import triton_moe  # noqa: F401
     return torch.ops.mixtral_triton.moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
-                                        w3.get("scales"), w2.get("scales"))
+                                        w3.get("scales"), w2.get("scales"), fmt.name)
+
+
+def decode_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
+    """A few tokens' experts: the format's own expression, or, where the down projections are in another
+    format, each weight's chosen experts read back in its own (no host sync) and multiplied."""
+    if down in (None, fmt):
+        return fmt.decode_experts(x, experts, weights, w1, w3, w2)
+    chosen = lambda f, w: f.dequantize({key: t[experts] for key, t in w.items()}, x.dtype)  # noqa: E731
+    return chosen_experts(x, weights, chosen(fmt, w1), chosen(fmt, w3), chosen(down, w2))
 
 
 def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,47 +312,49 @@ def _(x, experts, weights, w1, w3, w2):
 # weights as a view. That costs nothing on CPU and one sync per layer on a GPU (fine for prefill).
 @torch.library.custom_op("mixtral::dequantized_experts", mutates_args=())
 def dequantized_experts(x: Tensor, experts: Tensor, weights: Tensor, spec: str, w1: list[Tensor],
-                        w3: list[Tensor], w2: list[Tensor]) -> Tensor:
+                        w3: list[Tensor], w2: list[Tensor], down_spec: str = "") -> Tensor:
     """Each expert that some token chose runs once over its tokens, its weights read back in the matmul
     dtype (dispatch.matmul_dtype) one matrix at a time: a prompt's matmuls are compute-bound, so one pass
     of conversion is cheap next to them. Serves the formats without a grouped matmul (quantized ones),
-    and full precision where half-precision matmuls are slow. spec: the format (parse_format);
-    w1/w3/w2: its tensors in its layout's order. x [N, D], experts/weights [N, K] -> [N, D]."""
+    and full precision where half-precision matmuls are slow. spec: w1's and w3's format (parse_format),
+    down_spec: w2's (spec when empty); w1/w3/w2: their tensors in their layout's order. x [N, D],
+    experts/weights [N, K] -> [N, D]."""
     fmt = parse_format(spec)
-    keys = list(fmt.layout((1, 1), x.dtype))
+    down = parse_format(down_spec or spec)
     order, token_of_pair, counts = sort_by_expert(experts, w1[0].shape[0])
     counts = counts.tolist()  # host sync
     xs = x[token_of_pair]  # [N*K, D]
 
-    def weight(w: list, e: int, dtype: torch.dtype) -> Tensor:
-        return dequantized(fmt, {key: t[e] for key, t in zip(keys, w)}, dtype)
+    def weight(fmt: WeightFormat, w: list, e: int, dtype: torch.dtype) -> Tensor:
+        return dequantized(fmt, {key: t[e] for key, t in zip(fmt.layout((1, 1), x.dtype), w)}, dtype)
 
     ys = []
     for e, xs_e in enumerate(xs.split(counts)):  # xs_e [count_e, D]
         if not counts[e]:
             continue
         # A full-precision expert with few tokens keeps its dtype: converting would cost more than it saves.
-        keep = not fmt.quantized and counts[e] < dispatch.MIN_ROWS_TO_CONVERT
+        keep = not fmt.quantized and not down.quantized and counts[e] < dispatch.MIN_ROWS_TO_CONVERT
         dtype = x.dtype if keep else dispatch.matmul_dtype(x)
         xd = xs_e.to(dtype)  # each converted matrix is freed as soon as its matmul returns
-        h = F.silu(F.linear(xd, weight(w1, e, dtype))) * F.linear(xd, weight(w3, e, dtype))  # [count_e, I]
-        ys.append(F.linear(h, weight(w2, e, dtype)).to(x.dtype))  # [count_e, D]
+        h = F.silu(F.linear(xd, weight(fmt, w1, e, dtype))) * F.linear(xd, weight(fmt, w3, e, dtype))  # [count_e, I]
+        ys.append(F.linear(h, weight(down, w2, e, dtype)).to(x.dtype))  # [count_e, D]
     ys = torch.cat(ys) * weights.flatten()[order, None]  # [N*K, D]
     return torch.zeros_like(x).index_add_(0, token_of_pair, ys)  # [N, D]
 
 
 @dequantized_experts.register_fake
-def _(x, experts, weights, spec, w1, w3, w2):
+def _(x, experts, weights, spec, w1, w3, w2, down_spec=""):
     return torch.empty_like(x)
 
 
 EXPERTS_PATHS = {
     "cpu kernel": cpu_kernel_experts,
     "triton": triton_experts,
-    "decode": lambda fmt, x, experts, weights, w1, w3, w2: fmt.decode_experts(x, experts, weights, w1, w3, w2),
-    "grouped": lambda fmt, x, experts, weights, w1, w3, w2: grouped_experts(x, experts, weights, w1[""], w3[""], w2[""]),
-    "one by one": lambda fmt, x, experts, weights, w1, w3, w2: dequantized_experts(
-        x, experts, weights, fmt.spec, *(list(w.values()) for w in (w1, w3, w2))),
+    "decode": decode_experts,
+    "grouped": lambda fmt, x, experts, weights, w1, w3, w2, down=None: grouped_experts(
+        x, experts, weights, w1[""], w3[""], w2[""]),
+    "one by one": lambda fmt, x, experts, weights, w1, w3, w2, down=None: dequantized_experts(
+        x, experts, weights, fmt.spec, *(list(w.values()) for w in (w1, w3, w2)), (down or fmt).spec),
 }
 
 

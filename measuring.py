@@ -1,7 +1,8 @@
 # What generate.py reports and scripts/benchmark.py measures: the time device work takes, the bytes of
 # weights a decode step reads (with a batch, from the experts its tokens chose, counted on the device),
-# and the peak memory of the process.
+# and the memory of the process: its peak, and what the device has available.
 import contextlib
+import os
 import resource
 import time
 from pathlib import Path
@@ -156,3 +157,17 @@ def peak_memory_gb(device: str) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024 / 1e9  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def available_memory(device: str) -> Optional[int]:
+    """Bytes that can be allocated on the device now without swapping: Linux's MemAvailable (elsewhere
+    the physical memory) on a CPU, the free memory of a CUDA device; None where it cannot be told."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if torch.device(device).type != "cpu":
+        return None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

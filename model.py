@@ -168,20 +168,20 @@ class TransformerBlock(nn.Module):
         return h + self.block_sparse_moe(self.ffn_norm(h))
 
 
-def linear(in_features: int, out_features: int) -> nn.Module:
+def linear(name: str, in_features: int, out_features: int) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=False)
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelArgs, make_linear=linear):
-        # make_linear(in, out) makes the projections: nn.Linear here; the served model (layers.py) passes
-        # one that stores them in a weight format.
+        # make_linear(name, in, out) makes the projections: nn.Linear here; the served model (layers.py)
+        # passes one that stores each in its weight format.
         super().__init__()
         self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
         # q, k and v in one matrix: one matmul per token instead of three.
         total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
-        self.wqkv = make_linear(config.dim, total_head_dim)
-        self.wo = make_linear(config.n_head * config.head_dim, config.dim)
+        self.wqkv = make_linear("wqkv", config.dim, total_head_dim)
+        self.wo = make_linear("wo", config.n_head * config.head_dim, config.dim)
         self.kv_cache = None
 
     def forward(self, x, input_pos, cos, sin, mask):

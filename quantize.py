@@ -34,12 +34,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import check_tensors, load_state_dict, open_checkpoint, quantized_path, tensor_shapes
+from checkpoint import check_tensors, check_values, load_state_dict, open_checkpoint, quantized_path
 from cli import HelpFormatter, one_line_errors
 from errors import UserError
 from formats import Int4, detect_format, parse_scheme
 from layers import stored_weights
-from writing import atomic_file, reserve
+from names import tensor_shapes
+from writing import atomic_file, check_replaceable, reserve
 
 
 def load_source(checkpoint_path: Path) -> tuple:
@@ -55,11 +56,13 @@ def load_source(checkpoint_path: Path) -> tuple:
     return checkpoint, source
 
 
-def quantize_into(fmt, src: Tensor, out: dict, rows_per_chunk: int = 256):
-    """Quantizes src [..., out, in] into out ({key: tensor} in fmt's layout) a few rows at a time:
-    rows are independent, and small chunks keep the float32 temporaries a few MB whatever the matrix."""
+def quantize_into(fmt, src: Tensor, out: dict, check, rows_per_chunk: int = 256):
+    """Quantizes src [..., out, in] into out ({key: tensor} in fmt's layout) a few rows at a time, each chunk
+    first passed to check (non-finite weights): rows are independent, and small chunks keep the float32
+    temporaries a few MB whatever the matrix."""
     rows = src.reshape(-1, src.shape[-1])
     for start in range(0, rows.shape[0], rows_per_chunk):
+        check(rows[start:start + rows_per_chunk])
         for key, t in fmt.quantize(rows[start:start + rows_per_chunk]).items():
             out[key].view(-1, *t.shape[1:])[start:start + t.shape[0]] = t
 
@@ -79,6 +82,7 @@ def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
         raise UserError(f"--format {spec} quantizes nothing; choose int8 or int4:g32")
     checkpoint_path = Path(checkpoint_path)
     checkpoint, source = load_source(checkpoint_path)
+    check_replaceable(quantized_path(checkpoint_path, scheme))  # before the work, not after it
     config = checkpoint.config
     quantized = stored_weights(config, scheme)  # source name -> (its format, {key: output name})
     for name, (fmt, _) in quantized.items():  # before any file is written
@@ -106,10 +110,12 @@ def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
         with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
             out = torch.load(f.name, mmap=True, weights_only=True)  # writes go to the file
         for name, src in tqdm(source.items(), desc="quantizing", unit="tensor"):
+            check = lambda chunk, name=name: check_values(name, chunk, checkpoint_path)  # noqa: E731
             if name in quantized:
                 fmt, stored = quantized[name]
-                quantize_into(fmt, src, {key: out[stored_as] for key, stored_as in stored.items()})
+                quantize_into(fmt, src, {key: out[stored_as] for key, stored_as in stored.items()}, check)
             else:
+                check(src)
                 out[name].copy_(src)  # embedding, norms, router: as they are
         del out  # unmaps: the kernel has every written page
     return output
@@ -126,8 +132,8 @@ def format_spec(args) -> str:
         raise UserError(f"--mode {args.mode} and --format {args.format} both name the format: keep one")
     if args.mode == "int8":
         if args.groupsize is not None or args.int4_attention:
-            raise UserError(f"--groupsize and --int4_attention are for --mode int4 (groups of inputs sharing a "
-                            f"scale); --mode int8 has one scale per row: drop them")
+            raise UserError("--groupsize and --int4_attention are for --mode int4 (groups of inputs sharing a "
+                            "scale); --mode int8 has one scale per row: drop them")
         return "int8"
     return f"int4:g{args.groupsize or 32}" + (":attn4" if args.int4_attention else "")
 

@@ -60,17 +60,18 @@ def check_divisible(config: ModelArgs, world_size: int):
 
 def check_whole_groups(model: Transformer, world_size: int):
     """Weights sliced along their inputs (wo by heads, w2 by I) must leave each rank whole groups of a
-    grouped format (int4), each in its own part's format: refuse otherwise, naming the dimension and the
-    group size."""
-    config, layer = model.config, model.layers[0]
-    for what, inputs, fmt in (
-            ("wo's inputs (num_attention_heads * head_dim)", config.n_head * config.head_dim, layer.attention.wo.format),
-            ("w2's inputs (intermediate_size)", config.intermediate_size, layer.block_sparse_moe.format)):
-        problem = fmt.row_problem(inputs // world_size)
-        if problem:
-            raise UserError(f"tensor parallelism over {world_size} ranks gives each rank {inputs // world_size} of "
-                            f"{what}, {inputs}, which {problem}; use fewer ranks or a checkpoint quantized with a "
-                            f"smaller --groupsize")
+    grouped format (int4, the block types), each in its own format: refuse otherwise, naming the dimension
+    and the group size."""
+    config = model.config
+    for layer in model.layers:
+        for what, inputs, fmt in (
+                ("wo's inputs (num_attention_heads * head_dim)", config.n_head * config.head_dim, layer.attention.wo.format),
+                ("w2's inputs (intermediate_size)", config.intermediate_size, layer.block_sparse_moe.formats["w2"])):
+            problem = fmt.row_problem(inputs // world_size)
+            if problem:
+                raise UserError(f"tensor parallelism over {world_size} ranks gives each rank {inputs // world_size} "
+                                f"of {what}, {inputs}, which {problem}; use fewer ranks or a checkpoint quantized "
+                                f"with smaller groups")
 
 
 def _chunk(t: torch.Tensor, axis: int, rank: int, world_size: int) -> torch.Tensor:
@@ -82,8 +83,8 @@ def _chunk(t: torch.Tensor, axis: int, rank: int, world_size: int) -> torch.Tens
 def _slice_weight(module: FormattedWeights, name: str, axis: int, take):
     """Replaces weight `name` of module (axis -2: its output rows, -1: its input columns) by
     take(tensor, axis), and each companion tensor of its format (int8 and int4 scales) by its matching slice."""
-    for key in module.keys:
-        stored_axis = module.format.stored_axis(key, axis)
+    for key in module.keys[name]:
+        stored_axis = module.formats[name].stored_axis(key, axis)
         if stored_axis is not None:
             attribute = stored_name(name, key)
             setattr(module, attribute, take(getattr(module, attribute), stored_axis))
@@ -101,7 +102,11 @@ def shard_attention(attn: Attention, rank: int, world_size: int):
     def own_rows(t, axis):  # (H + 2*KV) * Dh rows -> (H + 2*KV) / N * Dh rows, still [q | k | v]
         return torch.cat([_chunk(part, axis, rank, world_size) for part in t.split([q_size, kv_size, kv_size], axis)], axis)
 
-    _slice_weight(attn.wqkv, "weight", -2, own_rows)
+    if "weight" in attn.wqkv.formats:
+        _slice_weight(attn.wqkv, "weight", -2, own_rows)
+    else:  # stored in parts (a GGUF file's q, k and v in different formats): each part's own heads
+        for part in "qkv":
+            _slice_weight(attn.wqkv, part, -2, lambda t, axis: _chunk(t, axis, rank, world_size))
     _slice_weight(attn.wo, "weight", -1, lambda t, axis: _chunk(t, axis, rank, world_size))  # [D, H*Dh] -> [D, H/N * Dh]
     # The forward splits q/k/v and sizes the KV cache by these counts.
     attn.n_head //= world_size

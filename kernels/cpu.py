@@ -9,11 +9,14 @@
 #
 # The build (torch.utils.cpp_extension, ninja) is cached under ~/.cache/torch_extensions (or
 # TORCH_EXTENSIONS_DIR): later runs load it in a fraction of a second. Ranks under torchrun share that
-# cache: the first to arrive builds, the others wait and load the result. Where the kernels cannot be
-# had (no compiler, not x86 with AVX2/FMA/F16C) available() says why in one line on stderr and the
-# caller keeps PyTorch's own path.
+# cache: the first to arrive builds, the others wait and load the result. A library in the cache is
+# loaded only if its bytes are those its build recorded (a damaged one would crash every run): otherwise
+# it is built again. Where the kernels cannot be had (no compiler, not x86 with AVX2/FMA/F16C)
+# available() says why in one line on stderr and the caller keeps PyTorch's own path.
 import contextlib
 import fcntl
+import hashlib
+import logging
 import os
 import signal
 import struct
@@ -89,7 +92,7 @@ def choose():
     asked = os.environ.get(ISA_VARIABLE, "")
     if asked and asked not in runs:
         what = f"not one of {', '.join(ISAS)}" if asked not in ISAS else "not one this CPU runs"
-        raise UserError(f"{ISA_VARIABLE}={asked} is {what}; this CPU runs {', '.join(runs)}")
+        raise UserError(f"{ISA_VARIABLE}={asked!r} is {what}; this CPU runs {', '.join(runs)}")
     return [asked] if asked else runs, None
 
 
@@ -138,7 +141,7 @@ def load(isa: str):
     """Compiles (or finds in the cache) and loads the kernels of instruction set `isa` into this process."""
     loaded = _status.setdefault("loaded", set())
     if isa not in loaded:
-        from torch.utils import cpp_extension
+        cpp_extension = extension_builder()
         try:  # ninja from PyPI: on PATH only inside an activated virtual environment, so say where it is
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
@@ -154,6 +157,8 @@ def load(isa: str):
                 on_build(isa)
             cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+            for library in folder.glob("*.so"):  # built (or found intact) and loaded: these bytes are good
+                record_checksum(library)
         register_fakes(f"mixtral_cpu_{isa}")
         loaded.add(isa)
     return ops(isa)
@@ -167,25 +172,49 @@ def built(library: Path) -> bool:
 
 def build_folder(isa: str) -> Path:
     """Where instruction set isa's build is cached."""
-    from torch.utils import cpp_extension
-    return Path(cpp_extension._get_build_directory(f"mixtral_cpu_kernels_{isa}", verbose=False))
+    return Path(extension_builder()._get_build_directory(f"mixtral_cpu_kernels_{isa}", verbose=False))
+
+
+def extension_builder():
+    """torch.utils.cpp_extension, imported without the warning torch's CUDA builds print when they find
+    a CUDA toolkit but no GPU ("No CUDA runtime is found"): it concerns CUDA extensions, and these
+    kernels are CPU code. Only that warning, and only while importing it here."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def not_the_cuda_warning(record):
+        return "No CUDA runtime is found" not in record.getMessage()
+    logger.addFilter(not_the_cuda_warning)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(not_the_cuda_warning)
+    return cpp_extension
 
 
 def register_fakes(namespace: str):
     """What torch.compile needs to know of each op: its output's shape and dtype."""
-    torch.library.register_fake(f"{namespace}::linear", lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::linear",
+                                lambda x, weight, scales, format: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake(f"{namespace}::moe", lambda x, *_: torch.empty_like(x))
     torch.library.register_fake(f"{namespace}::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
     torch.library.register_fake(f"{namespace}::dequantize_int4",
                                 lambda packed, scales, dtype: packed.new_empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype))
 
 
+def torch_lock_is_a_baton() -> bool:
+    """Whether this torch locks a build with a file whose mere existence is the lock (its FileBaton, up to
+    torch 2.13), which a killed build leaves behind. Later versions hold an OS lock on that file, which
+    dies with its holder, and leave the file after every build."""
+    return hasattr(extension_builder(), "FileBaton")
+
+
 @contextlib.contextmanager
 def build_lock(folder: Path):
     """One build at a time per folder, among processes (torchrun's ranks share the cache). An flock is
     released by the kernel when its holder dies, however it dies, so it never goes stale; torch's own
-    lock file inside the folder can, when a build is killed. Holding the flock, no one else builds: any
-    such file left there is stale, and is removed with a note."""
+    lock file inside the folder can, when a build is killed, where torch takes its existence for the
+    lock. Holding the flock, no one else builds: any such file left there is stale, and is removed with
+    a note."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "mixtral.flock", "a") as f:
         try:
@@ -195,7 +224,7 @@ def build_lock(folder: Path):
                 print(f"waiting for another process's build of the CPU kernels in {folder}", file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         torch_lock = folder / "lock"
-        if torch_lock.exists():
+        if torch_lock.exists() and torch_lock_is_a_baton():
             age = time.time() - torch_lock.stat().st_mtime
             print(f"note: removing {torch_lock}, left by a build that did not finish ({age:.0f} s ago)",
                   file=sys.stderr, flush=True)
@@ -204,8 +233,10 @@ def build_lock(folder: Path):
 
 
 def remove_if_damaged(library: Path):
-    """Removes a cached library that is shorter than its own ELF header says (a build or a copy cut
-    short): loading it would crash with a bus error; removed, it is built again."""
+    """Removes a cached library, and the objects it was linked from, so that they are built again, when
+    loading it could crash: when it is shorter than its own ELF header says (a build or a copy cut short:
+    a bus error), or when its bytes are not those its build recorded (damaged inside: SIGSEGV or SIGILL),
+    or when no build recorded them (a build killed before it could, or a cache older than checksums)."""
     try:
         with open(library, "rb") as f:
             header = f.read(64)
@@ -218,9 +249,37 @@ def remove_if_damaged(library: Path):
         shoff, = struct.unpack_from("<Q", header, 40)
         shentsize, shnum = struct.unpack_from("<HH", header, 58)
         intact = shoff + shentsize * shnum <= size
+    recorded = checksum_path(library)
     if not intact:
-        print(f"note: {library} is damaged; building it again", file=sys.stderr, flush=True)
-        library.unlink()
+        problem = "is damaged"
+    elif not recorded.exists():
+        problem = "has no checksum recorded by its build"
+    elif recorded.read_text().strip() != sha256(library):
+        problem = "does not match the checksum recorded when it was built"
+    else:
+        return
+    print(f"note: {library} {problem}; building it again", file=sys.stderr, flush=True)
+    # The objects too: whatever damaged the library may have damaged them, and ninja would link them again.
+    for built in (library, recorded, *library.parent.glob("*.o")):
+        built.unlink(missing_ok=True)
+
+
+def checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # a library of a few hundred KB
+
+
+def record_checksum(library: Path):
+    """Writes the library's checksum beside it (under the build lock; renamed into place, so never half
+    written), unless it is the one there already."""
+    recorded, digest = checksum_path(library), sha256(library)
+    if not recorded.exists() or recorded.read_text().strip() != digest:
+        tmp = recorded.with_name(recorded.name + ".tmp")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, recorded)
 
 
 @contextlib.contextmanager

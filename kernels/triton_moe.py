@@ -15,11 +15,12 @@
 #      small op, which torch.compile fuses with the residual add after it).
 # A dense layer (wqkv, wo, the output head) is kernel 2 with one expert that every token chose, weight 1.
 #
-# Weight formats (QUANT): 16/32-bit floats as stored; int8 with one scale per output row (applied once
-# to each program's sums); int4 packed two to a byte with one scale per group of GROUP inputs along a
-# row (applied to the weights as they are unpacked: a tile holds several groups). The products run on
-# tensor cores (tl.dot) in DOT_DTYPE, the activations' dtype on a GPU, with float32 sums; the token
-# dimension is padded to 16, tl.dot's smallest, which costs tensor-core work only: memory rules here.
+# Weight formats (QUANT, from the name the ops are given: 'full', 'int8', 'int4'): 16/32-bit floats as
+# stored; int8 with one scale per output row (applied once to each program's sums); int4 packed two to a
+# byte with one scale per group of GROUP inputs along a row (applied to the weights as they are
+# unpacked: a tile holds several groups). The products run on tensor cores (tl.dot) in DOT_DTYPE, the
+# activations' dtype on a GPU, with float32 sums; the token dimension is padded to 16, tl.dot's
+# smallest, which costs tensor-core work only: memory rules here.
 # The interpreter has no bf16 arithmetic, so there DOT_DTYPE is float32, which holds bf16 and the
 # integer weights exactly.
 #
@@ -203,12 +204,28 @@ def parts(active_experts: int, rows: int, size: int, reduction: int, block_cols:
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(reduction, block_cols)))
 
 
-def quantization(w: Tensor, scales: Optional[Tensor]) -> tuple:
-    """(QUANT, GROUP) of a weight [..., out, in] as stored: int8 with per-row scales [..., out], or
-    int4 packed [..., out, in/2] (uint8) with group scales [..., out, in/GROUP]."""
-    if w.dtype == torch.int8:
+# What each format stores: (the weights' dtypes, whether scales come with them).
+STORED = {"full": ((torch.float32, torch.bfloat16, torch.float16), False), "int8": ((torch.int8,), True),
+          "int4": ((torch.uint8,), True)}
+
+
+def quantization(format: str, w: Tensor, scales: Optional[Tensor]) -> tuple:
+    """(QUANT, GROUP) of a weight [..., out, in] stored in format `format` (formats.py's kernel_name):
+    'int8' with per-row scales [..., out], 'int4' packed [..., out, in/2] (uint8) with group scales
+    [..., out, in/GROUP], or 'full'. The dtypes are checked against it, not read as a format: another
+    packed format would be uint8 too."""
+    if format not in STORED:
+        raise ValueError(f"mixtral_triton: unknown weight format {format!r}; one of {', '.join(STORED)} expected")
+    dtypes, scaled = STORED[format]
+    if w.dtype not in dtypes or (scales is not None) != scaled:
+        *others, last = [str(d).removeprefix("torch.") for d in dtypes]
+        takes = f"{', '.join(others)} or {last}" if others else last
+        raise ValueError(f"mixtral_triton: format {format!r} takes {takes} weights {'and' if scaled else 'and no'} "
+                         f"scales; got {str(w.dtype).removeprefix('torch.')} weights and "
+                         f"{'no ' if scales is None else ''}scales")
+    if format == "int8":
         return INT8, 1
-    if w.dtype == torch.uint8:
+    if format == "int4":
         return INT4, 2 * w.shape[-1] // scales.shape[-1]
     return FLOAT, 1
 
@@ -244,12 +261,13 @@ def strides(w: Tensor, scales: Optional[Tensor]) -> tuple:
     return w.stride(0), w.stride(1), scales.stride(0), scale_row_stride
 
 
-def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Optional[Tensor], dtype) -> Tensor:
-    """h [N, K, I] through the chosen experts' w2 [E, D, I'] (I' = I, or I/2 packed), weighted: [N, D]
-    in dtype."""
+def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Optional[Tensor], format: str,
+         dtype) -> Tensor:
+    """h [N, K, I] through the chosen experts' w2 [E, D, I'] (I' = I, or I/2 packed) in format `format`,
+    weighted: [N, D] in dtype."""
     N, K, I = h.shape
     E, D = w2.shape[:2]
-    quant, group = quantization(w2, w2_scales)
+    quant, group = quantization(format, w2, w2_scales)
     cols = block_cols(quant, group)
     active, sms = min(N * K, E), multiprocessor_count(h.device)
     rows = block_rows(active, D, sms)
@@ -269,14 +287,16 @@ def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Opt
 # graph: they allocate from the graph's pool and never sync with the host).
 @torch.library.custom_op("mixtral_triton::moe", mutates_args=())
 def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, w1_scales: Optional[Tensor],
-        w3_scales: Optional[Tensor], w2_scales: Optional[Tensor]) -> Tensor:
+        w3_scales: Optional[Tensor], w2_scales: Optional[Tensor], format: str) -> Tensor:
     """Each token's K chosen experts, weighted: x [N, D], experts/weights [N, K] -> [N, D] in x's dtype.
-    w1/w3 [E, I, D'], w2 [E, D, I'] in a format of `quantization`, with their scales (None for floats)."""
+    w1/w3 [E, I, D'], w2 [E, D, I'] in format `format` (see `quantization`), with their scales (None
+    for 'full')."""
     x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
     N, D = x.shape
     K = experts.shape[1]
     E, I = w1.shape[:2]
-    quant, group = quantization(w1, w1_scales)
+    quant, group = quantization(format, w1, w1_scales)
+    quantization(format, w3, w3_scales)
     if w3.stride() != w1.stride() or (w1_scales is not None and w3_scales.stride() != w1_scales.stride()):
         raise ValueError("the Triton kernels read w1 and w3 with the same strides")
     rows = block_rows(min(N * K, E), I, multiprocessor_count(x.device))
@@ -288,25 +308,25 @@ def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2:
         QUANT=quant, GROUP=group, BLOCK_N=max(16, triton.next_power_of_2(N)),
         BLOCK_SLOTS=triton.next_power_of_2(K), BLOCK_ROWS=rows, BLOCK_COLS=block_cols(quant, group),
         DOT_DTYPE=dot_dtype(x.dtype), **launch_options())
-    return down(h, experts, weights, w2, w2_scales, x.dtype)
+    return down(h, experts, weights, w2, w2_scales, format, x.dtype)
 
 
 @moe.register_fake
-def _(x, experts, weights, w1, w3, w2, w1_scales, w3_scales, w2_scales):
+def _(x, experts, weights, w1, w3, w2, w1_scales, w3_scales, w2_scales, format):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("mixtral_triton::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor]) -> Tensor:
-    """x [N, in] @ weight [out, in'].T in a format of `quantization` -> [N, out] in x's dtype: the down
-    kernel with one expert that every token chose, weight 1."""
+def linear(x: Tensor, weight: Tensor, scales: Optional[Tensor], format: str) -> Tensor:
+    """x [N, in] @ weight [out, in'].T in format `format` (see `quantization`) -> [N, out] in x's dtype:
+    the down kernel with one expert that every token chose, weight 1."""
     N = x.shape[0]
     h = x.contiguous().view(N, 1, -1)  # [N, 1, in]
     chosen = torch.zeros(N, 1, dtype=torch.int64, device=x.device)
     ones = torch.ones(N, 1, dtype=torch.float32, device=x.device)
-    return down(h, chosen, ones, weight[None], None if scales is None else scales[None], x.dtype)
+    return down(h, chosen, ones, weight[None], None if scales is None else scales[None], format, x.dtype)
 
 
 @linear.register_fake
-def _(x, weight, scales):
+def _(x, weight, scales, format):
     return x.new_empty(x.shape[0], weight.shape[0])

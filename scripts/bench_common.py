@@ -61,7 +61,7 @@ def random_model(config: ModelArgs, device: str, precision: torch.dtype,
             else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
                 p.normal_(0.0, p.shape[-1] ** -0.5)
         if module in model.layers:
-            quantize_module(module, config, scheme)
+            quantize_module(module, config, scheme, layer=list(model.layers).index(module))
     quantize_module(model, config, scheme)  # the output head; blocks already done are kept
     return model.eval()
 

@@ -35,8 +35,9 @@ from errors import UserError  # noqa: E402
 from formats import Int4, Scheme, parse_scheme  # noqa: E402
 from generation import Settings, compile_steps, round_up  # noqa: E402
 from layers import model_scheme, quantize_module  # noqa: E402
-from measuring import Timer, active_weight_bytes, counting_expert_reads, seconds  # noqa: E402
-from model import ModelArgs, transformer_configs  # noqa: E402
+from measuring import Timer, active_weight_bytes, available_memory, counting_expert_reads, seconds  # noqa: E402
+from model import ModelArgs, kv_cache_bytes, transformer_configs  # noqa: E402
+from writing import readable_size  # noqa: E402
 from scripts import verify_decode  # noqa: E402
 from scripts.bench_common import (BENCH_SHAPES, Bandwidth, Bench, Decode, decode_rounds, fmt,  # noqa: E402
                                   limit_tokens_per_s, machine_name, model_args, prefill_rounds, random_model,
@@ -256,6 +257,9 @@ def print_table(args, summary: Summary, rows: list, bandwidth: Bandwidth):
     sys.stdout.flush()
 
 
+DEFAULT_PREFILL_LENGTHS = [128, 512, 2048]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark Mixtral decode and prefill against the memory-bandwidth limit.",
                                 formatter_class=HelpFormatter)
@@ -287,8 +291,9 @@ def parse_args(argv=None):
     p.add_argument("--ragged", action="store_true",
                    help="batches of prompts of different lengths (the decode prompt length, then one more token "
                         "each): every sequence decodes at its own positions, as with --prompts_file")
-    p.add_argument("--prefill_lengths", type=int, nargs="*", default=[128, 512, 2048],
-                   help="prompt lengths for prefill runs")
+    p.add_argument("--prefill_lengths", type=int, nargs="*", default=None,
+                   help=f"prompt lengths for prefill runs (default: {' '.join(map(str, DEFAULT_PREFILL_LENGTHS))}, "
+                        f"those beyond the model's context skipped)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per row (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--probe_mb", type=int, default=None,
@@ -306,6 +311,9 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    args.default_prefill = args.prefill_lengths is None
+    if args.default_prefill:
+        args.prefill_lengths = list(DEFAULT_PREFILL_LENGTHS)
     if args.compare_hf:
         if args.checkpoint_path is None:
             raise UserError("--compare-hf needs --checkpoint_path of a hub-layout folder (config.json + safetensors)")
@@ -326,7 +334,42 @@ def check_args(args):
         raise UserError(f"--batch_sizes must be at least 1, got {min(args.batch_sizes)}")
     if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
+    for flag, value in (("--threads", args.threads), ("--probe_mb", args.probe_mb)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     check_device(args.device)
+
+
+def check_fits(args, config: ModelArgs):
+    """Before the model is built or loaded: every length within its context, the decode KV cache within
+    the device's memory (the allocator's failure is a traceback, or on a CPU the out-of-memory killer).
+    The default prefill lengths beyond a short context are skipped, with a note; lengths asked for are
+    refused."""
+    context = config.block_size
+    if args.decode_prompts:
+        longest = max(args.decode_prompts) + (max(args.batch_sizes) - 1 if args.ragged else 0)
+        if longest + args.max_new_tokens > context:
+            raise UserError(f"decode prompts of up to {longest} tokens plus --max_new_tokens {args.max_new_tokens} "
+                            f"exceed the model's context of {context} tokens; shorten one of them")
+    beyond = [n for n in args.prefill_lengths if n > context]
+    if beyond and not args.default_prefill:
+        raise UserError(f"--prefill_lengths {' '.join(map(str, beyond))} exceed the model's context of {context} "
+                        f"tokens; drop them")
+    if beyond:
+        print(f"note: --prefill_lengths {' '.join(map(str, beyond))} skipped: beyond the model's context of {context} "
+              f"tokens", file=sys.stderr, flush=True)
+        args.prefill_lengths = [n for n in args.prefill_lengths if n <= context]
+        if not args.prefill_lengths and not args.decode_prompts:
+            raise UserError(f"nothing to measure: every prefill length is beyond the model's context of {context} "
+                            f"tokens; give --prefill_lengths up to {context}")
+    if args.decode_prompts:
+        batch, precision = max(args.batch_sizes), PRECISIONS[args.precision]
+        positions = min(round_up(max(args.decode_prompts) + batch + args.max_new_tokens), context)  # as decode_rows
+        needed, available = kv_cache_bytes(config, batch, positions, precision), available_memory(args.device)
+        if available is not None and needed > available:
+            raise UserError(f"--batch_sizes {batch} asks for a KV cache of {readable_size(needed)} ({batch} sequences of "
+                            f"{positions} positions in {args.precision}), more than the {readable_size(available)} of "
+                            f"memory available on {args.device}; lower it")
 
 
 def main(argv=None):
@@ -342,6 +385,8 @@ def main(argv=None):
                                            PRECISIONS[args.precision])
             print(f"wrote {path}; benchmark it with --checkpoint_path {path} --compare-hf")
             return
+        check_fits(args, open_checkpoint(args.checkpoint_path).config if args.checkpoint_path is not None
+                   else model_args(args.model, args.n_layer))
         if args.verify:
             verify_decode.check(args.device, chosen_scheme(args))
         run(args)

@@ -10,10 +10,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import check_tensors, from_hub, hub_tensor_shapes, json_entry, read_config, read_json_object  # noqa: E402
+from checkpoint import check_tensors, check_values, json_entry, read_config, read_json_object  # noqa: E402
 from cli import HelpFormatter, one_line_errors  # noqa: E402
 from errors import UserError  # noqa: E402
-from writing import atomic_file  # noqa: E402
+from names import from_hub, hub_tensor_shapes  # noqa: E402
+from writing import atomic_file, check_replaceable  # noqa: E402
 
 
 def find_weight_files(checkpoint_dir: Path) -> dict:
@@ -52,6 +53,8 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"{checkpoint_dir} is not a folder: download the checkpoint first")
+    output = checkpoint_dir / output_name
+    check_replaceable(output)  # up front: the whole model is read before it is written
     config = read_config(checkpoint_dir / "config.json")
     files = find_weight_files(checkpoint_dir)
     check_tensors(stored_shapes(files), hub_tensor_shapes(config), str(checkpoint_dir))
@@ -65,13 +68,13 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
                 tensor = shard.get_tensor(name)
             except Exception as e:
                 raise UserError(f"could not read {name} from {files[name]} ({e}); the file may be truncated")
+        check_values(name, tensor, files[name])
         progress.update()
         return tensor
 
     with progress:
         state_dict = from_hub(read, config)
 
-    output = checkpoint_dir / output_name
     with atomic_file(output, sum(t.nbytes for t in state_dict.values())) as f:
         torch.save(state_dict, f)
     return output

@@ -2,19 +2,35 @@
 # repo mistralai/Mixtral-8x7B-v0.1: config.json, sharded safetensors with model.safetensors.index.json,
 # tokenizer.model. The demo and the tests run the real converter and generator on it; its text is
 # meaningless (random weights), it shows the pipeline and the speed.
+#
+# The folder is written whole under a temporary name beside its place, then takes that place
+# (writing.atomic_folder): a fault leaves an old folder there as it was. scripts/train_tiny.py writes
+# its trained model the same way.
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import config_from_hub, hub_config, hub_tensor_shapes  # noqa: E402
+from checkpoint import config_from_hub, hub_config  # noqa: E402
 from cli import HelpFormatter  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import ModelArgs  # noqa: E402
+from names import hub_tensor_shapes  # noqa: E402
+from writing import atomic_folder  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# What a checkpoint folder holds: the hub's files, train_tiny.py's training.json, a model card, and what
+# the converter and quantize.py write beside them (derived from the weights: stale once they change) or
+# leave when killed. An old folder holding only these is replaced as a whole; one holding anything else
+# was not written for a checkpoint, and is refused.
+CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json", "*.safetensors", "tokenizer.model", "training.json",
+                    "README.md", "*.pth", "*.tmp")
 
 # Mixtral-8x7B-v0.1's own config.json, as published.
 MIXTRAL_CONFIG = {
@@ -72,13 +88,33 @@ def random_tensor(name: str, shape, generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator) / shape[-1] ** 0.5
 
 
-def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
-                         dtype=torch.bfloat16, n_shards: int = 2, norm_outliers: int = 0,
-                         tensors: dict = None) -> Path:
-    """norm_outliers: channels 0, 1, ... of every norm weight scaled by OUTLIER_SCALE. tensors: the
-    weights under their hub names (scripts/train_tiny.py's trained ones) instead of random ones."""
+@contextlib.contextmanager
+def new_checkpoint_folder(out_dir, force: bool = False):
+    """Yields a folder to write a checkpoint into, which takes out_dir's place when the block ends
+    (writing.atomic_folder), made (and so checked) at once. An old out_dir is replaced only if it holds a
+    checkpoint's files alone, and one in the repo's assets/ (what the repo ships, and its tests and demo
+    use) only with force."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and out_dir.resolve().is_relative_to(ASSETS) and not force:
+        raise UserError(f"{out_dir} is in the repo's assets/, which ships with the repo (the demo and the tests "
+                        f"use it): write elsewhere, or pass --force to replace it")
+    with atomic_folder(out_dir, CHECKPOINT_FILES) as folder:
+        yield folder
+
+
+def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0, dtype=torch.bfloat16,
+                         n_shards: int = 2, norm_outliers: int = 0, tensors: dict = None) -> Path:
+    """The whole folder at once (new_checkpoint_folder). norm_outliers: channels 0, 1, ... of every norm
+    weight scaled by OUTLIER_SCALE. tensors: the weights under their hub names instead of random ones."""
+    with new_checkpoint_folder(out_dir) as folder:
+        write_hub_files(folder, config, tokenizer_model, seed, dtype, n_shards, norm_outliers, tensors)
+    return Path(out_dir)
+
+
+def write_hub_files(out_dir: Path, config: dict, tokenizer_model, seed: int = 0, dtype=torch.bfloat16,
+                    n_shards: int = 2, norm_outliers: int = 0, tensors: dict = None):
+    """Writes the hub's files into the folder out_dir, as write_hub_checkpoint describes. tokenizer_model:
+    the path of a tokenizer.model, or its bytes."""
     cfg = {**MIXTRAL_CONFIG, **config, "torch_dtype": str(dtype).removeprefix("torch.")}
     if "rope_parameters" in config:  # transformers 5 spelling: the base lives only there
         cfg.pop("rope_theta")
@@ -100,7 +136,9 @@ def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
     for s in range(n_shards):
         shard_name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors" if n_shards > 1 else "model.safetensors"
         chunk = {n: tensors[n].contiguous() for n in names[s * per_shard:(s + 1) * per_shard]}
-        save_file(chunk, str(out_dir / shard_name), metadata={"format": "pt"})
+        # Serialized here and written by Python, whose write errors are OSErrors that say what happened
+        # (safetensors' own writer reports a full disk as an error of its own).
+        (out_dir / shard_name).write_bytes(save(chunk, metadata={"format": "pt"}))
         for n, t in chunk.items():
             weight_map[n] = shard_name
             total_size += t.numel() * t.element_size()
@@ -108,8 +146,8 @@ def write_hub_checkpoint(out_dir, config: dict, tokenizer_model, seed: int = 0,
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
-    return out_dir
+    tokenizer = tokenizer_model if isinstance(tokenizer_model, bytes) else Path(tokenizer_model).read_bytes()
+    (out_dir / "tokenizer.model").write_bytes(tokenizer)
 
 
 def train_demo_tokenizer(out_path: Path, vocab_size: int) -> Path:
@@ -133,7 +171,6 @@ def write_random_checkpoint(folder: Path, config: ModelArgs, dtype: torch.dtype)
     transformers can load it too, converted to model.pth beside it. Returns the model.pth path."""
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # a tokenizer the folder ships; benchmarks never read it
         tokenizer = train_demo_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=1000)
         write_hub_checkpoint(folder, hub_config(config), tokenizer, dtype=dtype, n_shards=2)
@@ -152,15 +189,18 @@ def main(argv=None):
                         help=f"channels of every norm weight to scale by {OUTLIER_SCALE:g}, as trained models' outliers")
     args = parser.parse_args(argv)
     config = dict(TINY)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = args.tokenizer
-        if tokenizer is None:
-            tokenizer = train_demo_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=1000)
-        elif not tokenizer.is_file():
-            sys.exit(f"error: tokenizer {tokenizer} not found")
-        import sentencepiece as spm
-        config["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-        write_hub_checkpoint(args.checkpoint_dir, config, tokenizer, seed=args.seed, norm_outliers=args.norm_outliers)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = args.tokenizer
+            if tokenizer is None:
+                tokenizer = train_demo_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=1000)
+            elif not tokenizer.is_file():
+                raise UserError(f"tokenizer {tokenizer} not found")
+            import sentencepiece as spm
+            config["vocab_size"] = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+            write_hub_checkpoint(args.checkpoint_dir, config, tokenizer, seed=args.seed, norm_outliers=args.norm_outliers)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote a random-weight Mixtral checkpoint to {args.checkpoint_dir}")
 
 

@@ -3,7 +3,12 @@
 # library's source. It writes the hub's layout (config.json, safetensors, tokenizer.model), which the
 # real converter reads like any Mixtral checkpoint: the repo ships the result in assets/tiny-stdlib/.
 #
-#   python scripts/train_tiny.py --out_dir assets/tiny-stdlib --threads 1   # the shipped model (its README.md)
+#   python scripts/train_tiny.py --threads 1   # the shipped model's run (assets/tiny-stdlib/README.md), into checkpoints/tiny-stdlib
+#
+# The output folder is written whole and then takes its place (scripts/make_tiny_checkpoint.py's
+# new_checkpoint_folder): an old folder there is replaced as a whole, and one in the repo's assets/
+# (the shipped model, with its README.md) only with --force. The folder is made before training, so a
+# place that cannot be written is found first.
 #
 # With the same thread count, torch and CPython version the run is bit-identical (the seed fixes the
 # initialisation and the windows drawn). It is never run in CI; the tests run it on a tiny budget.
@@ -25,6 +30,7 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 import time
 import zlib
@@ -35,9 +41,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import hub_config, to_hub  # noqa: E402
+from checkpoint import hub_config  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from scripts.make_tiny_checkpoint import write_hub_checkpoint  # noqa: E402
+from names import to_hub  # noqa: E402
+from scripts.make_tiny_checkpoint import new_checkpoint_folder, write_hub_files  # noqa: E402
+from writing import atomic_file, check_room, stop_cleanly_on_signals  # noqa: E402
 
 SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
 HOLD_OUT = 40  # one file in about 40 is validation
@@ -65,6 +74,8 @@ def stdlib_files(root: Path, max_files: int = 0) -> tuple[list, list]:
                 texts.append((rel, p.read_text(encoding="utf-8")))
             except UnicodeDecodeError:
                 continue
+            except OSError as e:
+                raise UserError(f"cannot read {p}: {e.strerror or e}") from None
         return texts
     return read(split[False]), read(split[True])
 
@@ -89,12 +100,19 @@ def train_tokenizer(texts: list, vocab_size: int) -> bytes:
     of its own, runs of spaces (indentation) are pieces too."""
     import sentencepiece as spm
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=pieces(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True, user_defined_symbols=["\n"], max_sentence_length=4096, num_threads=2,
-        hard_vocab_limit=False, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=pieces(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            split_digits=True, user_defined_symbols=["\n"], max_sentence_length=4096, num_threads=2,
+            hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as e:  # the one limit the texts set: a piece for each character they use, and more
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if needed is None:
+            raise
+        raise UserError(f"--vocab_size {vocab_size} is too small for these files: their tokenizer needs at least "
+                        f"{needed[1]} pieces (the characters they use, the 256 bytes, <unk> <s> </s>)") from None
     return model.getvalue()
 
 
@@ -183,7 +201,8 @@ def validate(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, ro
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a small Mixtral on the Python standard library's source.")
-    parser.add_argument("--out_dir", type=Path, default=Path("assets/tiny-stdlib"))
+    parser.add_argument("--out_dir", type=Path, default=Path("checkpoints/tiny-stdlib"),
+                        help="replaced as a whole; the shipped assets/tiny-stdlib only with --force")
     parser.add_argument("--stdlib", type=Path, default=None, help="default: sysconfig's stdlib folder")
     parser.add_argument("--max_files", type=int, default=0, help="about this many files only (0: all)")
     parser.add_argument("--vocab_size", type=int, default=2048)
@@ -207,11 +226,49 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--val_text", type=Path, default=None,
                         help="also write the held-out files, joined, to this file (eval.py --text)")
+    parser.add_argument("--force", action="store_true", help="replace a folder in the repo's assets/ (the shipped model)")
     return parser.parse_args(argv)
+
+
+AT_LEAST_ONE = ("vocab_size", "dim", "n_layer", "n_head", "n_kv_head", "intermediate_size", "num_experts",
+                "experts_per_token", "batch_size", "steps", "val_windows", "eval_every", "threads")
+
+
+def check_args(args):
+    for name in AT_LEAST_ONE:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.seq_len < 2:
+        raise UserError(f"--seq_len must be at least 2 (a window predicts each token from those before), got {args.seq_len}")
+    if args.max_files < 0 or args.warmup < 0:
+        raise UserError(f"--max_files and --warmup must be 0 or more, got {args.max_files} and {args.warmup}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if args.dim % args.n_head or args.n_head % args.n_kv_head or args.experts_per_token > args.num_experts:
+        raise UserError(f"--dim {args.dim} must be a multiple of --n_head {args.n_head}, which must be a multiple of "
+                        f"--n_kv_head {args.n_kv_head}; --experts_per_token {args.experts_per_token} at most "
+                        f"--num_experts {args.num_experts}")
+    if args.stdlib is not None and not args.stdlib.is_dir():
+        raise UserError(f"--stdlib {args.stdlib} is not a folder: give the folder of the standard library's source")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        # Ctrl-C (or SIGTERM, SIGHUP) anywhere: one line, the signal's status, and no folder written.
+        with stop_cleanly_on_signals(f"{args.out_dir} was not written"):
+            check_args(args)
+            with new_checkpoint_folder(args.out_dir, args.force) as folder:
+                summary = train(args, folder)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out_dir} in {summary['total_seconds']} s (training {summary['train_seconds']} s): "
+          f"train loss {summary['final_train_loss']:.4f}, val loss {summary['final_val_loss']:.4f}")
+
+
+def train(args, folder: Path) -> dict:
+    """Trains as the steps at the top say and writes the checkpoint into folder; returns the summary
+    (training.json)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -219,11 +276,18 @@ def main(argv=None):
     import sysconfig
     root = args.stdlib or Path(sysconfig.get_paths()["stdlib"])
     train_files, val_files = stdlib_files(root, args.max_files)
+    if not train_files:
+        raise UserError(f"--stdlib {root} has no .py files (outside test and site-packages folders) to train on")
+    if not val_files:
+        raise UserError(f"--stdlib {root}: none of its {len(train_files)} .py files is held out for validation (about "
+                        f"one in {HOLD_OUT}, by a hash of its path): give a folder with more files")
     train_texts, val_texts = [t for _, t in train_files], [t for _, t in val_files]
     print(f"{len(train_files)} training files ({sum(map(len, train_texts)) / 1e6:.2f} MB), {len(val_files)} held out "
           f"({sum(map(len, val_texts)) / 1e6:.2f} MB) from {root} (Python {sys.version.split()[0]})")
     if args.val_text is not None:
-        args.val_text.write_text("".join(val_texts))
+        text = "".join(val_texts).encode()
+        with atomic_file(args.val_text, len(text)) as f:
+            f.write(text)
 
     tokenizer_bytes = train_tokenizer(train_texts, args.vocab_size)
     tokenizer = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
@@ -233,6 +297,9 @@ def main(argv=None):
           f"characters a token)")
 
     T, B = args.seq_len, args.batch_size
+    if train_tokens.numel() <= T or val_tokens.numel() <= T:
+        raise UserError(f"--seq_len {T} is longer than the text: {train_tokens.numel()} training and "
+                        f"{val_tokens.numel()} validation tokens; give more files or a shorter --seq_len")
     config = ModelArgs(block_size=T, vocab_size=tokenizer.vocab_size(), n_layer=args.n_layer, n_head=args.n_head,
                        dim=args.dim, intermediate_size=args.intermediate_size, n_local_heads=args.n_kv_head,
                        head_dim=args.dim // args.n_head, rope_base=1e4, num_experts=args.num_experts,
@@ -243,6 +310,8 @@ def main(argv=None):
     total = sum(p.numel() for p in model.parameters())
     expert = 3 * config.dim * config.intermediate_size * config.n_layer
     active = total - (config.num_experts - config.num_activated_experts) * expert - config.vocab_size * config.dim
+    # Before training: the weights' file (bfloat16) and the tokenizer's must fit where they go.
+    check_room(args.out_dir, [2 * total, len(tokenizer_bytes)])
     print(f"model: {total / 1e6:.2f} M parameters, {active / 1e6:.2f} M active per token (embedding excluded); {config}")
 
     # Fixed validation windows, evenly spaced over the held-out tokens.
@@ -293,12 +362,9 @@ def main(argv=None):
     for i, row in enumerate(usage):
         print(f"  layer {i}: " + " ".join(f"{100 * u:5.1f}" for u in row.tolist()))
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = args.out_dir / "tokenizer.model"
-    tokenizer_path.write_bytes(tokenizer_bytes)
     cfg = {**hub_config(config), "router_aux_loss_coef": args.aux_loss_coef}
-    write_hub_checkpoint(args.out_dir, cfg, tokenizer_path, dtype=torch.bfloat16, n_shards=1,
-                         tensors=to_hub({n: t.detach() for n, t in model.state_dict().items()}, config))
+    write_hub_files(folder, cfg, tokenizer_bytes, dtype=torch.bfloat16, n_shards=1,
+                    tensors=to_hub({n: t.detach() for n, t in model.state_dict().items()}, config))
     summary = {"python": sys.version.split()[0], "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
                "train_files": len(train_files), "val_files": len(val_files), "train_tokens": train_tokens.numel(),
                "val_tokens": val_tokens.numel(), "parameters": total, "active_parameters": active,
@@ -306,9 +372,8 @@ def main(argv=None):
                "train_seconds": round(train_seconds), "train_cpu_seconds": round(cpu_seconds), "total_seconds": round(time.perf_counter() - started),
                "expert_usage": [[round(u, 4) for u in row.tolist()] for row in usage],
                "loss_curve": [round(sum(curve[i:i + 50]) / len(curve[i:i + 50]), 4) for i in range(0, len(curve), 50)]}
-    (args.out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {args.out_dir} in {time.perf_counter() - started:.0f} s (training {train_seconds:.0f} s): "
-          f"train loss {summary['final_train_loss']:.4f}, val loss {val_loss:.4f}")
+    (folder / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ Safetensors files are served like LFS files on the real Hub: the HEAD answers 30
 X-Error-Code header that huggingface_hub maps to its exceptions.
 
 A repo is {"files": {name: bytes}}, with "error": (status, X-Error-Code, "api" or "resolve") to answer
-the API's or the files' requests with that error instead."""
+the API's or the files' requests with that error instead, and "stall": {names} whose downloads (GET)
+get no answer for a minute, as from a server that hangs."""
 import contextlib
 import hashlib
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -73,6 +75,10 @@ class HubHandler(BaseHTTPRequestHandler):
                     for f, b in files.items()]
             return self._reply(200, json.dumps(tree).encode(), [("Content-Type", "application/json")])
         if not api and kind == "resolve" and "/".join(path[4:]) in files:
+            if body and "/".join(path[4:]) in repo.get("stall", ()):
+                time.sleep(60)  # the client has given up or been stopped by then
+                self.close_connection = True
+                return
             data = files["/".join(path[4:])]
             headers = [("X-Repo-Commit", HUB_SHA)]
             if path[-1].endswith(".safetensors"):  # LFS file: redirect to the CDN

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, fails_cleanly, run_script
 from measuring import active_weight_bytes
 from model import ModelArgs, Transformer
 from scripts.bench_common import BENCH_SHAPES, fraction_of_limit, limit_tokens_per_s, model_args, random_model
@@ -230,12 +230,15 @@ def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys, monkeypatch):
     assert header == ["kernel", "GB/s of weights", "G weights/s"]
     names = [r[0] for r in rows]
     from kernels import cpu as cpu_kernels
-    for isa in cpu_kernels.supported():  # each instruction set this CPU runs
-        assert {f"kernels/cpu.cpp {isa}, bf16", f"kernels/cpu.cpp {isa}, int8",
-                f"kernels/cpu.cpp {isa}, int4:g32"} <= set(names), names
+    for isa in cpu_kernels.supported():  # each instruction set this CPU runs; rows of 96 hold GGUF's blocks of 32
+        assert {f"kernels/cpu.cpp {isa}, bf16", f"kernels/cpu.cpp {isa}, int8", f"kernels/cpu.cpp {isa}, int4:g32",
+                f"kernels/cpu.cpp {isa}, q8_0", f"kernels/cpu.cpp {isa}, q4_0"} <= set(names), names
     assert "torch F.linear, bf16" in names
-    for r in rows:  # bytes per weight: bf16 2, int8 1, int4 half a byte and a bf16 scale per 32
-        per_weight = 2 if "bf16" in r[0] else 0.5 + 2 / 32 if "int4" in r[0] else 1
+    # Bytes per weight: bf16 2; int8 1 (ours: and a bf16 scale per row of 96); int4 half a byte and a bf16
+    # scale per 32; GGUF's blocks of 32 values, 34 bytes (q8_0) or 18 (q4_0).
+    bytes_per = {"bf16": 2, "int4:g32": 0.5 + 2 / 32, "q8_0": 34 / 32, "q4_0": 18 / 32}
+    for r in rows:
+        per_weight = bytes_per.get(r[0].split(", ")[-1], 1 + 2 / 96 if r[0].startswith("kernels/") else 1)
         assert number(r[1]) > 0 and number(r[2]) == pytest.approx(number(r[1]) / per_weight, rel=0.02)
 
 
@@ -264,3 +267,47 @@ def test_triton_flag_sets_the_variable_on_cuda_and_labels_the_rows(monkeypatch):
     assert triton_label("cuda") == ", MIXTRAL_TRITON=1" and triton_label("cpu") == ""
     monkeypatch.setenv("MIXTRAL_TRITON", "experts")
     assert triton_label("cuda") == ", MIXTRAL_TRITON=experts"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "-1"], ["--threads", "at least 1"]),
+    (["--threads", "0"], ["--threads", "at least 1"]),
+    (["--probe_mb", "-5"], ["--probe_mb", "at least 1"]),
+    (["--decode_prompts", "4000", "--max_new_tokens", "100"], ["4000", "--max_new_tokens 100", "context of 4096"]),
+    (["--decode_prompts", "4000", "--batch_sizes", "2", "--ragged", "--max_new_tokens", "96"],
+     ["4001", "--max_new_tokens 96", "context of 4096"]),
+    (["--prefill_lengths", "16", "5000"], ["--prefill_lengths", "5000", "context of 4096"]),
+    (["--batch_sizes", "1", "1000000000"], ["--batch_sizes 1000000000", "KV cache", "memory available"]),
+], ids=["threads-negative", "threads-0", "probe-negative", "decode-past-context", "ragged-past-context",
+        "prefill-past-context", "batch-beyond-memory"])
+def test_flags_the_run_cannot_honour_are_refused_before_any_work(capsys, monkeypatch, argv, words):
+    """Each was a traceback (torch's thread setter, a negative tensor size, an index past the rotary
+    table, the allocator), after loading or building the model for some."""
+    from scripts import benchmark
+    built = []
+    monkeypatch.setattr(benchmark, "random_model", lambda *args, **kwargs: built.append(args))
+    fails_cleanly(benchmark.main, ["--model", "tiny", *argv], capsys, *words)
+    assert built == []
+
+
+def test_write_checkpoint_into_a_file_or_a_foreign_folder_is_refused(tmp_path, capsys):
+    from scripts.benchmark import main
+    (tmp_path / "a_file").write_text("mine")
+    fails_cleanly(main, ["--write_checkpoint", tmp_path / "a_file", "--model", "tiny"], capsys, str(tmp_path / "a_file"),
+                  "is a file")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    fails_cleanly(main, ["--write_checkpoint", tmp_path / "folder", "--model", "tiny"], capsys, "notes.txt")
+    assert (tmp_path / "a_file").read_text() == (tmp_path / "folder" / "notes.txt").read_text() == "mine"
+
+
+def test_default_prefill_lengths_beyond_a_short_context_are_skipped_with_a_note(tiny_stdlib, capsys):
+    """The shipped model's context is 256 tokens: the default prefill lengths 512 and 2048 crashed (an
+    index past its rotary table). Given by default, they are skipped, and the note says so."""
+    from scripts.benchmark import main
+    main([str(a) for a in ["--checkpoint_path", tiny_stdlib / "model.pth", "--runs", "1", "--probe_mb", "8",
+                           "--max_new_tokens", "4", "--precision", "float32"]])
+    out, err = capsys.readouterr()
+    _, rows = parse_table(out)
+    assert [(r[1], r[2]) for r in rows] == [("decode", "5 + 4"), ("prefill", "128")]
+    assert "note: --prefill_lengths 512 2048 skipped: beyond the model's context of 256 tokens" in err

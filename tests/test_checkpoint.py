@@ -3,8 +3,8 @@ names and ours (checked against transformers' own MixtralForCausalLM), and openi
 import pytest
 import torch
 
-from checkpoint import (config_from_hub, from_hub, hub_config, hub_tensor_shapes, open_checkpoint, tensor_shapes,
-                        to_hub)
+from checkpoint import config_from_hub, hub_config, open_checkpoint
+from names import from_hub, hub_tensor_shapes, tensor_shapes, to_hub
 from conftest import CONFIGS
 from errors import UserError
 from model import Transformer

@@ -114,3 +114,56 @@ def test_peak_memory_stays_near_one_copy_of_the_weights(tmp_path, tokenizer_path
     result = run_script(REPO / "tests" / "memory_worker.py", "convert", tmp_path)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) < 1.3 * size
+
+
+def rewrite_shard_tensor(folder, name, change):
+    """Replaces tensor `name` in the folder's shard that holds it by change(tensor)."""
+    from safetensors.torch import save_file
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name] = change(tensors[name])
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+            return
+    raise AssertionError(f"no shard holds {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_source_weights_are_refused_naming_the_tensor(checkpoint, tmp_path, capsys, dtype):
+    """An integer (or boolean) tensor in the source was converted as it is: a model.pth no loader can
+    run, with exit 0."""
+    folder = copy_hub_files(checkpoint, tmp_path / "ckpt")
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    rewrite_shard_tensor(folder, name, lambda t: t.to(dtype))
+    fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, name, str(dtype).removeprefix("torch."))
+    assert not (folder / "model.pth").exists() and not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ["model.layers.0.input_layernorm.weight", "lm_head.weight"])
+def test_non_finite_source_weights_are_refused_naming_the_tensor(checkpoint, tmp_path, capsys, value, name):
+    """One NaN or Inf anywhere makes every later activation NaN: a damaged download, refused as each
+    tensor is read (before the rest is converted), naming it."""
+    folder = copy_hub_files(checkpoint, tmp_path / "ckpt")
+
+    def poison(t):
+        t = t.clone()
+        t.view(-1)[t.numel() // 2] = value
+        return t
+    rewrite_shard_tensor(folder, name, poison)
+    line = fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, name, "1 ")
+    assert "NaN" in line and "Inf" in line
+    assert not (folder / "model.pth").exists() and not list(folder.glob("*.tmp"))
+
+
+def test_a_read_only_output_is_refused_before_anything_is_read(checkpoint, tmp_path, capsys, monkeypatch):
+    """The real conversion reads 93 GB before it writes: a read-only model.pth is refused up front."""
+    import stat
+    import scripts.convert_hf_checkpoint as converter
+    folder = copy_hub_files(checkpoint, tmp_path / "ckpt")
+    (folder / "model.pth").write_bytes(b"keep")
+    (folder / "model.pth").chmod(stat.S_IRUSR)
+    opened = []
+    monkeypatch.setattr(converter, "open_shard", lambda path: opened.append(path))
+    fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, str(folder / "model.pth"), "read-only")
+    assert opened == [] and (folder / "model.pth").read_bytes() == b"keep"

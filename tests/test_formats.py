@@ -53,3 +53,27 @@ def test_a_checkpoints_formats_are_told_by_its_content():
          "layers.0.block_sparse_moe.w1_scales": torch.zeros(2, 4, 2),
          "output.weight": torch.zeros(4, 8)}
     assert detect_format(t) == Scheme(attention=Int8(), experts=Int4(64), output=FullPrecision())
+
+
+def test_a_scheme_may_give_the_down_projections_and_single_weights_their_own_format():
+    """A GGUF file's mix (q6_k down projections in some layers) or a preset: each weight's format, and the
+    spec that names it reads back as the same scheme."""
+    scheme = parse_scheme("experts=q4_k,attention=q6_k,output=q6_k,down=q5_k,layers.1.block_sparse_moe.w2=q6_k")
+    assert scheme.format_of("layers.0.block_sparse_moe.w1") == parse_format("q4_k")
+    assert scheme.format_of("layers.0.block_sparse_moe.w2") == parse_format("q5_k")
+    assert scheme.format_of("layers.1.block_sparse_moe.w2") == parse_format("q6_k")
+    assert scheme.format_of("layers.1.attention.wo.weight") == parse_format("q6_k")
+    assert parse_scheme(scheme.spec) == scheme
+
+
+def test_detected_formats_keep_each_weights_own():
+    """scheme_of (what detect_format returns) takes each part's most common format and keeps the others as
+    overrides: every weight reads back as what it was."""
+    from formats import scheme_of
+    per_weight = {f"layers.{i}.block_sparse_moe.w{n}": parse_format("q6_k" if n == 2 and i % 3 == 0 else "q4_k")
+                  for i in range(6) for n in (1, 2, 3)}
+    per_weight.update({f"layers.{i}.attention.{w}.weight": Int8() for i in range(6) for w in ("wqkv", "wo")})
+    per_weight["output.weight"] = FullPrecision()
+    scheme = scheme_of(per_weight)
+    assert scheme.experts == parse_format("q4_k") and scheme.attention == Int8() and len(scheme.overrides) == 2
+    assert all(scheme.format_of(name) == fmt for name, fmt in per_weight.items())

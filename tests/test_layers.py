@@ -7,6 +7,7 @@ from checkpoint import load_state_dict, open_checkpoint
 from conftest import relative_error
 from errors import UserError
 from formats import FullPrecision, Int4, Int8
+from kernels import cpu as cpu_kernels
 from layers import build_model, dequantized_experts, quantize_module, run_experts
 
 
@@ -69,3 +70,56 @@ def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
                            for k, e in enumerate(experts[n].tolist())) for n in range(N)])
     assert out.dtype == torch.bfloat16
     assert relative_error(out, ref) < 1e-2  # bf16 rounding of the output and of h
+
+
+def test_a_mixed_model_runs_each_weight_in_its_own_format():
+    """Experts whose down projections are in another format than their gate and up projections, and a wo
+    unlike wqkv: quantize_module stores each weight in its own format, the model says so, and its prompt
+    and decode steps (PyTorch's paths and the kernels' where they take the formats) match the same model
+    with every weight dequantized by its own format, in float64."""
+    from formats import parse_format, parse_scheme
+    from layers import model_scheme
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    config = ModelArgs(n_layer=2, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
+                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    scheme = parse_scheme("experts=q4_0,attention=q8_0,output=int8,down=q8_0,layers.1.attention.wo.weight=int8")
+    quantize_module(model, config, scheme)
+    assert model_scheme(model) == scheme
+    assert model.layers[1].attention.wo.format == Int8() and model.layers[0].attention.wo.format == parse_format("q8_0")
+    reference = Transformer(config).double()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            module, _, weight = name.rpartition(".")
+            owner = model.get_submodule(module)
+            formats = getattr(owner, "formats", {})
+            if weight in formats:
+                p.copy_(formats[weight].dequantize(owner.weight_tensors(weight), torch.float64))
+            else:
+                p.copy_(getattr(owner, weight))
+    model.setup_caches(1, 32)
+    idx = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference(idx)
+        prompt = model(idx[:, :11], torch.arange(11))
+        step = model(idx[:, 11:], torch.tensor([11]))
+        with cpu_kernels.turned_off():
+            pytorch_step = model(idx[:, 11:], torch.tensor([11]))
+    assert relative_error(prompt, want[:, :11]) < 1e-5 and relative_error(pytorch_step, want[:, 11:]) < 1e-5
+    # The CPU kernels round the activations of int8 weights to int16 (a step of 2^-15 of each block's largest
+    # value) and of block types to int8 in blocks of 32 (1/127 of it: about 0.6 % of a block's RMS).
+    assert relative_error(step, want[:, 11:]) < 2e-2
+
+
+def test_an_experts_gate_and_up_projections_share_a_format():
+    from formats import parse_scheme
+    from model import ModelArgs
+    config = ModelArgs(n_layer=1, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
+                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
+    with pytest.raises(UserError, match="share a format"):
+        with torch.device("meta"):
+            build_model(config, parse_scheme("experts=int8,attention=int8,output=int8,layers.0.block_sparse_moe.w3=q8_0"))

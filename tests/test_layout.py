@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLOORS = [
     ("errors",),
     ("model", "writing", "quants", "kernels.cpu", "kernels.triton_moe"),
+    ("names",),
     ("dispatch", "gguf_file"),
     ("formats",),
     ("layers",),

@@ -81,6 +81,26 @@ def test_experts_match_float64(fmt, dtype, experts):
                            dtype)
 
 
+@pytest.mark.parametrize("op", ["linear", "moe"])
+def test_a_format_that_does_not_match_the_weights_is_refused(op):
+    """The ops are told the format by name and check the tensors against it (the dtypes alone would read
+    any uint8 format as int4): weights of another format, or a name no one knows, are refused with what
+    the format takes."""
+    x = torch.randn(1, INT4_D)
+    int8, int4, floats = (parse_format(f).quantize(torch.randn(E, INT4_D, INT4_D)) for f in ("int8", "int4", "full"))
+    wrong = [("int4", int8, "format 'int4' takes uint8 weights and scales; got int8 weights and scales"),
+             ("full", {"": int4[""]}, "format 'full' takes float32, bfloat16 or float16 weights and no scales; got uint8"),
+             ("int8", floats, "format 'int8' takes int8 weights and scales; got float32 weights and no scales"),
+             ("int3", int4, "unknown weight format 'int3'; one of full, int8, int4 expected")]
+    for name, t, message in wrong:
+        with pytest.raises(ValueError, match=f"^mixtral_triton: {message}"):
+            if op == "linear":
+                torch.ops.mixtral_triton.linear(x, t[""][0], None if "scales" not in t else t["scales"][0], name)
+            else:
+                torch.ops.mixtral_triton.moe(x, torch.tensor([[0, 1]]), torch.ones(1, 2), t[""], t[""], t[""],
+                                             t.get("scales"), t.get("scales"), t.get("scales"), name)
+
+
 def test_the_split_reduction_is_taken_where_the_grid_is_small(triton_moe):
     """What the test above relies on: one token's down kernel splits I in two, three tokens' does not."""
     rows = triton_moe.block_rows(2, D, 4)
