@@ -171,7 +171,14 @@ class Checkpoint:
 
 
 def check_checkpoint_file(path: Path):
-    """A UserError unless path is a file: said first, before anything beside it is looked for."""
+    """A UserError unless path is a file: said first, before anything beside it is looked for. The hub's own
+    files (safetensors, or their folder) are named as such, with the command that converts them."""
+    hub_folder = path if path.is_dir() else path.parent
+    if (path.suffix == ".safetensors" or path.name == "model.safetensors.index.json" or
+            (path.is_dir() and not (path / "model.pth").exists() and any(path.glob("*.safetensors")))):
+        raise UserError(f"{path} is a Hugging Face checkpoint: convert it first with python "
+                        f"scripts/convert_hf_checkpoint.py --checkpoint_dir {hub_folder}, then give the "
+                        f"{hub_folder / 'model.pth'} it writes")
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder: give the model.pth (or model_int8.pth, "
                         f"model_int4.g32.pth) inside it")
@@ -209,10 +216,22 @@ def load_state_dict(checkpoint: Checkpoint) -> dict:
     try:
         state_dict = torch.load(checkpoint.path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # zip/pickle errors from a truncated or foreign file
+        if is_safetensors(checkpoint.path):
+            raise UserError(f"{checkpoint.path} is a Hugging Face checkpoint (safetensors) under another name: "
+                            f"convert its folder first with python scripts/convert_hf_checkpoint.py "
+                            f"--checkpoint_dir {checkpoint.folder}") from None
         raise UserError(f"{checkpoint.path} is not a readable checkpoint ({type(e).__name__}); convert it again")
     if not isinstance(state_dict, dict):
         raise UserError(f"{checkpoint.path} does not hold a state dict; convert it again")
     return state_dict
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte header length, then the header's JSON."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        start = f.read(9)
+        return len(start) == 9 and start[8:9] == b"{" and 0 < int.from_bytes(start[:8], "little") < 1 << 32
+    return False
 
 
 def load_weights(checkpoint: Checkpoint) -> tuple:

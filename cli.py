@@ -1,7 +1,9 @@
-# What every script's command line shares: the flags that name a checkpoint and where it runs, the checks of
-# those flags, and how a script ends: bad input as one line on stderr with exit status 1 (never a traceback),
-# Ctrl-C as one line with 130, a closed output pipe quietly as SIGPIPE would; under torchrun every rank runs
-# the script and only rank 0 speaks.
+# What every script's command line shares: the flags that name a checkpoint and where it runs (and on how
+# many CPU threads), --help that shows each flag's default, the checks of those flags, the CPU kernels built
+# (on first use) apart from loading the model, and how a script ends: bad input as one line on stderr with
+# exit status 1 (never a traceback), Ctrl-C as one line with 130, a closed output pipe quietly as SIGPIPE
+# would, any other failure to write stdout as one line; under torchrun every rank runs the script and only
+# rank 0 speaks.
 import argparse
 import contextlib
 import os
@@ -14,21 +16,55 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
+from kernels import cpu as cpu_kernels
+from measuring import Timer
 from tp import maybe_init_dist
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CHECKPOINT = Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default after its help line, where there is one to show (not None or False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_model_flags(parser: argparse.ArgumentParser, compile_help: str):
-    """--checkpoint_path, --device, --precision and --compile, as every script that runs the model spells them."""
+    """--checkpoint_path, --device, --precision, --compile and --threads, as every script that runs the model
+    spells them."""
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                         help="Model checkpoint path (model.pth, or a quantized one beside it).")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Device to use (default: cuda when available, else cpu).")
+                        help="Device to use: cuda when available, else cpu.")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16",
                         help="dtype of activations and unquantized weights.")
     parser.add_argument("--compile", action="store_true", help=compile_help)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads the model's work runs on (the default is torch's: the physical cores). "
+                             "On a machine busy with other work fewer are often faster: a thread that loses its "
+                             "core holds up the others at every step.")
+
+
+def check_model_flags(args):
+    """The checks of add_model_flags' flags."""
+    check_device(args.device)
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+
+
+def check_text(value: str, flag: str):
+    """A UserError unless an argument is UTF-8 text: Python hands on an argument's bytes that are not UTF-8
+    as lone surrogates (U+DC80..U+DCFF), which the tokenizer cannot take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(value[e.start]) - 0xDC00
+        where = f"byte {byte:#04x}" if 0x80 <= byte <= 0xFF else f"character {value[e.start]!r}"
+        raise UserError(f"{flag} is not UTF-8 text ({where} at character {e.start + 1}); give it in UTF-8") from None
 
 
 def check_device(name: str):
@@ -82,15 +118,81 @@ def one_line_errors():
 
 def run_on_ranks(args, check: Callable, run: Callable):
     """A script's body (generate.py's, eval.py's): check(args), then run(args, rank, world_size) in each
-    process under torchrun (rank None alone), ending as one_line_errors says."""
-    with one_line_errors():
+    process under torchrun (rank None alone) on --threads threads, ending as one_line_errors says."""
+    with one_line_errors(), checked_output():
         check(args)
+        torch.set_num_threads(args.threads)
         rank = maybe_init_dist(args.device)  # None unless under torchrun
         world_size = dist.get_world_size() if rank is not None else 1
         with output_of_rank0_only(rank):
             run(args, rank, world_size)
+            sys.stdout.flush()  # a full disk is found here at the latest, while one line can still say so
     if rank is not None:
         dist.destroy_process_group()
+
+
+def prepare_cpu_kernels(device: str):
+    """On a CPU, the kernels are loaded now, before the model, and a first use that builds them says so and is
+    timed on its own line: that build takes longer than loading a model, once."""
+    if torch.device(device).type != "cpu":
+        return
+    timer = Timer()
+
+    def building(isa: str):
+        if timer.began is None:  # a lower set tried after a failed build is the same build
+            print(f"building the CPU kernels for {isa} (first use only)…", file=sys.stderr, flush=True)
+            timer.start()
+    cpu_kernels.on_build = building
+    try:
+        cpu_kernels.available()
+    finally:
+        cpu_kernels.on_build = None
+    if timer.began is not None:
+        print(f"Time to build the CPU kernels: {timer.stop():.02f} seconds", file=sys.stderr)
+
+
+class CheckedOutput:
+    """stdout, whose failed writes (a full disk, `> /dev/full`) become a UserError saying so. A reader that
+    went away stays a BrokenPipeError, which one_line_errors ends quietly."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.checked(self.stream.write, text)
+
+    def flush(self):
+        return self.checked(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def checked(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            # What stdout still buffers goes nowhere at exit, rather than failing again after the one line.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            raise UserError(f"could not write the output to stdout: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def checked_output():
+    """Within, stdout is a CheckedOutput. A closed stdout (`>&-`, which Python shows as None) is refused before
+    any work; a closed stderr becomes nothing for good, or print(file=sys.stderr) would write to stdout."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:
+        raise UserError("stdout is closed (>&-): give the output somewhere to go, e.g. > out.txt or > /dev/null")
+    stdout = sys.stdout
+    sys.stdout = CheckedOutput(stdout)
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
 
 
 def exit_as_on_sigpipe():

@@ -12,6 +12,7 @@
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import Checkpoint, load_model, load_tokenizer, open_checkpoint
-from cli import PRECISIONS, add_model_flags, check_device, run_on_ranks
+from cli import PRECISIONS, HelpFormatter, add_model_flags, check_model_flags, prepare_cpu_kernels, run_on_ranks
 from errors import UserError
 from layers import model_scheme
 from measuring import active_weight_bytes
@@ -33,6 +34,7 @@ CONVENTION = ("The text's tokens (no BOS) are cut into consecutive chunks of --c
               "chunk counts too. Each chunk is evaluated on its own with BOS prepended, and every token of it is "
               "scored, the first predicted from BOS alone. Perplexity is exp of the mean negative log-likelihood "
               "over all scored tokens.")
+DEFAULT_CONTEXT = 512  # llama.cpp's, for comparable figures; a model with a shorter context gets its own
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -150,11 +152,13 @@ def parse_args(argv=None):
                     "its next-token distributions from the reference's. " + CONVENTION + " The last line printed is "
                     "one JSON object: perplexity, tokens, and with a reference reference_perplexity, kl_mean, "
                     "kl_median, kl_p99, kl_max (KL(reference || model) per scored token, in nats) and top1_agreement "
-                    "(the fraction of scored tokens where both models' most likely next token is the same).")
+                    "(the fraction of scored tokens where both models' most likely next token is the same).",
+        formatter_class=HelpFormatter)
     parser.add_argument("--text", type=Path, required=True, help="The plain-text (UTF-8) file to score.")
-    parser.add_argument("--context", type=int, default=512,
-                        help="Tokens of the text per chunk, at most the model's block size (BOS takes the place of "
-                             "the last token, which is scored but never fed).")
+    parser.add_argument("--context", type=int, default=None,
+                        help=f"Tokens of the text per chunk, at most the model's block size (BOS takes the place of "
+                             f"the last token, which is scored but never fed). Default: {DEFAULT_CONTEXT}, or the "
+                             f"model's context where that is shorter.")
     parser.add_argument("--reference_path", type=Path, default=None,
                         help="The full-precision checkpoint to compare with (same config.json), e.g. the model.pth "
                              "the checkpoint was quantized from. Both models are held at once.")
@@ -163,12 +167,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    run_on_ranks(parse_args(argv), lambda args: check_device(args.device), run)
+    run_on_ranks(parse_args(argv), check_model_flags, run)
 
 
 def run(args, rank: Optional[int] = None, world_size: int = 1):
     """Checks every input before loading anything, then scores the text and prints the table and the JSON line."""
     checkpoints = [open_checkpoint(args.checkpoint_path)]
+    if args.context is None:
+        args.context = min(DEFAULT_CONTEXT, checkpoints[0].config.block_size)
     check_context(args.context, checkpoints[0].config.block_size)
     if args.reference_path is not None:
         checkpoints.append(open_checkpoint(args.reference_path))
@@ -176,9 +182,14 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     tokenizer = load_tokenizer(checkpoints[0])
     ids = tokenizer.encode(read_text(args.text))
     device = rank_device(args.device) if rank is not None else args.device
+    prepare_cpu_kernels(device)
     models = [load_model(checkpoint, device, PRECISIONS[args.precision], rank, world_size) for checkpoint in checkpoints]
-    # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
-    step = torch.compile(forward, fullgraph=True, dynamic=True) if args.compile else forward
+    step = forward
+    if args.compile:
+        print("compiling the forward pass with torch.compile (the first chunk waits for it)…", file=sys.stderr,
+              flush=True)
+        # One graph for the full chunks and, with dynamic shapes, the same one for the last, shorter chunk.
+        step = torch.compile(forward, fullgraph=True, dynamic=True)
     summary = evaluate(models, ids, args.context, tokenizer.bos_id(), step)
     print_table(args, summary, [(checkpoint.path, model_scheme(model).spec, active_weight_bytes(model) * world_size)
                                 for checkpoint, model in zip(checkpoints, models)])

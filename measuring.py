@@ -39,9 +39,13 @@ class Timer:
         self.began = time.perf_counter()
         return self
 
-    def stop(self) -> float:
+    def lap(self) -> float:
+        """Seconds since the start, the device's queue waited for; the timer runs on."""
         synchronize(self.device)
-        self.seconds = time.perf_counter() - self.began
+        return time.perf_counter() - self.began
+
+    def stop(self) -> float:
+        self.seconds = self.lap()
         return self.seconds
 
     def __enter__(self) -> "Timer":
@@ -59,6 +63,11 @@ def seconds(fn: Callable, device="cpu") -> float:
 
 
 # ----------------------------------------------------------------------------- bytes read
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of the model's weights (its state dict: not the KV cache or the rotary tables)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
 
 def active_weight_bytes(model: Transformer, tokens: int = 1, experts_per_layer: Optional[float] = None) -> int:
     """Bytes of weights one decode step of `tokens` tokens reads: everything but the embedding table (a row

@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import check_tensors, check_values, load_state_dict, open_checkpoint, quantized_path
-from cli import one_line_errors
+from cli import HelpFormatter, one_line_errors
 from errors import UserError
 from formats import Int4, detect_format, parse_scheme
 from layers import stored_weights
@@ -139,7 +139,8 @@ def format_spec(args) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Quantize a converted Mixtral checkpoint.")
+    parser = argparse.ArgumentParser(description="Quantize a converted Mixtral checkpoint.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path,
                         default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth"),
                         help="the model.pth written by scripts/convert_hf_checkpoint.py")

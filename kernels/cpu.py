@@ -42,6 +42,9 @@ ISAS = {
     "avx2": (("avx2", "fma3", "f16c"), ["-mavx2", "-mfma", "-mf16c"], "AVX2"),
 }
 _status = {}  # "available": the answer, once found; "isa": the set in use; "loaded": the sets loaded
+# Called with the instruction set just before its kernels are compiled (the cache has no build of the
+# current sources): a script can say so, and time the build apart from loading the model.
+on_build = None
 
 
 def supported() -> list:
@@ -150,6 +153,8 @@ def load(isa: str):
         with build_lock(folder), interrupts_kept():
             for library in folder.glob("*.so"):
                 remove_if_damaged(library)
+            if on_build is not None and not built(folder / f"{name}.so"):
+                on_build(isa)
             cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
             for library in folder.glob("*.so"):  # built (or found intact) and loaded: these bytes are good
@@ -157,6 +162,12 @@ def load(isa: str):
         register_fakes(f"mixtral_cpu_{isa}")
         loaded.add(isa)
     return ops(isa)
+
+
+def built(library: Path) -> bool:
+    """Whether library is there and newer than every source: loading it will not compile."""
+    sources = [SOURCE, *SOURCE.parent.glob("cpu_*.h")]
+    return library.is_file() and library.stat().st_mtime >= max(source.stat().st_mtime for source in sources)
 
 
 def build_folder(isa: str) -> Path:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import HelpFormatter  # noqa: E402
 from formats import parse_format  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
 from measuring import seconds  # noqa: E402
@@ -138,10 +139,11 @@ def moe_candidates(x: torch.Tensor, isas: list, names: list):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="GB/s of weights read by each CPU matrix-vector kernel.")
-    p.add_argument("--rows", type=int, default=14336)
-    p.add_argument("--cols", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
+    p = argparse.ArgumentParser(description="GB/s of weights read by each CPU matrix-vector kernel.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--rows", type=int, default=14336, help="output rows of the weight (Mixtral's expert width)")
+    p.add_argument("--cols", type=int, default=4096, help="inputs of the weight (Mixtral's model width)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, the physical cores)")
     p.add_argument("--runs", type=int, default=5, help="passes over all copies; the median is reported")
     p.add_argument("--mb", type=int, default=1024, help="bf16 megabytes of weights cycled through (beyond any cache)")
     p.add_argument("--moe", action="store_true", help="one token through a layer of Mixtral's experts instead")

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, open_checkpoint  # noqa: E402
-from cli import PRECISIONS, check_device, one_line_errors  # noqa: E402
+from cli import PRECISIONS, HelpFormatter, check_device, one_line_errors  # noqa: E402
 from dispatch import TRITON_VARIABLE  # noqa: E402
 from errors import UserError  # noqa: E402
 from formats import Int4, Scheme, parse_scheme  # noqa: E402
@@ -121,7 +121,7 @@ def run(args) -> list:
     del decode_fn  # settings holds it, and lets go of it (and of its CUDA graphs) before transformers loads
 
     def ours(length):  # this repo's prefill of `length` tokens
-        return lambda idx: prefill_fn(model, idx, torch.arange(length, device=device), 0.8, 200)
+        return lambda idx: prefill_fn(model, idx, torch.arange(length, device=device), settings.sampling(idx.size(0)))
 
     rows, compile_s = [], None
     # The steps are compiled and run while counting, from the first decode round to the last measurement.
@@ -261,13 +261,15 @@ DEFAULT_PREFILL_LENGTHS = [128, 512, 2048]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark Mixtral decode and prefill against the memory-bandwidth limit.")
+    p = argparse.ArgumentParser(description="Benchmark Mixtral decode and prefill against the memory-bandwidth limit.",
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint_path", type=Path, default=None, help="a converted model.pth (config.json beside it)")
     src.add_argument("--model", type=str, default="cpu-bench",
                      help=f"a named shape with random weights: {', '.join([*BENCH_SHAPES, *transformer_configs])}")
     p.add_argument("--n_layer", type=int, default=None, help="build only this many layers (named shapes)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bfloat16",
+                   help="dtype of activations and unquantized weights")
     p.add_argument("--format", default=None,
                    help="quantize the weights in memory to this scheme, as quantize.py --format would (int8, "
                         "int4:g32, int4:g32:attn4, ...); default: as they are")
@@ -275,7 +277,8 @@ def parse_args(argv=None):
     quantized.add_argument("--int8", action="store_true", help="as --format int8")
     quantized.add_argument("--int4", action="store_true", help="as --format int4:g<groupsize>:attn4 (int4 everywhere)")
     p.add_argument("--groupsize", type=int, choices=Int4.GROUP_SIZES, default=32, help="--int4's group size")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to run on: cuda when available, else cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--triton", action="store_true",
@@ -295,12 +298,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--probe_mb", type=int, default=None,
                    help="bandwidth probe buffer in MiB (default 1024 on CPU, 4096 on GPU: far beyond any cache)")
-    p.add_argument("--compare-hf", dest="compare_hf", action="store_true",
+    p.add_argument("--compare_hf", "--compare-hf", dest="compare_hf", action="store_true",
                    help="also run the checkpoint through transformers (hub-layout folder)")
     p.add_argument("--verify", action="store_true",
                    help="first check the compiled decode step on --device against eager float32 on the CPU "
                         "(tiny shape; quantized with --int8 or --int4); stop if they disagree")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--write_checkpoint", type=Path, default=None, metavar="DIR",
                    help="only write --model's shape with random weights to DIR in the hub's layout (for "
                         "--compare-hf) and convert it to DIR/model.pth, then exit")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import check_tensors, check_values, json_entry, read_config, read_json_object  # noqa: E402
-from cli import one_line_errors  # noqa: E402
+from cli import HelpFormatter, one_line_errors  # noqa: E402
 from errors import UserError  # noqa: E402
 from names import from_hub, hub_tensor_shapes  # noqa: E402
 from writing import atomic_file, check_replaceable  # noqa: E402
@@ -81,8 +81,11 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_name: str = "model.pth") 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face Mixtral checkpoint to model.pth.")
-    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1"))
+    parser = argparse.ArgumentParser(description="Convert a Hugging Face Mixtral checkpoint to model.pth.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/mistralai/Mixtral-8x7B-v0.1"),
+                        help="the folder scripts/download.py wrote (config.json, safetensors, tokenizer.model); "
+                             "model.pth is written into it")
     args = parser.parse_args(argv)
     with one_line_errors():
         try:

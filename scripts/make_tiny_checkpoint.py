@@ -18,6 +18,7 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import config_from_hub, hub_config  # noqa: E402
+from cli import HelpFormatter  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from names import hub_tensor_shapes  # noqa: E402
@@ -177,11 +178,13 @@ def write_random_checkpoint(folder: Path, config: ModelArgs, dtype: torch.dtype)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write a small random-weight Mixtral checkpoint in the hub's layout.")
-    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/tiny-mixtral"))
+    parser = argparse.ArgumentParser(description="Write a small random-weight Mixtral checkpoint in the hub's layout.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/tiny-mixtral"),
+                        help="the folder to write (config.json, safetensors, tokenizer.model), as downloaded")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a SentencePiece tokenizer.model to ship (default: train a small one)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--norm_outliers", type=int, default=0,
                         help=f"channels of every norm weight to scale by {OUTLIER_SCALE:g}, as trained models' outliers")
     args = parser.parse_args(argv)

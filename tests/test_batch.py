@@ -12,7 +12,7 @@ import torch
 
 import generate as generate_script
 from conftest import fails_cleanly, load_ours, load_reference
-from generation import generate, generate_batch, prefill, user_turn
+from generation import Sampling, generate, generate_batch, prefill, user_turn
 from measuring import counting_expert_reads
 
 # Different lengths (a blank line between them: labels are line numbers of the file).
@@ -27,8 +27,7 @@ def argv(folder, *extra) -> list:
 
 def labelled_outputs(stdout: str) -> dict:
     """{label: text} of a batch's printout: '== label ==' and the sequence's text below it."""
-    body = stdout.split("\nTime for inference 1:")[0]
-    return dict(re.findall(r"^== (.+?) ==\n(.*?)(?=\n== |\Z)", body, re.S | re.M))
+    return dict(re.findall(r"^== (.+?) ==\n(.*?)(?=\n== |\n\Z)", stdout, re.S | re.M))
 
 
 def transformers_greedy(reference, ids: list, max_new_tokens: int) -> list:
@@ -46,7 +45,7 @@ def test_batch_of_different_prompts_equals_each_prompt_alone(checkpoint, tokeniz
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     generate_script.main(argv(checkpoint, "--prompts_file", prompts_file, "--temperature", "0", "--max_new_tokens", "10",
                               *(["--compile"] if compiled else [])))
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     printed = labelled_outputs(out)
     assert list(printed) == ["line 1", "line 3", "line 4"]  # input order, by line number, blank line skipped
     reference, ours = load_reference(checkpoint), load_ours(checkpoint)
@@ -55,9 +54,11 @@ def test_batch_of_different_prompts_equals_each_prompt_alone(checkpoint, tokeniz
         expected = tokenizer.decode(ids + transformers_greedy(reference, ids, 10))
         alone = generate(ours, torch.tensor(ids, dtype=torch.int), 10, temperature=0, top_k=None, eos_id=EOS)
         assert printed[label] == expected == tokenizer.decode(alone.tolist())
-    assert re.search(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ tokens/sec, summed over 3 sequences$", out, re.M)
+    assert out == "".join(f"== {label} ==\n{text}\n" for label, text in printed.items())  # nothing else on stdout
+    assert re.search(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ sec to first token \(\d+ prompt tokens\), then "
+                     r"\d+ tokens at [\d.]+ tokens/sec summed over 3 sequences, \d+ CPU threads?$", err, re.M)
     assert re.search(r"^Bandwidth achieved: [\d.]+ GB/s \([\d.e-]+ GB read per step: [\d.]+ of 4 experts per layer",
-                     out, re.M)
+                     err, re.M)
 
 
 def test_batch_size_copies_are_identical_greedy_and_differ_seeded_when_sampling(checkpoint, capsys):
@@ -78,7 +79,7 @@ def test_each_sequence_stops_at_its_own_end_of_sequence_token():
     """Fake steps stand in for the model: sequence 0 ends at its second token, sequence 1 runs on."""
     steps = iter([[7, 8], [EOS, 9], [5, 9], [5, EOS], [5, 9]])
 
-    def fake_step(model, x, input_pos, temperature, top_k, last=None):
+    def fake_step(model, x, input_pos, sampling, last=None):
         return torch.tensor(next(steps))[:, None]
 
     prompts = [torch.tensor([1, 5, 6], dtype=torch.int), torch.tensor([1, 4], dtype=torch.int)]
@@ -96,7 +97,7 @@ def test_expert_reads_counted_are_the_distinct_experts_transformers_routes_to(ch
     torch.manual_seed(0)
     prompts = torch.randint(3, 32000, (3, 5), dtype=torch.int)
     with torch.no_grad(), counting_expert_reads(model) as counts:
-        first = prefill(model, prompts, torch.arange(5), 0, None)  # [3, 1]
+        first = prefill(model, prompts, torch.arange(5), Sampling())  # [3, 1], greedy
         counts.reset()
         model(first.int(), torch.tensor([5]))
         read = counts.read()
@@ -152,8 +153,8 @@ def instruct_folder(checkpoint, tmp_path, **config_changes):
 
 
 def chat(folder, lines: list, monkeypatch, capsys, *flags, max_new_tokens: int = 8) -> tuple:
-    """generate.py --interactive on stdin lines, in this process: (each answer printed, the number of tokens
-    each forward pass of the model processed)."""
+    """generate.py --interactive on stdin lines, in this process: (what it printed on stdout, the number of
+    tokens each forward pass of the model processed, what it printed on stderr)."""
     tokens_per_forward = []
     real_load = generate_script.load_model
 
@@ -165,22 +166,21 @@ def chat(folder, lines: list, monkeypatch, capsys, *flags, max_new_tokens: int =
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
     generate_script.main(argv(folder, "--interactive", "--temperature", "0", "--max_new_tokens", max_new_tokens, *flags))
     captured = capsys.readouterr()
-    answers = re.findall(r"What is your prompt\? (.*?)\nTime for inference", captured.out, re.S)
-    assert captured.out.count("What is your prompt?") == len(lines) + 1  # then end of input
-    return answers, tokens_per_forward, captured.err
+    assert captured.err.count("What is your prompt?") == len(lines) + 1  # then end of input
+    return captured.out, tokens_per_forward, captured.err
 
 
 def test_chat_keeps_the_conversation_and_feeds_only_new_tokens(checkpoint, tokenizer, tmp_path, monkeypatch, capsys):
     folder = instruct_folder(checkpoint, tmp_path)
     user, user2 = "What is MoE?", "And a second one"
-    answers, tokens_per_forward, _ = chat(folder, [user, user2], monkeypatch, capsys)
+    out, tokens_per_forward, _ = chat(folder, [user, user2], monkeypatch, capsys)
     reference = load_reference(folder)
     first = mistral_framing(tokenizer, [user])
     answer = transformers_greedy(reference, first, 8)
     answer_text = answer[:-1] if answer[-1:] == [EOS] else answer
     conversation = mistral_framing(tokenizer, [user, answer_text, user2])
     answer2 = transformers_greedy(reference, conversation, 8)
-    assert answers == [tokenizer.decode(answer), tokenizer.decode(answer2)]
+    assert out == f"{tokenizer.decode(answer)}\n{tokenizer.decode(answer2)}\n"  # the answers alone on stdout
     assert answer2 != transformers_greedy(reference, first[:1] + conversation[len(first) + len(answer_text) + 1:], 8)
     # Turn 1: its prompt, then one token per step. Turn 2: only what the cache lacked (the answer's last token,
     # </s>, the new [INST] turn), then one token per step; no token of the conversation processed twice.
@@ -193,9 +193,9 @@ def test_chat_past_the_context_starts_a_new_conversation(checkpoint, tokenizer, 
     first, alone = mistral_framing(tokenizer, [user]), mistral_framing(tokenizer, [user2])
     # Room for either turn with its answer, not for both.
     folder = instruct_folder(checkpoint, tmp_path, max_position_embeddings=len(first) + len(alone) + 8)
-    answers, tokens_per_forward, err = chat(folder, [user, user2], monkeypatch, capsys, max_new_tokens=8)
+    out, tokens_per_forward, err = chat(folder, [user, user2], monkeypatch, capsys, max_new_tokens=8)
     assert err.count("starting a new one") == 1
-    assert answers[1] == tokenizer.decode(transformers_greedy(load_reference(folder), alone, 8))
+    assert out.endswith("\n" + tokenizer.decode(transformers_greedy(load_reference(folder), alone, 8)) + "\n")
     assert tokens_per_forward.count(len(alone)) == 1  # the second turn, prefilled as a new conversation
 
 

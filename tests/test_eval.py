@@ -168,3 +168,20 @@ def test_bad_input_is_one_line(case, make_checkpoint, folder, text_file, tmp_pat
              "context past the block size": ["2049", "2048"],
              "another model": ["--reference_path", "n_layer 2", "has 3"]}[case]
     fails_cleanly(eval_script.main, ["--checkpoint_path", folder / "model.pth", "--device", "cpu", *argv], capsys, *words)
+
+
+def test_default_context_is_512_or_the_models_if_shorter(folder, text_file, tmp_path, capsys):
+    """The shipped tiny model's context is 256 tokens: the default of 512 failed on it. Without --context, a
+    model with 20 positions scores chunks of 20 (43 tokens: 20, 20 and 3), and this one, of 2048, chunks of 512."""
+    short = tmp_path / "short"
+    short.mkdir()
+    for name in ("model.pth", "tokenizer.model"):
+        (short / name).symlink_to(folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 20}))
+    for path, context in ((short / "model.pth", 20), (folder / "model.pth", 512)):
+        eval_script.main([str(a) for a in ("--checkpoint_path", path, "--text", text_file, "--precision", "float32",
+                                           "--device", "cpu")])
+        out, err = capsys.readouterr()
+        assert f"tokens in chunks of {context}," in out and json.loads(out.splitlines()[-1])["tokens"] == 43
+        assert ("3/3" if context == 20 else "1/1") in err  # the progress bar over the chunks

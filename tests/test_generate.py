@@ -1,4 +1,5 @@
-"""generate.py: greedy text equal to transformers' generate, streaming, report lines, and bad input."""
+"""generate.py: greedy text equal to transformers' generate, alone on stdout, streaming, report lines on stderr,
+and bad input."""
 import json
 import re
 import shutil
@@ -13,7 +14,8 @@ from generation import generate
 from measuring import active_weight_bytes
 
 PROMPT = "Hello, my name is"
-REPORT = re.compile(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ tokens/sec$", re.M)
+REPORT = re.compile(r"^Time for inference 1: [\d.]+ sec total, [\d.]+ sec to first token \((\d+) prompt tokens\), "
+                    r"then (\d+) tokens at [\d.]+ tokens/sec, \d+ CPU threads?$", re.M)
 
 
 def reference_greedy_text(folder, tokenizer, prompt_ids, max_new_tokens):
@@ -22,10 +24,6 @@ def reference_greedy_text(folder, tokenizer, prompt_ids, max_new_tokens):
         out = load_reference(folder).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                               max_new_tokens=max_new_tokens, pad_token_id=2)
     return tokenizer.decode(out[0].tolist()), out.size(1) - ids.size(1)
-
-
-def printed_text(stdout: str, sample: int = 1) -> str:
-    return stdout.split(f"\nTime for inference {sample}:")[0].split("\n==========")[0]
 
 
 def generate_argv(folder, *extra, prompt=PROMPT) -> list:
@@ -43,29 +41,33 @@ def test_cli_greedy_text_equals_transformers(checkpoint, tokenizer, compiled):
     result = run_generate(checkpoint, "--temperature", "0", "--precision", "float32", "--max_new_tokens", "32",
                           "--num_samples", "1", *flags)
     assert result.returncode == 0, result.stderr
-    # With --compile, a warm-up sample (not timed) prints the same text first.
-    assert printed_text(result.stdout) == ("\n".join([expected] * 2) if compiled else expected)
+    # The text alone on stdout (`generate.py ... > out.txt` keeps just that); with --compile, the warm-up
+    # prints nothing.
+    assert result.stdout == expected + "\n"
     assert expected.startswith(PROMPT) and len(expected) > len(PROMPT)
-    # gpt-fast's report lines, same wording.
-    assert REPORT.search(result.stdout)
-    assert re.search(r"^Bandwidth achieved: [\d.]+ GB/s$", result.stdout, re.M)
-    assert re.search(r"^Average tokens/sec: [\d.]+$", result.stdout, re.M)
-    assert re.search(r"^Memory used: [\d.]+ GB$", result.stdout, re.M)
-    if compiled:
-        assert "Compilation time" in result.stderr
+    # gpt-fast's report lines, on stderr: the prefill (the first new token) apart from the 31 decoded tokens.
+    prompt_tokens, decoded = REPORT.search(result.stderr).groups()
+    assert (int(prompt_tokens), int(decoded)) == (1 + len(tokenizer.encode(PROMPT)), 31)
+    assert re.search(r"^Bandwidth achieved: [\d.]+ GB/s$", result.stderr, re.M)
+    assert re.search(r"^Average tokens/sec: [\d.]+$", result.stderr, re.M)
+    assert re.search(r"^Memory used: [\d.]+ GB \(the process's peak resident memory; the model's weights: [\d.]+ MB\)$",
+                     result.stderr, re.M)
+    if compiled:  # one line when compiling starts, then its time
+        assert re.search(r"^compiling with torch.compile .*\nCompilation time: [\d.]+ seconds$", result.stderr, re.M)
 
 
-def main_output(capsys, folder, *extra) -> str:
-    """generate.py's main in this process (no new interpreter needed): what it printed on stdout."""
+def main_output(capsys, folder, *extra) -> tuple:
+    """generate.py's main in this process (no new interpreter needed): (what it printed on stdout, on stderr)."""
     generate_script.main([str(a) for a in generate_argv(folder, *extra)])
-    return capsys.readouterr().out
+    captured = capsys.readouterr()
+    return captured.out, captured.err
 
 
 def test_sampling_is_seeded_and_every_sample_is_reported(checkpoint, capsys):
     args = ["--temperature", "0.9", "--top_k", "50", "--max_new_tokens", "12", "--num_samples", "2", "--seed", "7"]
-    first, second = main_output(capsys, checkpoint, *args), main_output(capsys, checkpoint, *args)
-    assert printed_text(first) == printed_text(second)
-    assert "Time for inference 2:" in first
+    (first, err), (second, _) = main_output(capsys, checkpoint, *args), main_output(capsys, checkpoint, *args)
+    assert first == second and len(first.splitlines()) >= 2 and first.startswith(PROMPT)
+    assert "Time for inference 2:" in err
 
 
 def test_instruct_is_told_by_the_chat_template_and_else_by_the_folder_name(checkpoint, tmp_path):
@@ -85,7 +87,7 @@ def test_generate_stops_at_eos_unless_told_not_to():
     prompt = torch.tensor([1, 5, 6], dtype=torch.int)
     steps = iter([7, 2, 9, 9, 9])
 
-    def fake_step(model, x, input_pos, temperature, top_k):  # stands in for prefill and decode
+    def fake_step(model, x, input_pos, sampling):  # stands in for prefill and decode
         return torch.tensor([[next(steps)]])
 
     seq = generate(None, prompt, 5, temperature=0, top_k=None, prefill_fn=fake_step, decode_fn=fake_step, eos_id=2)
@@ -128,6 +130,9 @@ def break_folder(checkpoint, tmp_path, case):
         (folder / "config.json").write_text(json.dumps(config))
     elif case == "missing_config":
         (folder / "config.json").unlink()
+    elif case == "hub_safetensors_renamed":  # the hub's weights under our name
+        (folder / "model.pth").unlink()
+        shutil.copy(folder / "model-00001-of-00002.safetensors", folder / "model.pth")
     return folder
 
 
@@ -137,6 +142,8 @@ def break_folder(checkpoint, tmp_path, case):
     ("corrupt_checkpoint", ["model.pth"]),
     ("config_misfit", ["config.json"]),
     ("missing_config", ["config.json"]),
+    ("hub_safetensors_renamed", ["Hugging Face checkpoint",
+                                 "python scripts/convert_hf_checkpoint.py --checkpoint_dir"]),
 ])
 def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words, capsys):
     folder = break_folder(checkpoint, tmp_path, case)
@@ -146,17 +153,42 @@ def test_bad_checkpoint_folders(checkpoint, tmp_path, case, words, capsys):
 @pytest.mark.parametrize("flags,words", [
     (["--max_new_tokens", "-3"], ["--max_new_tokens"]),
     (["--temperature", "-1"], ["--temperature"]),
-    (["--top_k", "0"], ["--top_k"]),
+    (["--top_k", "-1"], ["--top_k", "0 for no limit"]),
+    (["--top_p", "0"], ["--top_p"]),
+    (["--top_p", "1.5"], ["--top_p"]),
+    (["--min_p", "-0.1"], ["--min_p"]),
+    (["--repetition_penalty", "0"], ["--repetition_penalty"]),
+    (["--stop", ""], ["--stop"]),
+    (["--threads", "0"], ["--threads"]),
+    (["--seed", str(2 ** 64)], ["--seed", "64 bits"]),
+    (["--system", "Be brief."], ["--system", "instruct"]),  # this checkpoint's format is plain text
     (["--device", "cuda"], ["CUDA"]),
     (["--max_new_tokens", "2100"], ["context", "2048"]),
 ])
-def test_bad_flags(checkpoint, flags, words, capsys):
-    fails_cleanly(generate_script.main, generate_argv(checkpoint, *flags), capsys, *words)
-
-
-def test_prompt_past_the_context_fails_before_any_work(checkpoint, capsys, monkeypatch):
+def test_bad_flags(checkpoint, flags, words, capsys, monkeypatch):
     loads = []
     monkeypatch.setattr(generate_script, "load_model", lambda *args: loads.append(args))
-    fails_cleanly(generate_script.main, generate_argv(checkpoint, "--max_new_tokens", "8", prompt="word " * 2100), capsys,
-                  "prompt", "context")
+    fails_cleanly(generate_script.main, generate_argv(checkpoint, *flags), capsys, *words)
     assert loads == []  # refused before loading the model
+
+
+def test_hub_checkpoints_are_named_with_the_command_that_converts_them(checkpoint, capsys):
+    """The hub's files given where model.pth goes: its safetensors, or their folder without a model.pth."""
+    for path, folder in ((checkpoint / "model-00001-of-00002.safetensors", checkpoint),
+                         (checkpoint / "model.safetensors.index.json", checkpoint)):
+        fails_cleanly(generate_script.main, ["--checkpoint_path", path, "--device", "cpu"], capsys, "Hugging Face",
+                      f"python scripts/convert_hf_checkpoint.py --checkpoint_dir {folder}")
+
+
+def test_top_k_0_is_no_limit(checkpoint, tokenizer, capsys):
+    """As in llama.cpp and transformers, --top_k 0 is no limit: the draws of generation with no top-k at all
+    (test_sampling holds that distribution to transformers'); --top_k 1 is greedy."""
+    args = ["--temperature", "1.0", "--max_new_tokens", "8", "--num_samples", "1", "--seed", "3"]
+    off, _ = main_output(capsys, checkpoint, *args, "--top_k", "0")
+    narrow, _ = main_output(capsys, checkpoint, *args, "--top_k", "1")
+    greedy, _ = main_output(capsys, checkpoint, *args, "--temperature", "0")
+    model = load_ours(checkpoint, torch.bfloat16)
+    torch.manual_seed(3)
+    ids = torch.tensor([tokenizer.bos_id()] + tokenizer.encode(PROMPT), dtype=torch.int)
+    unlimited = generate(model, ids, 8, temperature=1.0, top_k=None, eos_id=tokenizer.eos_id())
+    assert off == tokenizer.decode(unlimited.tolist()) + "\n" and narrow == greedy != off

@@ -60,8 +60,11 @@ def test_download_convert_generate_and_quantize_commands(user_folder, hub):
     assert result.returncode == 0, result.stderr[-3000:]
     folder = user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1"
     assert all((folder / name).is_file() for name in ("model.pth", "model_int8.pth", "model_int4.g32.pth"))
-    # Each generate command: five timed samples (after the compile warm-up where compiled), then the summary.
-    assert result.stdout.count("Time for inference 5:") == 5 and result.stdout.count("Average tokens/sec:") == 5
+    # Each generate command: five timed samples (after the compile warm-up where compiled), then the summary, on
+    # stderr; stdout holds the samples' text alone, each starting with the prompt.
+    assert result.stderr.count("Time for inference 5:") == 5 and result.stderr.count("Average tokens/sec:") == 5
+    assert "Time for inference" not in result.stdout and "tokens/sec" not in result.stdout
+    assert result.stdout.count("Hello, my name is") == 25
     # The last run that loads the CPU kernels is the one that forces AVX2, and it says so.
     assert re.findall(r"^CPU kernels: (\S+) ", result.stderr, re.M)[-1] == "avx2", result.stderr[-3000:]
     # Only the run told to do without the CPU kernels says so.
@@ -75,12 +78,13 @@ def test_batch_and_conversation_commands(user_folder, hub):
         download = "export MODEL_REPO=mistralai/Mixtral-8x7B-v0.1\n"
     result = run_bash(download + examples, user_folder, hub)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out, err = result.stdout, result.stderr
     # The prompts file: its three prompts, labelled by line number (line 3 is blank), in batches of 2 and 1.
     assert re.findall(r"^== (line \d+) ==$", out, re.M) == ["line 1", "line 2", "line 4"]
-    assert out.count("tokens/sec, summed over 2 sequences") == 1 and "Time for inference 2:" in out
-    # The conversation: two turns, then end of input.
-    assert out.count("What is your prompt?") == 3
+    assert err.count("tokens/sec summed over 2 sequences") == 1 and "Time for inference 2:" in err
+    # The conversation: two turns, then end of input; the prompts and timings on stderr, the answers on stdout.
+    assert err.count("What is your prompt?") == 3 and "What is your prompt?" not in out
+    assert "tokens/s" not in out
 
 
 def test_quality_commands(user_folder, hub):

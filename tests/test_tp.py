@@ -49,8 +49,8 @@ def transformers_text(folder, tokenizer) -> str:
 
 
 def text_of(result) -> str:
-    """The streamed text: everything rank 0 printed before its timing line."""
-    return result.stdout.split("Time for inference 1:")[0].removesuffix("\n")
+    """The streamed text: all rank 0 printed on stdout (the timings go to stderr)."""
+    return result.stdout.removesuffix("\n")
 
 
 def shape_on_each_of_two_ranks(name: str, shape) -> list:
@@ -72,7 +72,7 @@ def test_two_ranks_greedy_text_matches_one_process_and_transformers(checkpoint, 
     assert one_process_text(checkpoint, tokenizer, temperature=0) == expected
     assert text_of(tp) == expected
     # Only rank 0 printed: the text and each timing line once.
-    assert tp.stdout.count(expected) == 1 and tp.stdout.count("Average tokens/sec") == 1
+    assert tp.stdout.count(expected) == 1 and tp.stderr.count("Average tokens/sec") == 1
     assert tp.stderr.count("Time to load model") == 1
 
 
@@ -97,21 +97,24 @@ def test_two_ranks_sample_a_batch_of_prompts_as_one_process(checkpoint, tokenize
 def test_interactive_turns_are_read_by_rank_0_and_shared(checkpoint, tokenizer):
     """All ranks inherit torchrun's stdin: rank 0 alone reads each line and broadcasts it, so every
     rank runs the same turn and none is left waiting for a line another rank consumed. The checkpoint
-    is a base one: the second line continues the text of the first, from the cache each rank kept."""
+    is a base one: the second line continues the text of the first on a new line, from the cache each rank kept."""
     lines = [PROMPT, "The quick brown fox"]
     result = run_script(*TORCHRUN, "generate.py", "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
                         "--max_new_tokens", "24", "--precision", "float32", "--temperature", "0", "--interactive",
                         stdin="".join(f"{line}\n" for line in lines), timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-4000:]
     model = load_ours(checkpoint)
-    text = [tokenizer.bos_id()]
-    for line in lines:  # the whole text so far, prefilled at once in one process
-        prompt = text + tokenizer.encode(line)
+    text, answers = [tokenizer.bos_id()], []
+    for n, line in enumerate(lines):  # the whole text so far, prefilled at once in one process
+        # A later line as SentencePiece tokenizes a line inside a text: from its '\n' on, no space piece before it.
+        inside = tokenizer.encode("x\n" + line)
+        prompt = text + (tokenizer.encode(line) if n == 0 else inside[inside.index(tokenizer.piece_to_id("<0x0A>")):])
         text = generate(model, torch.tensor(prompt, dtype=torch.int), 24, temperature=0, top_k=None,
                         eos_id=tokenizer.eos_id()).tolist()
-        answer = tokenizer.decode(text[len(prompt):]).replace("\r", "\n")  # as run_script's text mode reads it
-        assert result.stdout.count(f"What is your prompt? {answer}\n") == 1, result.stdout
-    assert result.stdout.count("What is your prompt?") == 3  # two prompts, then end of input
+        answers.append(tokenizer.decode(text[len(prompt):]).replace("\r", "\n"))  # as run_script's text mode reads it
+        text = text[:-1] if text[-1] == tokenizer.eos_id() else text  # plain text goes on after an end
+    assert result.stdout == "".join(f"{answer}\n" for answer in answers)  # the answers alone, once: rank 0's
+    assert result.stderr.count("What is your prompt?") == 3  # two prompts, then end of input
 
 
 def test_each_rank_holds_half_of_the_sharded_weights(checkpoint, tmp_path):
@@ -141,8 +144,8 @@ def test_compiled_two_ranks_greedy_text_matches_transformers(tmp_path, tokenizer
     convert_hf_checkpoint(tmp_path)
     tp = run_two_ranks(tmp_path, "--temperature", "0", "--compile", "--compile_prefill")
     expected = transformers_text(tmp_path, tokenizer)
-    # The untimed warm-up sample that pays for compilation prints the same text first.
-    assert text_of(tp) == f"{expected}\n{expected}"
+    # The untimed warm-up that pays for compilation prints nothing: the text once, then one line on stderr.
+    assert text_of(tp) == expected
     assert tp.stderr.count("Compilation time") == 1  # rank 0 only
 
 
@@ -261,14 +264,17 @@ def test_two_ranks_of_int4_print_one_process_text_and_build_the_kernels_once(che
                     "--prompt", PROMPT, "--max_new_tokens", "24", "--num_samples", "1", "--precision", "float32",
                     "--temperature", "0", env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=TIMEOUT)
     assert tp.returncode == 0, tp.stderr[-4000:]
-    # Rank 0 names the instruction set once (a failed build would say so in a line on each rank), and says
-    # it waits if it found the other rank building.
+    # Rank 0 names the instruction set once (a failed build would say so in a line on each rank), and either
+    # built the kernels (it says so, and times the build on a line of its own) or found the other rank
+    # building them and says it waits.
     isa = cpu_kernels.choose()[0][0]  # the best set, or the one MIXTRAL_CPU_ISA forces
     notes = [line for line in tp.stderr.splitlines() if "kernels" in line]
-    assert [n for n in notes if not n.startswith("waiting for another process's build")] == [
+    built = [n for n in notes if n.startswith(("building the CPU kernels for", "Time to build the CPU kernels:"))]
+    waited = [n for n in notes if n.startswith("waiting for another process's build")]
+    assert (len(built), len(waited)) in ((2, 0), (0, 1)), tp.stderr
+    assert [n for n in notes if n not in built + waited] == [
         f"CPU kernels: {isa} ({cpu_kernels.ISAS[isa][2]}); MIXTRAL_CPU_ISA={'|'.join(cpu_kernels.supported())} "
         "chooses among this CPU's"], tp.stderr
-    assert len(notes) <= 2, tp.stderr
     # One compilation: ninja logs each object it builds, and a second, racing build would log it again.
     log, = cache.rglob(".ninja_log")
     assert [line.split()[3] for line in log.read_text().splitlines()[1:]] == ["cpu.o", f"mixtral_cpu_kernels_{isa}.so"]
