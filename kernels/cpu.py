@@ -25,7 +25,8 @@ import torch
 
 from errors import UserError
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+# cpu.cpp: the decode kernels; cpu_prompt.cpp: the prompt kernels (prompt_linear, prompt_moe), one library.
+SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("cpu_prompt.cpp")]
 DISABLE_VARIABLE = "MIXTRAL_NO_CPU_KERNELS"
 ISA_VARIABLE = "MIXTRAL_CPU_ISA"
 # The instruction sets, best first: what the CPU must report (torch.cpu.get_capabilities()), the compiler
@@ -147,7 +148,7 @@ def load(isa: str):
         with build_lock(folder), interrupts_kept():
             for library in folder.glob("*.so"):
                 remove_if_damaged(library)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags,
+            cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], is_python_module=False, extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
         register_fakes(f"mixtral_cpu_{isa}")
         loaded.add(isa)
@@ -167,6 +168,8 @@ def register_fakes(namespace: str):
     torch.library.register_fake(f"{namespace}::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
     torch.library.register_fake(f"{namespace}::dequantize_int4",
                                 lambda packed, scales, dtype: packed.new_empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype))
+    torch.library.register_fake(f"{namespace}::prompt_linear", lambda x, weight, scales, fmt: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::prompt_moe", lambda x, *_: torch.empty_like(x))
 
 
 @contextlib.contextmanager
