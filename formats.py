@@ -45,7 +45,8 @@ class WeightFormat:
     name: str = ""  # shown to users: 'int8'
     quantized: bool = True
     # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp), 'triton'
-    # (kernels/triton_moe.py). Both take a weight and optional scales, told apart by the stored dtypes.
+    # (kernels/triton_moe.py), both a few tokens, told apart by the stored dtypes; 'cpu prompt'
+    # (kernels/cpu_prompt.cpp), many tokens, told the format by name.
     kernels: tuple = ()
     # Whether grouped_experts runs one grouped matmul over all experts (else one expert at a time).
     grouped_matmul: bool = False
@@ -111,6 +112,13 @@ class WeightFormat:
         return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
                                      w3.get("scales"), w2.get("scales"))
 
+    def cpu_prompt_linear(self, x: Tensor, t: dict) -> Tensor:
+        return cpu_kernels.ops().prompt_linear(x, t[""], t["scales"], self.name)
+
+    def cpu_prompt_experts(self, x, experts, weights, w1: dict, w3: dict, w2: dict) -> Tensor:
+        return cpu_kernels.ops().prompt_moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
+                                            w2["scales"], self.name)
+
     def cuda_linear(self, x: Tensor, t: dict) -> Tensor:
         return torch.ops.mixtral_triton.linear(x, t[""], t.get("scales"))
 
@@ -157,7 +165,7 @@ class Int8(WeightFormat):
     """Symmetric int8 with one scale per output row: w ~= q * scales[..., None], |q| <= 127. Scales are
     stored in the full-precision dtype (loading casts them to --precision like any weight)."""
     name = "int8"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "triton", "cpu prompt")
 
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
@@ -217,7 +225,7 @@ class Int4(WeightFormat):
     `groupsize`: reading back and the kernels take it from the shapes."""
     groupsize: int = 32
     name = "int4"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "triton", "cpu prompt")
     GROUP_SIZES = (32, 64, 128)
 
     @property

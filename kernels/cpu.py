@@ -1,6 +1,7 @@
-# Builds kernels/cpu.cpp on first use, for the best instruction set this CPU has, and registers its ops
-# (torch.ops.mixtral_cpu_<set>.linear, .moe, .dequantize_int8 and .dequantize_int4) with fake
-# implementations, so that torch.compile(fullgraph=True) keeps the decode step one graph around them.
+# Builds kernels/cpu.cpp and kernels/cpu_prompt.cpp on first use, for the best instruction set this CPU
+# has, and registers their ops (torch.ops.mixtral_cpu_<set>.linear, .moe, .dequantize_int8,
+# .dequantize_int4; .prompt_linear, .prompt_moe) with fake implementations, so that
+# torch.compile(fullgraph=True) keeps the decode step one graph around them.
 #
 # One source, one build per instruction set: cpu.cpp holds what all share and includes the inner dot
 # products of its set (cpu_avx2.h, cpu_avx512.h), compiled with that set's flags. MIXTRAL_CPU_ISA=<set>
@@ -28,6 +29,8 @@ from errors import UserError
 # cpu.cpp: the decode kernels; cpu_prompt.cpp: the prompt kernels (prompt_linear, prompt_moe), one library.
 SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("cpu_prompt.cpp")]
 DISABLE_VARIABLE = "MIXTRAL_NO_CPU_KERNELS"
+# MIXTRAL_NO_AMX=1: the prompt kernels multiply with integer dot products even where the CPU has AMX.
+AMX_VARIABLE = "MIXTRAL_NO_AMX"
 ISA_VARIABLE = "MIXTRAL_CPU_ISA"
 # The instruction sets, best first: what the CPU must report (torch.cpu.get_capabilities()), the compiler
 # flags, and the words the one line uses. avx2 is every x86-64 CPU of the last decade (AMD since Zen,
@@ -152,7 +155,22 @@ def load(isa: str):
                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
         register_fakes(f"mixtral_cpu_{isa}")
         loaded.add(isa)
+        ops(isa).prompt_use_amx(amx_wanted())
     return ops(isa)
+
+
+def amx_wanted() -> bool:
+    return os.environ.get(AMX_VARIABLE, "") in ("", "0")
+
+
+@contextlib.contextmanager
+def amx(on: bool):
+    """Within: the prompt kernels of the set in use take AMX's tiles (where the CPU and the OS offer them:
+    the answer is what this yields) or integer dot products."""
+    try:
+        yield ops().prompt_use_amx(on)
+    finally:
+        ops().prompt_use_amx(amx_wanted())
 
 
 def build_folder(isa: str) -> Path:

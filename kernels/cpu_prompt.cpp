@@ -46,6 +46,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <numeric>
 #include <vector>
 
 #ifndef MIXTRAL_OPS
@@ -232,7 +233,13 @@ inline VF per_64(const float* p) {
                                _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
 }
 // Tokens and rows of a tile: 16 float accumulators, 4 rows' nibble vectors, of the 32 registers.
-constexpr int kRows8 = 4, kTokens8 = 4, kRows4 = 4, kTokens4 = 4;
+#ifndef HP_R4
+#define HP_R4 4
+#define HP_M4 4
+#define HP_R8 4
+#define HP_M8 4
+#endif
+constexpr int kRows8 = HP_R8, kTokens8 = HP_M8, kRows4 = HP_R4, kTokens4 = HP_M4;
 }  // namespace simd
 #else
 // AVX2: 8 int32 lanes; vpmaddwd multiplies 16 int16 pairs and adds each pair, then vpaddd adds them to
@@ -320,15 +327,20 @@ template <int R, int MC, int S>
 inline void int8_block(const int8_t* const* rows, const Quantized& x, int64_t m0, int64_t k, simd::VF (&acc)[R][MC]) {
   using namespace simd;
   VI w[R][S];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + 1024, _MM_HINT_T0);
+    #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) w[r][s] = widen(rows[r] + k + s * kVector);
   }
+  #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
     const int16_t* xq = x.q.data() + (m0 + m) * x.Kp + k;
     const VF scale = broadcast(x.scale[(m0 + m) * x.blocks() + k / 64]);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       VI sums = first_dot(w[r][0], load(xq));
+      #pragma GCC unroll 8
       for (int s = 1; s < S; ++s) sums = dot(sums, w[r][s], load(xq + s * kVector));
       acc[r][m] = fmadd(to_float(sums), scale, acc[r][m]);
     }
@@ -342,12 +354,16 @@ inline void int8_tile(const int8_t* const* rows, const Quantized& x, int64_t m0,
   using namespace simd;
   constexpr int S = 64 / kVector;
   VF acc[R][MC];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) acc[r][m] = zero();
   int64_t k = k0;
   for (; k + 64 <= k1; k += 64) int8_block<R, MC, S>(rows, x, m0, k, acc);
   if (k < k1) int8_block<R, MC, S / 2>(rows, x, m0, k, acc);  // 32 values
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) out[r * MC + m] = sum(acc[r][m]);
 }
 
@@ -359,15 +375,19 @@ inline void int4_tile(const uint8_t* const* rows, const float* const* block_scal
   using namespace simd;
   const int64_t chunks = x.Kp / kChunk, blocks = x.blocks();
   VF acc[R][MC];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) acc[r][m] = zero();
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t i = c - c0;
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[r] + i * kChunk / 2) + 1024, _MM_HINT_T0);
       const VI packed = load(rows[r] + i * kChunk / 2);
       const VI w0 = nibbles(packed, 0), w1 = nibbles(packed, 1), w2 = nibbles(packed, 2), w3 = nibbles(packed, 3);
       const VF w_scale = per_32(block_scale[r] + i * (kChunk / 32));
+      #pragma GCC unroll 8
       for (int m = 0; m < MC; ++m) {
         const int16_t* xq = x.q.data() + (m0 + m) * x.Kp + c * kChunk;
         VI s = load(x.start.data() + ((m0 + m) * chunks + c) * kLanes);
@@ -380,7 +400,9 @@ inline void int4_tile(const uint8_t* const* rows, const float* const* block_scal
       }
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) out[r * MC + m] = sum(acc[r][m]);
 }
 
@@ -417,8 +439,8 @@ void integer_block(const Rows& rows, int64_t l0, const Quantized& x, float* out)
     }
   }
   // Chunks of K whose activations, for every token, fit in about half of L2.
-  const int64_t per_token = int4 ? 2 + 8 : 2;  // bytes per value: int16, plus int4's start per lane
-  const int64_t kc = std::max<int64_t>(256, (512 << 10) / (x.M * per_token) / 256 * 256);
+  const int64_t per_value = int4 ? 3 : 2;  // bytes: int16, and int4's starts (4 bytes a lane of 8 values)
+  const int64_t kc = std::max<int64_t>(256, (512 << 10) / (x.M * per_value) / 256 * 256);
   for (int64_t k0 = 0; k0 < x.Kp; k0 += kc) {
     const int64_t k1 = std::min(x.Kp, k0 + kc);
     if (!int4) {
@@ -459,7 +481,7 @@ void integer_block(const Rows& rows, int64_t l0, const Quantized& x, float* out)
   }
 }
 
-constexpr int64_t kIntegerTokens = simd::kTokens8 > simd::kTokens4 ? simd::kTokens8 : simd::kTokens4;
+constexpr int64_t kIntegerTokens = std::lcm(simd::kTokens8, simd::kTokens4);
 
 // ---------------------------------------------------------------------------- AMX
 

@@ -66,7 +66,7 @@ def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
     weights = torch.softmax(torch.randn(N, 2, generator=g), dim=-1)
     bf16 = [t.to(torch.bfloat16) for t in (x, weights, w1, w3, w2)]
     fmt, (w1, w3, w2) = FullPrecision(), ({"": w} for w in bf16[2:])
-    assert dispatch.experts_path(fmt, bf16[0], experts, E) == ("one by one" if float32_path else "grouped")
+    assert dispatch.experts_path(fmt, bf16[0], experts, E, I) == ("one by one" if float32_path else "grouped")
     out = dispatch.run_experts(fmt, bf16[0], experts, bf16[1], w1, w3, w2)
     x, weights, w1, w3, w2 = (t.double() for t in bf16)  # the same rounded inputs, exact arithmetic
     ref = torch.stack([sum(weights[n, k] * w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n]))
