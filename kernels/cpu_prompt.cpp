@@ -179,77 +179,104 @@ inline float silu_times(float a, float b) {
 
 // ---------------------------------------------------------------------------- integer dot products
 
-// Activations for the integer path: int16, in blocks of 64 values with one float scale each
+// Activations for the integer path: int16 in blocks of 256 values along a row, one float scale each
 // (x ~= q * scale, scale = max|block| / 32767, round to nearest even), for M tokens (a multiple of the
-// tile's tokens; the extra ones are zeros).
-// int8 weights: values in order; a vector of 2L int16 (L int32 lanes) meets 2L weights widened to int16.
-// int4 weights: each chunk of 8L values (what one load of 4L packed bytes holds) is stored as four
-// vectors t = 0..3, lane j of vector t holding values 8j + 2t and 8j + 2t + 1: the two nibbles of byte
-// 4j + t. So lane j of the chunk's sums holds values 8j .. 8j + 7, a block of 64 is 8 lanes and a
-// group of 32 four. start: per chunk and lane, -8 * the sum of the lane's 8 values, which the integer
-// sums start from so that the nibbles' offset (stored q + 8) comes off exactly.
+// tile's; the extra ones are zeros). Blocks of 256 err a few hundredths of bf16's rounding
+// (scripts/bench_prompt.py --rounding), and an int32 lane holds a block's 256 products of at most
+// 127 * 32767 each.
+constexpr int64_t kBlock = 256;
+
 struct Quantized {
-  Format format = Format::kInt8;
-  int64_t M = 0, K = 0, Kp = 0;  // Kp: K rounded up to whole chunks (int4)
-  Buffer<int16_t> q;             // [M][Kp]
-  Buffer<float> scale;           // [M][Kp / 64 rounded up]
-  Buffer<int32_t> start;         // int4: [M][Kp / chunk][L]
-  int64_t blocks() const { return (Kp + 63) / 64; }
+  int64_t M = 0, K = 0;
+  Buffer<int16_t> q;    // [M][K]
+  Buffer<float> scale;  // [M][blocks()]
+  int64_t blocks() const { return (K + kBlock - 1) / kBlock; }
 };
 
+Quantized quantize(const float* x, int64_t M_real, int64_t M, int64_t K) {
+  Quantized v;
+  v.M = M, v.K = K;
+  v.q.assign(M * K, 0), v.scale.assign(M * v.blocks(), 0.0f);
+  at::parallel_for(0, M_real, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < v.blocks(); ++b) {
+        const int64_t k0 = b * kBlock, n = std::min(kBlock, K - k0);  // n: a multiple of 32
+        const float* xb = x + m * K + k0;
+        __m256 top = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n; k += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(xb + k)));
+        __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+        const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        v.scale[m * v.blocks() + b] = amax / 32767.0f;
+        int16_t* q = v.q.data() + m * K + k0;
+        for (int64_t k = 0; k < n; k += 16) {  // rounded to nearest even; packs interleaves 128-bit halves: put back
+          const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k), _mm256_set1_ps(inverse)));
+          const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8), _mm256_set1_ps(inverse)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0b11011000));
+        }
+      }
+  });
+  return v;
+}
+
+// The weights of a block of 32 rows, expanded once for all the tokens: W [K/2][32] int32 lanes, lane
+// r of row kp holding values 2kp and 2kp + 1 of row r as two int16 (int8: as they are; int4: q - 8),
+// the pair that one lane of vpdpwssd / vpmaddwd multiplies with a token's pair (broadcast to every lane).
+// So a vector of sums holds a vector's worth of rows for one token: no sums across lanes.
 #if defined(MIXTRAL_ISA_AVX512)
-// AVX-512: 16 int32 lanes; vpdpwssd multiplies 32 int16 pairs and adds each pair to its lane.
 namespace simd {
 constexpr int64_t kLanes = 16;
+// A tile: 6 tokens by 32 rows (2 vectors): 12 integer sums and 12 float sums of the 32 registers.
+constexpr int kTokens = 6, kVectors = 2;
 using VI = __m512i;
 using VF = __m512;
-inline VI load(const void* p) { return _mm512_loadu_si512(p); }
-inline VI widen(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline VI load(const void* p) { return _mm512_load_si512(p); }
+inline VF loadf(const float* p) { return _mm512_load_ps(p); }
+inline void storef(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VI pair(const int16_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 inline VI dot(VI sums, VI a, VI b) { return _mm512_dpwssd_epi32(sums, a, b); }
-inline VI first_dot(VI a, VI b) { return _mm512_madd_epi16(a, b); }
+inline VI zeros() { return _mm512_setzero_si512(); }
 inline VF to_float(VI v) { return _mm512_cvtepi32_ps(v); }
 inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF zero() { return _mm512_setzero_ps(); }
 inline VF broadcast(float v) { return _mm512_set1_ps(v); }
-inline float sum(VF v) { return _mm512_reduce_add_ps(v); }
-// Vector t of a chunk's nibbles as int16 pairs (low, high) of bytes 4j + t.
-inline VI nibbles(VI packed, int t) {
-  // Within each 128-bit lane (vpshufb's reach), dword j takes byte 4 (j % 4) + t, then zeros (0x80).
-  const VI index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(0x80808000u | t)),
-                                    _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12));
-  const VI d = _mm512_shuffle_epi8(packed, index);
-  // (d | d << 12) & 0x000F000F: the low nibble in the lane's low int16, the high one in its high int16.
-  return _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+// Four bytes from each of 16 rows (row r's at address[r] + offset): 8 at a time, 64-bit addresses,
+// as the rows may lie in two tensors (w1's and w3's).
+inline VI gather(const __m512i* address, int64_t offset) {
+  const __m512i o = _mm512_set1_epi64(offset);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(_mm512_add_epi64(address[0], o), nullptr, 1)),
+                            _mm512_i64gather_epi32(_mm512_add_epi64(address[1], o), nullptr, 1), 1);
 }
-// Lanes from one float per 32 values (4 lanes each), the chunk's 4.
-inline VF per_32(const float* p) {
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                               _mm512_castps128_ps512(_mm_loadu_ps(p)));
+// Byte i of each lane, an int4 pair: (its low nibble - 8, its high nibble - 8) as int16.
+inline VI nibble_pair(VI d, int i) {
+  const VI b = _mm512_and_si512(_mm512_srli_epi32(d, 8 * i), _mm512_set1_epi32(0xFF));
+  // (b | b << 12) & 0x000F000F: the low nibble in the low int16, the high one in the high int16.
+  const VI p = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+  return _mm512_sub_epi16(p, _mm512_set1_epi16(8));
 }
-// Lanes from one float per 64 values (8 lanes each), the chunk's 2.
-inline VF per_64(const float* p) {
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                               _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
+// Bytes 2i and 2i + 1 of each lane, an int8 pair, as int16: each moved to the high byte of its int16
+// (vpshufb, within 128-bit lanes: dword j's bytes are 4 (j % 4) .. + 3), then shifted back with its sign.
+inline VI int8_pair(VI d, int i) {
+  const VI index = _mm512_add_epi32(_mm512_set1_epi32(i == 0 ? 0x01800080 : 0x03800280),
+                                    _mm512_setr_epi32(0, 0x04000400, 0x08000800, 0x0C000C00, 0, 0x04000400, 0x08000800,
+                                                      0x0C000C00, 0, 0x04000400, 0x08000800, 0x0C000C00, 0, 0x04000400,
+                                                      0x08000800, 0x0C000C00));
+  return _mm512_srai_epi16(_mm512_shuffle_epi8(d, index), 8);
 }
-// Tokens and rows of a tile: 16 float accumulators, 4 rows' nibble vectors, of the 32 registers.
-#ifndef HP_R4
-#define HP_R4 4
-#define HP_M4 4
-#define HP_R8 4
-#define HP_M8 4
-#endif
-constexpr int kRows8 = HP_R8, kTokens8 = HP_M8, kRows4 = HP_R4, kTokens4 = HP_M4;
-}  // namespace simd
+inline void store(void* p, VI v) { _mm512_store_si512(p, v); }
 #else
-// AVX2: 8 int32 lanes; vpmaddwd multiplies 16 int16 pairs and adds each pair, then vpaddd adds them to
-// the lanes (AVX-VNNI's vpdpwssd does both).
 namespace simd {
 constexpr int64_t kLanes = 8;
+// A tile: 3 tokens by 16 rows (2 vectors): 6 integer and 6 float sums of the 16 registers.
+constexpr int kTokens = 3, kVectors = 2;
 using VI = __m256i;
 using VF = __m256;
-inline VI load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline VI widen(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VI load(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
+inline VF loadf(const float* p) { return _mm256_load_ps(p); }
+inline void storef(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VI pair(const int16_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 inline VI dot(VI sums, VI a, VI b) {
 #ifdef MIXTRAL_ISA_AVXVNNI
   return _mm256_dpwssd_avx_epi32(sums, a, b);
@@ -257,231 +284,138 @@ inline VI dot(VI sums, VI a, VI b) {
   return _mm256_add_epi32(sums, _mm256_madd_epi16(a, b));
 #endif
 }
-inline VI first_dot(VI a, VI b) { return _mm256_madd_epi16(a, b); }
+inline VI zeros() { return _mm256_setzero_si256(); }
 inline VF to_float(VI v) { return _mm256_cvtepi32_ps(v); }
 inline VF fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF zero() { return _mm256_setzero_ps(); }
 inline VF broadcast(float v) { return _mm256_set1_ps(v); }
-inline float sum(VF v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+inline VI gather(const __m256i* address, int64_t offset) {  // 8 rows, 4 at a time
+  const __m256i o = _mm256_set1_epi64x(offset);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm256_i64gather_epi32(nullptr, _mm256_add_epi64(address[0], o), 1)),
+                                 _mm256_i64gather_epi32(nullptr, _mm256_add_epi64(address[1], o), 1), 1);
 }
-inline VI nibbles(VI packed, int t) {
-  const VI index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(0x80808000u | t)),
-                                    _mm256_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12));
-  const VI d = _mm256_shuffle_epi8(packed, index);
-  return _mm256_and_si256(_mm256_or_si256(d, _mm256_slli_epi32(d, 12)), _mm256_set1_epi32(0x000F000F));
+inline VI nibble_pair(VI d, int i) {
+  const VI b = _mm256_and_si256(_mm256_srli_epi32(d, 8 * i), _mm256_set1_epi32(0xFF));
+  const VI p = _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi32(b, 12)), _mm256_set1_epi32(0x000F000F));
+  return _mm256_sub_epi16(p, _mm256_set1_epi16(8));
 }
-inline VF per_32(const float* p) {  // the chunk's 2 floats, 4 lanes each
-  return _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(p))),
-                                  _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+inline VI int8_pair(VI d, int i) {
+  const VI index = _mm256_add_epi32(_mm256_set1_epi32(i == 0 ? 0x01800080 : 0x03800280),
+                                    _mm256_setr_epi32(0, 0x04000400, 0x08000800, 0x0C000C00, 0, 0x04000400, 0x08000800,
+                                                      0x0C000C00));
+  return _mm256_srai_epi16(_mm256_shuffle_epi8(d, index), 8);
 }
-inline VF per_64(const float* p) { return _mm256_broadcast_ss(p); }  // the chunk's one block
-// 16 registers: 4 accumulators and a row's 4 nibble vectors leave room for the rest.
-constexpr int kRows8 = 2, kTokens8 = 2, kRows4 = 2, kTokens4 = 2;
-}  // namespace simd
+inline void store(void* p, VI v) { _mm256_store_si256(static_cast<__m256i*>(p), v); }
 #endif
+}  // namespace simd
 
-constexpr int64_t kChunk = 8 * simd::kLanes;  // int4 values a load of packed weights holds
-constexpr int64_t kVector = 2 * simd::kLanes;  // int16 values a vector holds
+constexpr int64_t kVectorsPerBlock = kBlockRows / simd::kLanes;
 
-// Rounds float rows x [M][K] (M_real of them; the rest of the M are zeros) to the integer path's layout.
-Quantized quantize(const float* x, int64_t M_real, int64_t M, int64_t K, Format format) {
-  Quantized v;
-  v.format = format, v.M = M, v.K = K;
-  v.Kp = format == Format::kInt4 ? (K + kChunk - 1) / kChunk * kChunk : K;
-  const int64_t blocks = v.blocks(), chunks = v.Kp / kChunk;
-  v.q.assign(M * v.Kp, 0), v.scale.assign(M * blocks, 0.0f);
-  if (format == Format::kInt4) v.start.assign(M * chunks * simd::kLanes, 0);
-  at::parallel_for(0, M_real, 16, [&](int64_t m0, int64_t m1) {
-    std::vector<int16_t> block(64);
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t b = 0; b < (K + 63) / 64; ++b) {
-        const int64_t k0 = b * 64, n = std::min<int64_t>(64, K - k0);
-        const float* xb = x + m * K + k0;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(xb[k]));
-        const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        v.scale[m * blocks + b] = amax / 32767.0f;
-        for (int64_t k = 0; k < n; ++k) block[k] = static_cast<int16_t>(std::nearbyint(xb[k] * inverse));
-        int16_t* q = v.q.data() + m * v.Kp;
-        if (format == Format::kInt8) {
-          std::copy(block.begin(), block.begin() + n, q + k0);
-          continue;
-        }
-        for (int64_t k = 0; k < n; ++k) {  // value k0 + k: chunk c, lane j, pair t, half h
-          const int64_t c = (k0 + k) / kChunk, in = (k0 + k) % kChunk, j = in / 8, t = in % 8 / 2, h = in % 2;
-          q[c * kChunk + t * kVector + 2 * j + h] = block[k];
-          v.start[(m * chunks + c) * simd::kLanes + j] -= 8 * block[k];
-        }
+// A block of rows expanded for the integer path: W (see above) and, for int4, each group's scales of the
+// 32 rows, [groups][32] floats (int8 rows' scales are applied to the products, after).
+struct Panel {
+  Buffer<int32_t> W;
+  Buffer<float> scales;
+  std::vector<uint8_t> zeros;  // a row past the end reads these (int4: 0x88, the nibbles of 0)
+  int64_t group = kBlock;      // values a scale covers (int8: any multiple of the blocks)
+
+  void expand(const Rows& rows, int64_t l0, int64_t K) {
+    const Matrix& m = *rows.m[0];
+    const bool int4 = m.format == Format::kInt4;
+    W.resize(K / 2 * kBlockRows);
+    zeros.assign(m.row_bytes(), int4 ? 0x88 : 0);
+    alignas(64) int64_t address[kBlockRows];
+    for (int64_t r = 0; r < kBlockRows; ++r)
+      address[r] = reinterpret_cast<int64_t>(rows.present(l0 + r) ? rows.matrix(l0 + r).row(rows.row(l0 + r)) : zeros.data());
+    using simd::VI;
+    for (int64_t v = 0; v < kVectorsPerBlock; ++v) {  // a vector's rows at a time, 4 bytes of each
+      const auto* lanes = reinterpret_cast<const std::conditional_t<sizeof(VI) == 64, __m512i, __m256i>*>(address + v * simd::kLanes);
+      int32_t* out = W.data() + v * simd::kLanes;
+      for (int64_t byte = 0; byte < m.row_bytes(); byte += 4) {
+        const VI d = simd::gather(lanes, byte);
+        if (int4)  // bytes b .. b + 3: pairs b .. b + 3
+          for (int i = 0; i < 4; ++i) simd::store(out + (byte + i) * kBlockRows, simd::nibble_pair(d, i));
+        else  // bytes b .. b + 3: pairs b / 2, b / 2 + 1
+          for (int i = 0; i < 2; ++i) simd::store(out + (byte / 2 + i) * kBlockRows, simd::int8_pair(d, i));
       }
-  });
-  return v;
-}
+    }
+    if (!int4) return;
+    group = K / m.groups;
+    scales.assign(m.groups * kBlockRows, 0.0f);
+    std::vector<float> row(m.groups);
+    for (int64_t r = 0; r < kBlockRows; ++r) {
+      if (!rows.present(l0 + r)) continue;
+      rows.matrix(l0 + r).row_scales(rows.row(l0 + r), row.data());
+      for (int64_t g = 0; g < m.groups; ++g) scales[g * kBlockRows + r] = row[g];
+    }
+  }
+};
 
-// acc[r][m] += (row r times token m over S vectors from value k) * the token's block scale: one block
-// of 64 values (S = 64 / kVector), or the half block that ends a row of an odd multiple of 32.
-template <int R, int MC, int S>
-inline void int8_block(const int8_t* const* rows, const Quantized& x, int64_t m0, int64_t k, simd::VF (&acc)[R][MC]) {
+// out[m][r] (rows of 32) = tokens m0 .. m0 + kTokens - 1 times the panel's rows v0 * kLanes .. +
+// kVectors * kLanes: exact integer sums over each run of values that share their scales (a block of
+// the activations and, for int4, a group of the weights), then scaled and added in float32.
+inline void integer_tile(const Panel& p, bool int4, const Quantized& x, int64_t m0, int64_t v0, float* out) {
   using namespace simd;
-  VI w[R][S];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + 1024, _MM_HINT_T0);
-    #pragma GCC unroll 8
-    for (int s = 0; s < S; ++s) w[r][s] = widen(rows[r] + k + s * kVector);
-  }
-  #pragma GCC unroll 8
-  for (int m = 0; m < MC; ++m) {
-    const int16_t* xq = x.q.data() + (m0 + m) * x.Kp + k;
-    const VF scale = broadcast(x.scale[(m0 + m) * x.blocks() + k / 64]);
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      VI sums = first_dot(w[r][0], load(xq));
-      #pragma GCC unroll 8
-      for (int s = 1; s < S; ++s) sums = dot(sums, w[r][s], load(xq + s * kVector));
-      acc[r][m] = fmadd(to_float(sums), scale, acc[r][m]);
-    }
-  }
-}
-
-// out[r * MC + m] = row r (int8, before its scale) times token m0 + m over values [k0, k1), k0 a
-// multiple of 64, for R rows and MC tokens.
-template <int R, int MC>
-inline void int8_tile(const int8_t* const* rows, const Quantized& x, int64_t m0, int64_t k0, int64_t k1, float* out) {
-  using namespace simd;
-  constexpr int S = 64 / kVector;
-  VF acc[R][MC];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) acc[r][m] = zero();
-  int64_t k = k0;
-  for (; k + 64 <= k1; k += 64) int8_block<R, MC, S>(rows, x, m0, k, acc);
-  if (k < k1) int8_block<R, MC, S / 2>(rows, x, m0, k, acc);  // 32 values
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) out[r * MC + m] = sum(acc[r][m]);
-}
-
-// The same for int4 rows (packed, offset to chunk c0) over chunks [c0, c1), with each row's scales per
-// 32 values (block_scale[r], offset to chunk c0).
-template <int R, int MC>
-inline void int4_tile(const uint8_t* const* rows, const float* const* block_scale, const Quantized& x, int64_t m0,
-                      int64_t c0, int64_t c1, float* out) {
-  using namespace simd;
-  const int64_t chunks = x.Kp / kChunk, blocks = x.blocks();
-  VF acc[R][MC];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) acc[r][m] = zero();
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t i = c - c0;
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + i * kChunk / 2) + 1024, _MM_HINT_T0);
-      const VI packed = load(rows[r] + i * kChunk / 2);
-      const VI w0 = nibbles(packed, 0), w1 = nibbles(packed, 1), w2 = nibbles(packed, 2), w3 = nibbles(packed, 3);
-      const VF w_scale = per_32(block_scale[r] + i * (kChunk / 32));
-      #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        const int16_t* xq = x.q.data() + (m0 + m) * x.Kp + c * kChunk;
-        VI s = load(x.start.data() + ((m0 + m) * chunks + c) * kLanes);
-        s = dot(s, w0, load(xq));
-        s = dot(s, w1, load(xq + kVector));
-        s = dot(s, w2, load(xq + 2 * kVector));
-        s = dot(s, w3, load(xq + 3 * kVector));
-        const VF x_scale = per_64(x.scale.data() + (m0 + m) * blocks + c * kChunk / 64);
-        acc[r][m] = fmadd(to_float(s), mul(w_scale, x_scale), acc[r][m]);
+  constexpr int T = kTokens, V = kVectors;
+  const int64_t K = x.K;
+  VF acc[T][V];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[t][v] = zero();
+  for (int64_t k0 = 0; k0 < K;) {
+    const int64_t k1 = std::min({K, (k0 / kBlock + 1) * kBlock, (k0 / p.group + 1) * p.group});
+    VI sums[T][V];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) sums[t][v] = zeros();
+    const int32_t* w = p.W.data() + v0 * kLanes;
+    const int16_t* xq = x.q.data() + m0 * K;
+    for (int64_t kp = k0 / 2; kp < k1 / 2; ++kp) {
+      VI wv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) wv[v] = load(w + kp * kBlockRows + v * kLanes);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const VI xp = pair(xq + t * K + 2 * kp);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) sums[t][v] = dot(sums[t][v], wv[v], xp);
       }
     }
-  }
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) out[r * MC + m] = sum(acc[r][m]);
-}
-
-// Rows a thread's block of the integer path holds.
-constexpr int64_t kIntegerBlockRows = 64;
-
-// out[m][l - l0] = logical rows [l0, l0 + kIntegerBlockRows) times token m (int8: before the row scale),
-// the rows' weights in L1 and L2 while every token passes, K taken in chunks whose activations stay in L2.
-void integer_block(const Rows& rows, int64_t l0, const Quantized& x, float* out) {
-  const int64_t L = kIntegerBlockRows, K = x.K;
-  const bool int4 = x.format == Format::kInt4;
-  std::fill(out, out + x.M * L, 0.0f);
-  // A row past the end reads these zeros (int4: value 8, i.e. 0, but scale 0 anyway).
-  const int64_t row_bytes = int4 ? x.Kp / 2 : K;
-  thread_local std::vector<uint8_t> zeros;
-  if (static_cast<int64_t>(zeros.size()) < row_bytes) zeros.assign(row_bytes, 0);
-  std::vector<const uint8_t*> ptr(L);
-  std::vector<float> block_scale;  // int4: [L][Kp / 32]
-  // int4 rows whose last chunk runs past their end: that chunk copied here, padded with zeros.
-  std::vector<uint8_t> tails;
-  const int64_t full_chunks = K / kChunk, tail_bytes = (K - full_chunks * kChunk) / 2;
-  if (int4) block_scale.assign(L * (x.Kp / 32), 0.0f), tails.assign(L * kChunk / 2, 0);
-  for (int64_t r = 0; r < L; ++r) {
-    const int64_t l = l0 + r;
-    ptr[r] = zeros.data();
-    if (!rows.present(l)) continue;
-    const Matrix& mat = rows.matrix(l);
-    const int64_t n = rows.row(l);
-    ptr[r] = mat.row(n);
-    if (int4) {
-      const int64_t group = K / mat.groups;
-      for (int64_t b = 0; b < K / 32; ++b) block_scale[r * (x.Kp / 32) + b] = mat.scale(n, b * 32 / group);
-      if (tail_bytes) std::memcpy(tails.data() + r * kChunk / 2, ptr[r] + full_chunks * kChunk / 2, tail_bytes);
-    }
-  }
-  // Chunks of K whose activations, for every token, fit in about half of L2.
-  const int64_t per_value = int4 ? 3 : 2;  // bytes: int16, and int4's starts (4 bytes a lane of 8 values)
-  const int64_t kc = std::max<int64_t>(256, (512 << 10) / (x.M * per_value) / 256 * 256);
-  for (int64_t k0 = 0; k0 < x.Kp; k0 += kc) {
-    const int64_t k1 = std::min(x.Kp, k0 + kc);
-    if (!int4) {
-      constexpr int R = simd::kRows8, MC = simd::kTokens8;
-      for (int64_t r0 = 0; r0 < L; r0 += R) {
-        const int8_t* tile_rows[R];
-        for (int r = 0; r < R; ++r) tile_rows[r] = reinterpret_cast<const int8_t*>(ptr[r0 + r]);
-        for (int64_t m0 = 0; m0 < x.M; m0 += MC) {
-          float dots[R * MC];
-          int8_tile<R, MC>(tile_rows, x, m0, k0, k1, dots);
-          for (int m = 0; m < MC; ++m)
-            for (int r = 0; r < R; ++r) out[(m0 + m) * L + r0 + r] += dots[r * MC + m];
-        }
-      }
-      continue;
-    }
-    constexpr int R = simd::kRows4, MC = simd::kTokens4;
-    const int64_t c0 = k0 / kChunk, c1 = k1 / kChunk;
-    for (int64_t r0 = 0; r0 < L; r0 += R) {
-      // Whole chunks from the rows themselves; a last, partial one from its padded copy.
-      for (const bool tail : {false, true}) {
-        const int64_t from = tail ? std::max(c0, full_chunks) : c0, to = tail ? c1 : std::min(c1, full_chunks);
-        if (from >= to) continue;
-        const uint8_t* tile_rows[R];
-        const float* tile_scales[R];
-        for (int r = 0; r < R; ++r) {
-          tile_rows[r] = tail ? tails.data() + (r0 + r) * kChunk / 2 : ptr[r0 + r] + from * kChunk / 2;
-          tile_scales[r] = block_scale.data() + (r0 + r) * (x.Kp / 32) + from * kChunk / 32;
-        }
-        for (int64_t m0 = 0; m0 < x.M; m0 += MC) {
-          float dots[R * MC];
-          int4_tile<R, MC>(tile_rows, tile_scales, x, m0, from, to, dots);
-          for (int m = 0; m < MC; ++m)
-            for (int r = 0; r < R; ++r) out[(m0 + m) * L + r0 + r] += dots[r * MC + m];
-        }
+    const int64_t block = k0 / kBlock, group = k0 / p.group;
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const VF xs = broadcast(x.scale[(m0 + t) * x.blocks() + block]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const VF scale = int4 ? mul(loadf(p.scales.data() + group * kBlockRows + (v0 + v) * kLanes), xs) : xs;
+        acc[t][v] = fmadd(to_float(sums[t][v]), scale, acc[t][v]);
       }
     }
+    k0 = k1;
   }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) storef(out + t * kBlockRows + (v0 + v) * kLanes, acc[t][v]);
 }
 
-constexpr int64_t kIntegerTokens = std::lcm(simd::kTokens8, simd::kTokens4);
+// Logical rows [l0, l1) (whole blocks) times every token of x: each block's products out[m][l] go to
+// done(l0, 32, out). A block's weights are expanded once, then every tile of tokens passes over them.
+template <typename Done>
+void integer_rows(const Rows& rows, int64_t l0, int64_t l1, const Quantized& x, Done& done) {
+  Panel panel;
+  Buffer<float> out(x.M * kBlockRows);
+  const bool int4 = rows.m[0]->format == Format::kInt4;
+  for (int64_t b = l0; b < l1; b += kBlockRows) {
+    panel.expand(rows, b, x.K);
+    for (int64_t m0 = 0; m0 < x.M; m0 += simd::kTokens)
+      for (int64_t v0 = 0; v0 < kVectorsPerBlock; v0 += simd::kVectors) integer_tile(panel, int4, x, m0, v0, out.data() + m0 * kBlockRows);
+    done(b, kBlockRows, out.data());
+  }
+}
 
 // ---------------------------------------------------------------------------- AMX
 
@@ -763,24 +697,17 @@ struct Activations {
 // rows, int8: before the row scales) go to done(l0, width, out).
 template <typename Done>
 void multiply(const Rows& rows, const Activations& x, int64_t K, Done&& done) {
-  const int64_t width = x.amx ? kBlockRows : kIntegerBlockRows, blocks = (rows.size() + width - 1) / width;
+  const int64_t blocks = (rows.size() + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
 #if defined(MIXTRAL_ISA_AVX512)
-    if (x.amx) {
-      amx_rows(rows, b0 * width, b1 * width, x.packed, K, done);
-      return;
-    }
+    if (x.amx) return amx_rows(rows, b0 * kBlockRows, b1 * kBlockRows, x.packed, K, done);
 #endif
-    std::vector<float> out(x.quantized.M * width);
-    for (int64_t b = b0; b < b1; ++b) {
-      integer_block(rows, b * width, x.quantized, out.data());
-      done(b * width, width, out.data());
-    }
+    integer_rows(rows, b0 * kBlockRows, b1 * kBlockRows, x.quantized, done);
   });
 }
 
 // x: M rows of K values (float32, bf16 or fp16; row m at x + m * K elements), for the path this call takes.
-Activations prepare(const void* x, at::ScalarType type, int64_t M, int64_t K, Format format) {
+Activations prepare(const void* x, at::ScalarType type, int64_t M, int64_t K) {
   Activations a;
   a.M = M;
 #if defined(MIXTRAL_ISA_AVX512)
@@ -790,13 +717,13 @@ Activations prepare(const void* x, at::ScalarType type, int64_t M, int64_t K, Fo
     return a;
   }
 #endif
-  const int64_t padded = (M + kIntegerTokens - 1) / kIntegerTokens * kIntegerTokens;
+  const int64_t padded = (M + simd::kTokens - 1) / simd::kTokens * simd::kTokens;
   std::vector<float> xf(M * K);
   const int64_t size = c10::elementSize(type);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) to_floats(static_cast<const char*>(x) + m * K * size, type, K, xf.data() + m * K);
   });
-  a.quantized = quantize(xf.data(), M, padded, K, format);
+  a.quantized = quantize(xf.data(), M, padded, K);
   return a;
 }
 
@@ -880,12 +807,12 @@ Tensor prompt_linear(const Tensor& x_, const Tensor& weight, const Tensor& scale
   if (M == 0 || N == 0) return y;
   Rows rows;
   rows.m[0] = &w;
-  const Activations a = prepare(x.data_ptr(), x.scalar_type(), M, K, format);
+  const Activations a = prepare(x.data_ptr(), x.scalar_type(), M, K);
   char* out = static_cast<char*>(y.data_ptr());
   multiply(rows, a, K, [&](int64_t l0, int64_t width, const float* products) {
     const int64_t n = std::min(width, N - l0);
     if (n <= 0) return;
-    float scale[kIntegerBlockRows], row[kIntegerBlockRows];
+    float scale[kBlockRows], row[kBlockRows];
     block_scales(rows, l0, n, scale);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t i = 0; i < n; ++i) row[i] = products[m * width + i] * scale[i];
@@ -938,7 +865,7 @@ Tensor prompt_moe(const Tensor& x_, const Tensor& experts_, const Tensor& weight
     const Matrix e1 = m1.expert(e), e3 = m3.expert(e), e2 = m2.expert(e);
     gathered.resize(M * D * size);
     for (int64_t m = 0; m < M; ++m) std::memcpy(gathered.data() + m * D * size, xs + mine[m] / Kx * D * size, D * size);
-    const Activations a = prepare(gathered.data(), type, M, D, format);
+    const Activations a = prepare(gathered.data(), type, M, D);
     Rows gate_up;
     gate_up.m[0] = &e1, gate_up.m[1] = &e3, gate_up.count = 2;
     // h [M][I] = silu(w1 x) * (w3 x), in bf16 where AMX multiplies it next (as a bf16 model holds it),
@@ -963,12 +890,12 @@ Tensor prompt_moe(const Tensor& x_, const Tensor& experts_, const Tensor& weight
         }
       }
     });
-    const Activations b = prepare(h.data(), h_type, M, I, format);
+    const Activations b = prepare(h.data(), h_type, M, I);
     Rows down;
     down.m[0] = &e2;
     multiply(down, b, I, [&](int64_t l0, int64_t width, const float* products) {
       const int64_t n = std::min(width, D - l0);
-      float scale[kIntegerBlockRows];
+      float scale[kBlockRows];
       block_scales(down, l0, n, scale);
       for (int64_t m = 0; m < M; ++m) {
         const float wt = pair_weight[mine[m]];

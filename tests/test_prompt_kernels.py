@@ -1,9 +1,10 @@
 """kernels/cpu_prompt.cpp (prompt_linear, prompt_moe) against float64 models of each path's arithmetic
 written here from kernels/README.md: every instruction set this CPU runs, AMX on and off where the CPU
-has it; shapes off the kernels' tiles (tokens 9, 17, 129; rows not a multiple of the 32 or 64 a block
-takes; rows of K values that end inside the int4 path's 64- or 128-value chunks and int8's 64-value
-blocks); every group size; scales in bf16, fp16 and float32; activations in bf16 and float32. Then
-whole prompts: dispatch.py sends them to these kernels, and they match transformers."""
+has it; shapes off the kernels' tiles (tokens 9, 17, 129, not multiples of the 6, 3 or 16 a tile takes;
+37 or 70 rows, not multiples of the 32 a block takes; rows of K values that end inside a block of the
+integer path's activations or an AMX chunk); every group size; scales in bf16, fp16 and float32;
+activations in bf16 and float32. Then whole prompts: dispatch.py sends them to these kernels, and they
+match transformers."""
 import functools
 
 import pytest
@@ -55,13 +56,16 @@ def stored(fmt, w, scale_dtype):
     return fmt.quantize(w.to(scale_dtype))
 
 
+BLOCK = 256  # the integer path's activations: int16 in blocks of this many values
+
+
 def int16_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] as the integer path rounds it, in float64: blocks of 64 values (the last may be 32),
+    """x [..., K] as the integer path rounds it, in float64: blocks of 256 values (the last may be shorter),
     each scaled by 32767 / its largest magnitude and rounded to nearest even, all in float32 as the
     kernel computes it (the division, then the product; a float64 product could round a near-tie the
     other way); the result is q * (largest / 32767), that scale rounded to float32."""
     K = x.shape[-1]
-    blocks = F.pad(x.float(), (0, -K % 64)).unflatten(-1, (-1, 64))
+    blocks = F.pad(x.float(), (0, -K % BLOCK)).unflatten(-1, (-1, BLOCK))
     largest = blocks.abs().amax(dim=-1, keepdim=True)
     inverse = torch.full_like(largest, 32767.0) / largest  # a division: not a multiplication by a reciprocal
     q = torch.where(largest > 0, blocks * inverse, 0.0).round()
@@ -97,9 +101,9 @@ def assert_within(got, want, slack, dtype):
     assert (err <= bound).all(), (err - bound).max().item()
 
 
-# (format, K): int8 rows ending in half a block of 64 (96, 160) or whole (128); int4 rows of each
-# group size ending inside the AVX2 chunk of 64 (g32: 96), the AVX-512 chunk of 128 (g64: 192) or not.
-LINEAR_CASES = [(Int8(), 96), (Int8(), 160), (Int8(), 128), (Int4(32), 96), (Int4(32), 256), (Int4(64), 192),
+# (format, K): rows shorter than a block of the activations (96, 160, 192), a whole one (256), and a block
+# and a part (288, 384, 544), for int8 and each int4 group size.
+LINEAR_CASES = [(Int8(), 96), (Int8(), 256), (Int8(), 544), (Int4(32), 160), (Int4(32), 288), (Int4(64), 192),
                 (Int4(128), 384)]
 SCALES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -132,7 +136,7 @@ def h_slack(h64, a1, a3, bound1, bound3, amx):
     few units of float32: its h is within `drift` of h64. Rounded for the next matrix:
     - bf16 (AMX): equal, unless h64 is within drift of a rounding boundary (a midpoint between two bf16
       values); then one bf16 unit apart (two where the spacing doubles at a power of two).
-    - int16 blocks of 64: q may round one step the other way, and the block's step moves with its
+    - int16 blocks: q may round one step the other way, and the block's step moves with its
       largest value (relatively by that value's drift), which moves every value of the block."""
     slope = torch.sigmoid(a1) * (1 + a1 * torch.sigmoid(-a1))  # d silu / d a1
     drift = slope.abs() * bound1 * a3.abs() + F.silu(a1).abs() * bound3 + 16 * U * h64.abs()
@@ -141,7 +145,7 @@ def h_slack(h64, a1, a3, bound1, bound3, amx):
         to_midpoint = ((h64 / unit).frac().abs() - 0.5).abs() * unit
         return torch.where(to_midpoint <= drift, 2 * unit, 0.0)
     K = h64.shape[-1]
-    blocks, drifts = (F.pad(v, (0, -K % 64)).unflatten(-1, (-1, 64)) for v in (h64, drift))
+    blocks, drifts = (F.pad(v, (0, -K % BLOCK)).unflatten(-1, (-1, BLOCK)) for v in (h64, drift))
     largest, at = blocks.abs().max(dim=-1, keepdim=True)
     moved = (drifts.gather(-1, at) / largest.clamp_min(1e-30)) * blocks.abs()  # the step's relative drift
     step = largest / 32767
@@ -161,7 +165,7 @@ def moe_case(fmt, D: int, I: int, scale_dtype, dtype, T: int):
     return x, experts, weights, w1, w3, w2
 
 
-MOE_CASES = [(Int8(), 96, 160), (Int4(32), 96, 160), (Int4(64), 128, 192), (Int4(128), 128, 256)]
+MOE_CASES = [(Int8(), 96, 288), (Int4(32), 96, 160), (Int4(64), 128, 320), (Int4(128), 128, 384)]
 
 
 @pytest.mark.parametrize("T", [9, 17])
