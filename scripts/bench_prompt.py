@@ -9,6 +9,11 @@
 #   python scripts/bench_prompt.py                        # M = 128 (a 512-token prompt's share per expert) and 512
 #   python scripts/bench_prompt.py --tokens 512 --threads 2 --runs 7
 #   python scripts/bench_prompt.py --rounding             # the activations' rounding each path adds, against bf16's
+#   python scripts/bench_prompt.py --prefill 512 --model Mixtral-8x7B-v0.1 --n_layer 2 --threads 2
+#
+# --prefill: whole prompts through a random model of each format (bf16, int8, int4), quantized ones with
+# the prompt kernels and with the path before them (dispatch.prompt_kernel answering no), in alternating
+# rounds on the same model: a ratio that a shared machine's drift disturbs less than separate runs.
 import argparse
 import statistics
 import sys
@@ -98,7 +103,7 @@ def rounding(args):
     ways = {"bf16": lambda x: x.to(torch.bfloat16).double()}
     for size in (32, 64, 128, K):
         ways[f"int8, blocks of {size}"] = lambda x, s=size: blocks(x, s, 127)
-    for size in (64, K):
+    for size in (64, 256, K):
         ways[f"int16, blocks of {size}"] = lambda x, s=size: blocks(x, s, 32767)
     print("| activations rounded to | error of x @ w.T, Gaussian x | with outlier channels | over bf16's (Gaussian / outliers) |")
     print("| --- | ---: | ---: | ---: |")
@@ -112,6 +117,39 @@ def rounding(args):
         print(f"| {name} | {e:.2e} | {o:.2e} | {e / errors['bf16'][0]:.2f} / {o / errors['bf16'][1]:.2f} |")
 
 
+def prefill(args):
+    import dispatch
+    from generation import prefill as prefill_step
+    from scripts.bench_common import model_args, random_model
+    config = model_args(args.model, args.n_layer)
+    idx = torch.randint(0, config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(args.prefill)
+    kernels = dispatch.prompt_kernel
+    print(f"- machine: {machine_name('cpu')}; {args.model}, {config.n_layer} layers, prompt of {args.prefill} tokens\n")
+    print("| weights | prompt tokens/s, prompt kernels | before them | ratio (median of rounds) |")
+    print("| --- | ---: | ---: | ---: |")
+    for spec in ("full", "int8", "int4"):
+        from formats import parse_format
+        model = random_model(config, "cpu", torch.bfloat16, parse_format(spec))
+        model.setup_caches(max_batch_size=1, max_seq_length=args.prefill)
+        variants = {"new": kernels, "before": lambda *a: False} if spec != "full" else {"new": kernels}
+        rates = {name: [] for name in variants}
+        with torch.no_grad():
+            for _ in range(args.runs + 1):  # the first round warms up
+                for name, choice in variants.items():
+                    dispatch.prompt_kernel = choice
+                    rates[name].append(args.prefill / seconds(lambda: prefill_step(model, idx, pos, 0.8, 200)))
+        dispatch.prompt_kernel = kernels
+        new = statistics.median(rates["new"][1:])
+        if spec == "full":
+            print(f"| bf16 | {fmt(new)} | (unchanged) | |", flush=True)
+        else:
+            before = statistics.median(rates["before"][1:])
+            ratio = statistics.median(a / b for a, b in zip(rates["new"][1:], rates["before"][1:]))
+            print(f"| {spec} | {fmt(new)} | {fmt(before)} | {ratio:.2f}x |", flush=True)
+        del model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="GFLOP/s of each CPU path for a prompt's products on one expert's shapes.")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="rows of x (a 512-token prompt gives each "
@@ -119,11 +157,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--runs", type=int, default=5, help="rounds over all candidates; the median is reported")
     p.add_argument("--rounding", action="store_true", help="print the activations' rounding errors instead")
+    p.add_argument("--prefill", type=int, default=0, help="measure whole prompts of this many tokens instead")
+    p.add_argument("--model", default="Mixtral-8x7B-v0.1", help="--prefill's shape (scripts/bench_common.py)")
+    p.add_argument("--n_layer", type=int, default=2, help="--prefill's layers")
     args = p.parse_args(argv)
     args.shapes = [(14336, 4096), (4096, 14336)]  # w1 (and w3), w2
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounding(args) if args.rounding else measure(args)
+    rounding(args) if args.rounding else prefill(args) if args.prefill else measure(args)
 
 
 if __name__ == "__main__":
