@@ -11,13 +11,13 @@
 //    multiplied with the bf16 activations by TDPBF16PS, 16 x 16 x 32 products an instruction. The
 //    activations are used as they are: no rounding beyond the model's own.
 //  - Integer dot products, everywhere else (no AMX, or float32 / fp16 activations): activations are
-//    rounded to int16 in blocks of 64 values (step max|block| / 32767: finer than bf16's own rounding
-//    for every value above 1/128 of its block's largest), weights stay integers, and pairs multiply and
-//    add into int32 lanes (vpdpwssd with AVX-512 VNNI or AVX-VNNI, vpmaddwd with AVX2). Exact integer
-//    sums within a block, float32 across blocks.
-// Both work on blocks of rows, in parallel, and hand each block's products for all tokens to the op's
-// own ending: the linear layer's output; silu(w1 x) * (w3 x) (w1's and w3's rows are taken 16 and 16
-// in one block); w2's rows added to each token's output, times the routing weight.
+//    rounded to int16 in blocks of 256 values (step max|block| / 32767: a few hundredths of bf16's own
+//    rounding error), a block of 32 weight rows is expanded once to int16 pairs, and pairs multiply and
+//    add into int32 lanes (vpdpwssd with AVX-512 VNNI or AVX-VNNI, vpmaddwd with AVX2), one lane per
+//    row. Exact integer sums over each run of values that shares its scales, float32 across runs.
+// Both work on blocks of 32 rows, in parallel, and hand each block's products for all tokens to the
+// op's own ending: the linear layer's output; silu(w1 x) * (w3 x) (w1's and w3's rows are taken 16 and
+// 16 in one block); w2's rows added to each token's output, times the routing weight.
 //
 // This file is compiled once per instruction set with that set's flags, into the same library as
 // cpu.cpp (kernels/cpu.py), and registers its ops in the same namespace (MIXTRAL_OPS):
@@ -120,8 +120,8 @@ struct Matrix {
   }
 };
 
-constexpr int64_t kSpan = 16;  // rows of one matrix in a row of AMX tiles
-constexpr int64_t kBlockRows = 32;  // rows an AMX block multiplies: two tiles of 16
+constexpr int64_t kBlockRows = 32;  // rows a block multiplies with every token (both paths)
+constexpr int64_t kSpan = 16;       // rows of w1, and then of w3, in a block of the MoE's first pass
 
 // The rows a pass multiplies ("logical rows"): one matrix's in order, or w1's and w3's taken 16 and 16
 // in turn (rows 0-15 of w1, 0-15 of w3, 16-31 of w1, ...), so that a block of 32 holds both factors of
@@ -169,12 +169,6 @@ inline __m256 exp8(__m256 x) {
 inline __m256 silu_times(__m256 a, __m256 b) {
   const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
   return _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), b);
-}
-
-inline float silu_times(float a, float b) {
-  alignas(32) float va[8] = {a}, vb[8] = {b}, out[8];
-  _mm256_store_ps(out, silu_times(_mm256_load_ps(va), _mm256_load_ps(vb)));
-  return out[0];
 }
 
 // ---------------------------------------------------------------------------- integer dot products
@@ -231,6 +225,7 @@ constexpr int64_t kLanes = 16;
 constexpr int kTokens = 6, kVectors = 2;
 using VI = __m512i;
 using VF = __m512;
+using Addresses = __m512i;  // 8 of them
 inline VI load(const void* p) { return _mm512_load_si512(p); }
 inline VF loadf(const float* p) { return _mm512_load_ps(p); }
 inline void storef(float* p, VF v) { _mm512_storeu_ps(p, v); }
@@ -273,6 +268,7 @@ constexpr int64_t kLanes = 8;
 constexpr int kTokens = 3, kVectors = 2;
 using VI = __m256i;
 using VF = __m256;
+using Addresses = __m256i;  // 4 of them
 inline VI load(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
 inline VF loadf(const float* p) { return _mm256_load_ps(p); }
 inline void storef(float* p, VF v) { _mm256_storeu_ps(p, v); }
@@ -318,7 +314,7 @@ struct Panel {
   Buffer<int32_t> W;
   Buffer<float> scales;
   std::vector<uint8_t> zeros;  // a row past the end reads these (int4: 0x88, the nibbles of 0)
-  int64_t group = kBlock;      // values a scale covers (int8: any multiple of the blocks)
+  int64_t group = kBlock;      // values a weight scale covers (int8: the rows' scales come after; a block)
 
   void expand(const Rows& rows, int64_t l0, int64_t K) {
     const Matrix& m = *rows.m[0];
@@ -328,20 +324,19 @@ struct Panel {
     alignas(64) int64_t address[kBlockRows];
     for (int64_t r = 0; r < kBlockRows; ++r)
       address[r] = reinterpret_cast<int64_t>(rows.present(l0 + r) ? rows.matrix(l0 + r).row(rows.row(l0 + r)) : zeros.data());
-    using simd::VI;
     for (int64_t v = 0; v < kVectorsPerBlock; ++v) {  // a vector's rows at a time, 4 bytes of each
-      const auto* lanes = reinterpret_cast<const std::conditional_t<sizeof(VI) == 64, __m512i, __m256i>*>(address + v * simd::kLanes);
+      const auto* lanes = reinterpret_cast<const simd::Addresses*>(address + v * simd::kLanes);
       int32_t* out = W.data() + v * simd::kLanes;
       for (int64_t byte = 0; byte < m.row_bytes(); byte += 4) {
-        const VI d = simd::gather(lanes, byte);
+        const simd::VI d = simd::gather(lanes, byte);
         if (int4)  // bytes b .. b + 3: pairs b .. b + 3
           for (int i = 0; i < 4; ++i) simd::store(out + (byte + i) * kBlockRows, simd::nibble_pair(d, i));
         else  // bytes b .. b + 3: pairs b / 2, b / 2 + 1
           for (int i = 0; i < 2; ++i) simd::store(out + (byte / 2 + i) * kBlockRows, simd::int8_pair(d, i));
       }
     }
+    group = int4 ? K / m.groups : kBlock;
     if (!int4) return;
-    group = K / m.groups;
     scales.assign(m.groups * kBlockRows, 0.0f);
     std::vector<float> row(m.groups);
     for (int64_t r = 0; r < kBlockRows; ++r) {
