@@ -11,8 +11,9 @@
 # Why the paths differ:
 # - A step of a few tokens (decoding) reads every weight it uses once and does little arithmetic with
 #   it: memory-bound. The kernels read the stored bytes (int8, int4) in place, at memory speed.
-# - A prompt's tokens share each weight: compute-bound. PyTorch's matrix multiplications win there,
-#   on a full-precision copy of quantized weights, converted one matrix at a time.
+# - A prompt's tokens share each weight: compute-bound. Quantized weights are multiplied in place by
+#   the CPU prompt kernels (a block of rows expanded in cache at a time); elsewhere PyTorch's matrix
+#   multiplications win, on a full-precision copy of quantized weights, converted one matrix at a time.
 # - On CPUs without bf16/fp16 matrix instructions PyTorch multiplies half precision several times
 #   slower than float32: prompts are multiplied in float32 there (matmul_dtype).
 # The answers depend on shapes, the device, the environment and the CPU, never on values: torch.compile
@@ -94,9 +95,18 @@ def kernel_path(x: Tensor, layers: str, fmt) -> str:
     return ""
 
 
+def prompt_kernel(x: Tensor, fmt, *widths: int) -> bool:
+    """Whether kernels/cpu_prompt.cpp multiplies this step (more tokens than few_tokens) of format fmt
+    on a CPU; its rows of `widths` inputs each must be whole steps of 32 values."""
+    return (x.device.type == "cpu" and not few_tokens(x) and "cpu prompt" in fmt.kernels
+            and all(w % 32 == 0 for w in widths) and cpu_kernels.available())
+
+
 def linear_path(fmt, x: Tensor) -> str:
     """How x [..., in] is multiplied by a weight stored in fmt:
     'cpu kernel', 'triton'                  the hand-written kernels (a few tokens);
+    'cpu prompt kernel'                     many tokens on a CPU, quantized weights read in place
+                                            (layers.cpu_prompt_linear);
     'decode'                                a few tokens on a CPU, PyTorch (fmt.decode_linear);
     'prompt'                                many tokens on a CPU (layers.prompt_linear): quantized weights as a
                                             full-precision copy in matmul_dtype;
@@ -104,6 +114,8 @@ def linear_path(fmt, x: Tensor) -> str:
     kernel = kernel_path(x, "linear", fmt)
     if kernel:
         return kernel
+    if prompt_kernel(x, fmt, x.shape[-1]):
+        return "cpu prompt kernel"
     if x.device.type == "cpu":
         return "decode" if few_tokens(x) else "prompt"
     return "device"
@@ -117,10 +129,11 @@ def compiled_batch_step(x: Tensor) -> bool:
     return few_tokens(x) and torch.compiler.is_compiling()
 
 
-def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, down=None) -> str:
-    """How each token's experts run, x [N, D], experts [N, K] of num_experts, their w1 and w3 stored in fmt and
-    their w2 in down (fmt when None; the kernels take one format for all three):
+def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, down=None) -> str:
+    """How each token's experts run, x [N, D], experts [N, K] of num_experts of `width` (I) hidden values,
+    their w1 and w3 stored in fmt and their w2 in down (fmt when None; the kernels take one format for all three):
     'cpu kernel', 'triton'   the hand-written kernels (a few tokens);
+    'cpu prompt kernel'      many tokens on a CPU, quantized weights read in place (layers.cpu_prompt_experts);
     'decode'                 matrix-vector products on the chosen experts' weights (layers.decode_experts):
                              where the tokens choose at most as many expert matrices as a grouped pass
                              over all of them would read, and in a compiled step of a few tokens
@@ -132,6 +145,8 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, down=None) -
     kernel = kernel_path(x, "experts", fmt) if down in (None, fmt) else ""
     if kernel:
         return kernel
+    if down in (None, fmt) and prompt_kernel(x, fmt, x.shape[-1], width):
+        return "cpu prompt kernel"
     if experts.numel() <= num_experts or compiled_batch_step(x):
         return "decode"
     if (fmt.grouped_matmul and (down or fmt).grouped_matmul

@@ -43,7 +43,8 @@ class WeightFormat:
     name: str = ""  # the registry's key: 'int4'; spec adds the options: 'int4:g32'
     quantized: bool = True
     # The hand-written kernels that take this format's tensors: 'cpu' (kernels/cpu.cpp's decode ops),
-    # 'cpu dequantize' (its one-pass copy in full precision, for prompts), 'triton' (kernels/triton_moe.py).
+    # 'cpu dequantize' (its one-pass copy in full precision, for prompts), 'cpu prompt' (kernels/cpu_prompt.cpp:
+    # prompts multiplied with the stored weights in place), 'triton' (kernels/triton_moe.py).
     # layers.py calls them with the format's name, which they check the tensors against.
     kernels: tuple = ()
     # Whether the prompt path runs one grouped matmul over all experts (else one expert at a time).
@@ -129,7 +130,7 @@ class Int8(WeightFormat):
     """Symmetric int8 with one scale per output row: w ~= q * scales[..., None], |q| <= 127. Scales are
     stored in the full-precision dtype (loading casts them to --precision like any weight)."""
     name = "int8"
-    kernels = ("cpu", "cpu dequantize", "triton")
+    kernels = ("cpu", "cpu dequantize", "cpu prompt", "triton")
 
     def layout(self, shape, dtype):
         return {"": (shape, torch.int8), "scales": (shape[:-1], dtype)}
@@ -188,7 +189,7 @@ class Int4(WeightFormat):
     `groupsize`: reading back and the kernels take it from the shapes."""
     groupsize: int = 32
     name = "int4"
-    kernels = ("cpu", "cpu dequantize", "triton")  # the kernels take the group size from the scales' shape
+    kernels = ("cpu", "cpu dequantize", "cpu prompt", "triton")  # the kernels take the group size from the scales' shape
     GROUP_SIZES = (32, 64, 128)
 
     @property

@@ -212,6 +212,11 @@ def triton_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
     return y.view(*x.shape[:-1], -1)
 
 
+def cpu_prompt_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
+    y = cpu_kernels.ops().prompt_linear(x.reshape(-1, x.shape[-1]), t[""], t["scales"], fmt.name)
+    return y.view(*x.shape[:-1], -1)
+
+
 def dequantized(fmt: WeightFormat, t: dict, dtype: torch.dtype) -> Tensor:
     """The weight fmt stores in t, in full precision: through the CPU kernels' one pass where
     dispatch.dequantize_path says so, else the format's own PyTorch expression."""
@@ -232,6 +237,7 @@ def prompt_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
 LINEAR_PATHS = {
     "cpu kernel": cpu_kernel_linear,
     "triton": triton_linear,
+    "cpu prompt kernel": cpu_prompt_linear,
     "decode": lambda fmt, x, t: fmt.decode_linear(x, t),
     "prompt": prompt_linear,
     "device": lambda fmt, x, t: fmt.linear(x, t),
@@ -245,7 +251,7 @@ def run_experts(fmt: WeightFormat, x: Tensor, experts: Tensor, weights: Tensor, 
     """Each token's chosen experts: x [N, D], experts/weights [N, K] -> [N, D]; w1 and w3 stored in fmt, w2 in
     down (fmt when None)."""
     down = down or fmt
-    path = dispatch.experts_path(fmt, x, experts, w1[""].size(0), down)
+    path = dispatch.experts_path(fmt, x, experts, w1[""].size(0), w1[""].size(1), down)
     return EXPERTS_PATHS[path](fmt, x, experts, weights, w1, w3, w2, down)
 
 
@@ -253,6 +259,11 @@ def cpu_kernel_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
     w1, w3, w2 = ({"": fmt.kernel_weight(w), "scales": w.get("scales")} for w in (w1, w3, w2))
     return cpu_kernels.ops().moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
                                  w2["scales"], fmt.name)
+
+
+def cpu_prompt_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
+    return cpu_kernels.ops().prompt_moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
+                                        w2["scales"], fmt.name)
 
 
 def triton_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
@@ -350,6 +361,7 @@ def _(x, experts, weights, spec, w1, w3, w2, down_spec=""):
 EXPERTS_PATHS = {
     "cpu kernel": cpu_kernel_experts,
     "triton": triton_experts,
+    "cpu prompt kernel": cpu_prompt_experts,
     "decode": decode_experts,
     "grouped": lambda fmt, x, experts, weights, w1, w3, w2, down=None: grouped_experts(
         x, experts, weights, w1[""], w3[""], w2[""]),

@@ -1,8 +1,9 @@
-# Builds kernels/cpu.cpp on first use, for the best instruction set this CPU has, and registers its ops
-# (torch.ops.mixtral_cpu_<set>.linear, .moe, .dequantize_int8 and .dequantize_int4) with fake
-# implementations, so that torch.compile(fullgraph=True) keeps the decode step one graph around them.
+# Builds kernels/cpu.cpp and kernels/cpu_prompt.cpp on first use, for the best instruction set this CPU
+# has, and registers their ops (torch.ops.mixtral_cpu_<set>.linear, .moe, .dequantize_int8,
+# .dequantize_int4; .prompt_linear, .prompt_moe) with fake implementations, so that
+# torch.compile(fullgraph=True) keeps the decode step one graph around them.
 #
-# One source, one build per instruction set: cpu.cpp holds what all share and includes the inner dot
+# One build per instruction set: cpu.cpp holds what all share and includes the inner dot
 # products of its set (cpu_avx2.h, cpu_avx512.h), compiled with that set's flags. MIXTRAL_CPU_ISA=<set>
 # chooses a lower set than the best (every path can then be run, and measured, on one machine);
 # MIXTRAL_NO_CPU_KERNELS=1 none at all. The first use prints one line naming the set.
@@ -28,8 +29,11 @@ import torch
 
 from errors import UserError
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+# cpu.cpp: the decode kernels; cpu_prompt.cpp: the prompt kernels (prompt_linear, prompt_moe), one library.
+SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("cpu_prompt.cpp")]
 DISABLE_VARIABLE = "MIXTRAL_NO_CPU_KERNELS"
+# MIXTRAL_NO_AMX=1: the prompt kernels multiply with integer dot products even where the CPU has AMX.
+AMX_VARIABLE = "MIXTRAL_NO_AMX"
 ISA_VARIABLE = "MIXTRAL_CPU_ISA"
 # The instruction sets, best first: what the CPU must report (torch.cpu.get_capabilities()), the compiler
 # flags, and the words the one line uses. avx2 is every x86-64 CPU of the last decade (AMD since Zen,
@@ -155,19 +159,34 @@ def load(isa: str):
                 remove_if_damaged(library)
             if on_build is not None and not built(folder / f"{name}.so"):
                 on_build(isa)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=flags,
+            cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], is_python_module=False, extra_cflags=flags,
                                extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
             for library in folder.glob("*.so"):  # built (or found intact) and loaded: these bytes are good
                 record_checksum(library)
         register_fakes(f"mixtral_cpu_{isa}")
         loaded.add(isa)
+        ops(isa).prompt_use_amx(amx_wanted())
     return ops(isa)
 
 
 def built(library: Path) -> bool:
     """Whether library is there and newer than every source: loading it will not compile."""
-    sources = [SOURCE, *SOURCE.parent.glob("cpu_*.h")]
+    sources = [*SOURCES, *SOURCES[0].parent.glob("cpu_*.h")]
     return library.is_file() and library.stat().st_mtime >= max(source.stat().st_mtime for source in sources)
+
+
+def amx_wanted() -> bool:
+    return os.environ.get(AMX_VARIABLE, "") in ("", "0")
+
+
+@contextlib.contextmanager
+def amx(on: bool):
+    """Within: the prompt kernels of the set in use take AMX's tiles (where the CPU and the OS offer them:
+    the answer is what this yields) or integer dot products."""
+    try:
+        yield ops().prompt_use_amx(on)
+    finally:
+        ops().prompt_use_amx(amx_wanted())
 
 
 def build_folder(isa: str) -> Path:
@@ -199,6 +218,8 @@ def register_fakes(namespace: str):
     torch.library.register_fake(f"{namespace}::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
     torch.library.register_fake(f"{namespace}::dequantize_int4",
                                 lambda packed, scales, dtype: packed.new_empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype))
+    torch.library.register_fake(f"{namespace}::prompt_linear", lambda x, weight, scales, fmt: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::prompt_moe", lambda x, *_: torch.empty_like(x))
 
 
 def torch_lock_is_a_baton() -> bool:

@@ -13,16 +13,24 @@ def test_the_path_of_each_step():
     kernels = cpu_kernels.available()
     for fmt in (FullPrecision(), Int8(), Int4()):
         assert dispatch.linear_path(fmt, one) == ("cpu kernel" if kernels else "decode")
-        assert dispatch.linear_path(fmt, prompt) == "prompt"
+        # Many tokens: quantized weights read in place by the prompt kernels, rows of whole steps of 32 values.
+        assert dispatch.linear_path(fmt, prompt) == ("cpu prompt kernel" if kernels and fmt.quantized else "prompt")
+        assert dispatch.linear_path(fmt, prompt[..., :40]) == "prompt"
         with cpu_kernels.turned_off():
             assert dispatch.linear_path(fmt, one) == "decode"
+            assert dispatch.linear_path(fmt, prompt) == "prompt"
         x, few = torch.randn(1, D), torch.tensor([[0, 1]])
-        assert dispatch.experts_path(fmt, x, few, 8) == ("cpu kernel" if kernels else "decode")
+        assert dispatch.experts_path(fmt, x, few, 8, 96) == ("cpu kernel" if kernels else "decode")
         with cpu_kernels.turned_off():
-            assert dispatch.experts_path(fmt, x, few, 8) == "decode"  # 2 expert matrices of 8
+            assert dispatch.experts_path(fmt, x, few, 8, 96) == "decode"  # 2 expert matrices of 8
         many = torch.randint(0, 8, (dispatch.CPU_KERNEL_MAX_TOKENS + 1, 2))
         x = torch.randn(many.shape[0], D)  # float32: never slow, so full precision has its grouped matmul
-        assert dispatch.experts_path(fmt, x, many, 8) == ("grouped" if fmt == FullPrecision() else "one by one")
+        pytorchs = "grouped" if fmt == FullPrecision() else "one by one"
+        assert dispatch.experts_path(fmt, x, many, 8, 96) == ("cpu prompt kernel" if kernels and fmt.quantized else pytorchs)
+        assert dispatch.experts_path(fmt, x, many, 8, 80) == pytorchs
+        assert dispatch.experts_path(fmt, x, many, 8, 96, down=Int8() if fmt != Int8() else Int4()) == "one by one"
+        with cpu_kernels.turned_off():
+            assert dispatch.experts_path(fmt, x, many, 8, 96) == pytorchs
     assert dispatch.attention_path(torch.randn(1, 4, 1, 16)) == "decode"
     assert dispatch.attention_path(torch.randn(1, 4, 2, 16)) == "sdpa"
 
