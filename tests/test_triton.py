@@ -295,6 +295,31 @@ def test_mixtral_triton_chooses_the_kernels_on_cuda(monkeypatch, variable):
         assert ops == ["mixtral_triton.moe.default"], ops
 
 
+def test_gguf_blocks_on_cuda_take_the_kernels(monkeypatch):
+    """formats.Blocks names the Triton kernels: with MIXTRAL_TRITON=1, a decode step's GGUF weights on CUDA
+    tensors (fake ones) go to both ops, the experts' too when w2 is in their format; w2 in another (a
+    Q4_K_M file's q6_k down projections) keeps PyTorch's path, the kernels taking one format."""
+    monkeypatch.setenv(dispatch.TRITON_VARIABLE, "1")
+    q4_k, q6_k, bf16, u8 = parse_format("q4_k"), parse_format("q6_k"), torch.bfloat16, torch.uint8
+
+    def linear(x, blocks):
+        return layers.linear(q4_k, x, {"": blocks})
+
+    def experts(x, ids, weights, w1, w3, w2):
+        return layers.run_experts(q4_k, x, ids, weights, {"": w1}, {"": w3}, {"": w2}, q4_k)
+
+    assert "mixtral_triton.linear.default" in traced_ops(linear, ((1, 1, 256), bf16), ((64, 1, 144), u8))
+    inputs = [((1, 256), bf16), ((1, 2), torch.int64), ((1, 2), bf16), *[((E, 256, 1, 144), u8)] * 2]
+    ops = traced_ops(experts, *inputs, ((E, 256, 1, 144), u8))
+    # (the views: kernel_weight's rows of blocks)
+    assert [op for op in ops if op != "aten.view.default"] == ["mixtral_triton.moe.default"], ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # (PyTorch's decode path cannot be traced on fake CUDA tensors: asked, not traced)
+        x, ids = torch.empty(1, 256, dtype=bf16, device="cuda"), torch.empty(1, 2, dtype=torch.int64, device="cuda")
+        assert dispatch.experts_path(q4_k, x, ids, E, q4_k) == "triton"
+        assert dispatch.experts_path(q4_k, x, ids, E, q6_k) == "decode"
+
+
 def test_the_choice_is_a_constant_to_torch_compile(monkeypatch):
     """triton_kernels_requested is read once at tracing time, not traced: one graph, whatever it says."""
     from torch._dynamo.testing import CompileCounterWithBackend
