@@ -268,8 +268,9 @@ def cpu_prompt_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
 
 def triton_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
     from kernels import triton_moe  # noqa: F401
-    return torch.ops.mixtral_triton.moe(x, experts, weights, w1[""], w3[""], w2[""], w1.get("scales"),
-                                        w3.get("scales"), w2.get("scales"), fmt.name)
+    return torch.ops.mixtral_triton.moe(x, experts, weights, fmt.kernel_weight(w1), fmt.kernel_weight(w3),
+                                        fmt.kernel_weight(w2), w1.get("scales"), w3.get("scales"),
+                                        w2.get("scales"), fmt.name)
 
 
 def decode_experts(fmt, x, experts, weights, w1, w3, w2, down=None):

@@ -15,12 +15,14 @@
 #      small op, which torch.compile fuses with the residual add after it).
 # A dense layer (wqkv, wo, the output head) is kernel 2 with one expert that every token chose, weight 1.
 #
-# Weight formats (QUANT, from the name the ops are given: 'full', 'int8', 'int4'): 16/32-bit floats as
-# stored; int8 with one scale per output row (applied once to each program's sums); int4 packed two to a
-# byte with one scale per group of GROUP inputs along a row (applied to the weights as they are
-# unpacked: a tile holds several groups). The products run on tensor cores (tl.dot) in DOT_DTYPE, the
-# activations' dtype on a GPU, with float32 sums; the token dimension is padded to 16, tl.dot's
-# smallest, which costs tensor-core work only: memory rules here.
+# Weight formats (QUANT, from the name the ops are given: 'full', 'int8', 'int4', or one of GGUF's 'q8_0',
+# 'q4_0', 'q4_k', 'q5_k', 'q6_k'): 16/32-bit floats as stored; int8 with one scale per output row
+# (applied once to each program's sums); int4 packed two to a byte with one scale per group of GROUP
+# inputs along a row (applied to the weights as they are unpacked: a tile holds several groups); GGUF's
+# blocks read in place from a GGUF file's bytes, each tile decoded in registers with the scales its
+# blocks hold (a tile is whole blocks of 32, or half a K-quant block of 256). The products run on
+# tensor cores (tl.dot) in DOT_DTYPE, the activations' dtype on a GPU, with float32 sums; the token
+# dimension is padded to 16, tl.dot's smallest, which costs tensor-core work only: memory rules here.
 # The interpreter has no bf16 arithmetic, so there DOT_DTYPE is float32, which holds bf16 and the
 # integer weights exactly.
 #
@@ -35,6 +37,7 @@ from torch import Tensor
 
 # The formats (QUANT); constexpr, so that the kernels may read them.
 FLOAT, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+Q8_0, Q4_0, Q4_K, Q5_K, Q6_K = tl.constexpr(3), tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -49,18 +52,151 @@ def int8_to_float(q):
 
 
 @triton.jit
+def code_to_float(code, OFFSET: tl.constexpr):
+    """An unsigned code (int32, 0..2^23 - 1: a nibble, a 6-bit scale) -> code - OFFSET as float32, by the
+    same trick as int8_to_float: its bits or'ed into 2^23's, then 2^23 + OFFSET subtracted."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
 def nibble_to_float(nibble):
-    """An int4 weight q in 0..15 (int32) -> q - 8 as float32, by the same trick as int8_to_float."""
-    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    """An int4 weight q in 0..15 (int32) -> q - 8 as float32."""
+    return code_to_float(nibble, 8)
+
+
+@triton.jit
+def fp16_at(ptr, mask):
+    """The little-endian fp16 at byte pointers ptr, as float32 (0 where masked): two byte loads, since a
+    GGUF block may put it at any even address."""
+    low = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    high = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def in_column_order(low, high):
+    """A tile's values from its bytes' low nibbles and from their high nibbles, [BLOCK_ROWS, A, B] each,
+    where a byte's high nibble holds the value B columns after its low nibble's -> [BLOCK_ROWS, A * 2B]
+    in column order: A runs of B low values, then B high ones. (Permuted here, in registers, the tile
+    meets the activations as they lie: gathering them in the nibbles' order instead made the compiled
+    kernels larger, their activations' loads 4 bytes wide instead of 16.)"""
+    w = tl.permute(tl.join(low, high), (0, 1, 3, 2))  # [BLOCK_ROWS, A, 2, B]
+    return tl.reshape(w, (w.shape[0], w.shape[1] * 2 * w.shape[3]))
+
+
+# GGUF's blocks (quants.py's header has their layout), read in place from a row of blocks: each tile
+# function returns w[rows, col0:col0 + BLOCK_COLS] in float32. The values are exact where the format's
+# products are: d's 11 bits times a 6- or 8-bit scale times a code of at most 6 bits fit float32's 24, and
+# the K-quants' d sc q - dmin m rounds once. fp16 d and dmin are bitcast from their two bytes, codes and
+# scales become floats by code_to_float, so no weight needs a conversion instruction.
+
+@triton.jit
+def q8_0_tile(w_ptr, rows, row_mask, col0, n_cols, row_stride, BLOCK_COLS: tl.constexpr):
+    """q8_0: blocks of 32 int8 q after an fp16 d: w = d q. The tile is BLOCK_COLS / 32 whole blocks."""
+    blocks = col0 // 32 + tl.arange(0, BLOCK_COLS // 32)
+    mask = row_mask[:, None] & (blocks < n_cols // 32)[None, :]  # [BLOCK_ROWS, blocks]
+    block = w_ptr + rows[:, None] * row_stride + blocks[None, :] * 34  # [BLOCK_ROWS, blocks]
+    d = fp16_at(block, mask)
+    q = tl.load(block[:, :, None] + 2 + tl.arange(0, 32)[None, None, :], mask=mask[:, :, None], other=0)
+    w = int8_to_float(q.to(tl.int8, bitcast=True)) * d[:, :, None]  # [BLOCK_ROWS, blocks, 32]
+    return tl.reshape(w, (rows.shape[0], BLOCK_COLS))
+
+
+@triton.jit
+def q4_0_tile(w_ptr, rows, row_mask, col0, n_cols, row_stride, BLOCK_COLS: tl.constexpr):
+    """q4_0: blocks of an fp16 d and 16 bytes, value j in the low nibble of byte j and value j + 16 in the
+    high one: w = d (q - 8). The tile is BLOCK_COLS / 32 whole blocks."""
+    blocks = col0 // 32 + tl.arange(0, BLOCK_COLS // 32)
+    mask = row_mask[:, None] & (blocks < n_cols // 32)[None, :]
+    block = w_ptr + rows[:, None] * row_stride + blocks[None, :] * 18
+    d = fp16_at(block, mask)[:, :, None]
+    qs = tl.load(block[:, :, None] + 2 + tl.arange(0, 16)[None, None, :], mask=mask[:, :, None],
+                 other=0).to(tl.int32)  # [BLOCK_ROWS, blocks, 16]
+    return in_column_order(code_to_float(qs & 15, 8) * d, code_to_float(qs >> 4, 8) * d)
+
+
+@triton.jit
+def k_quant_scales(scales_ptr, half, mask):
+    """q4_k's and q5_k's 6-bit scales and mins of the sub-blocks 4 half + 2 chunk + nibble of a block
+    (chunk and nibble 0 or 1), from its 12 bytes of scales at scales_ptr [BLOCK_ROWS]: bytes 0..3 hold the
+    first four scales in their low 6 bits, bytes 4..7 the first four mins; the last four take their low 4
+    bits from bytes 8..11 (scales the low nibble, mins the high) and their top 2 from the top bits of bytes
+    0..3 (scales) and 4..7 (mins). -> (scales, mins) float32 [BLOCK_ROWS, 2 chunk, 2 nibble] each."""
+    i = 2 * tl.arange(0, 2)[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, 2, 2]: sub-block within the half
+    at = scales_ptr[:, None, None] + i
+    mask = mask[:, None, None]
+    first = tl.load(at, mask=mask, other=0).to(tl.int32)
+    second = tl.load(at + 4, mask=mask, other=0).to(tl.int32)
+    low = tl.load(at + 8, mask=mask, other=0).to(tl.int32)
+    sc = tl.where(half == 0, first & 63, (low & 15) | ((first >> 6) << 4))
+    m = tl.where(half == 0, second & 63, (low >> 4) | ((second >> 6) << 4))
+    return code_to_float(sc, 0), code_to_float(m, 0)
+
+
+@triton.jit
+def k_quant_tile(w_ptr, rows, row_mask, col0, row_stride, QUANT: tl.constexpr):
+    """q4_k and q5_k: blocks of 256 values in 8 sub-blocks of 32, w = d sc q - dmin m. A tile is half a
+    block (BLOCK_COLS 128): 2 chunks of 64 values, whose 32 bytes of nibbles hold value l of the chunk
+    in the low nibble of byte l and value 32 + l in the high one; q5_k's fifth bit of value l of
+    sub-block u is bit u of qh[l]."""
+    BYTES: tl.constexpr = 144 if QUANT == Q4_K else 176
+    QS: tl.constexpr = 16 if QUANT == Q4_K else 48  # where the nibbles start
+    half = (col0 // 128) % 2
+    block = w_ptr + rows * row_stride + (col0 // 256) * BYTES  # [BLOCK_ROWS]
+    d = fp16_at(block, row_mask)[:, None]
+    dmin = fp16_at(block + 2, row_mask)[:, None]
+    sc, m = k_quant_scales(block + 4, half, row_mask)  # [BLOCK_ROWS, 2, 2] each
+    sc_low, sc_high = tl.split(sc * d[:, :, None])  # [BLOCK_ROWS, 2]: d sc of each chunk's low, high nibbles
+    min_low, min_high = tl.split(m * dmin[:, :, None])
+    chunk, l = tl.arange(0, 2)[None, :, None], tl.arange(0, 32)[None, None, :]
+    qs = tl.load(block[:, None, None] + QS + 64 * half + 32 * chunk + l, mask=row_mask[:, None, None],
+                 other=0).to(tl.int32)  # [BLOCK_ROWS, 2, 32]
+    low, high = qs & 15, qs >> 4
+    if QUANT == Q5_K:
+        qh = tl.load(block[:, None, None] + 16 + l, mask=row_mask[:, None, None], other=0).to(tl.int32)
+        u = 4 * half + 2 * chunk  # [1, 2, 1]: the sub-block of each chunk's low nibbles
+        low |= ((qh >> u) & 1) << 4
+        high |= ((qh >> (u + 1)) & 1) << 4
+    return in_column_order(code_to_float(low, 0) * sc_low[:, :, None] - min_low[:, :, None],
+                           code_to_float(high, 0) * sc_high[:, :, None] - min_high[:, :, None])
+
+
+@triton.jit
+def q6_k_tile(w_ptr, rows, row_mask, col0, row_stride):
+    """q6_k: blocks of 256 values in 16 sub-blocks of 16, w = d sc (q - 32), q 6 bits. A tile is half a
+    block (BLOCK_COLS 128) with 64 bytes of ql and 32 of qh: value 32 k + l of the half (k 0..3, l 0..31)
+    keeps its low 4 bits in ql[32 (k % 2) + l], the low nibble for k < 2 and the high one for k >= 2,
+    and its top 2 bits in bits 2k, 2k + 1 of qh[l]."""
+    half = (col0 // 128) % 2
+    block = w_ptr + rows * row_stride + (col0 // 256) * 210  # [BLOCK_ROWS]
+    mask = row_mask[:, None, None]
+    d = fp16_at(block + 208, row_mask)[:, None, None]
+    k, l = tl.arange(0, 2)[None, :, None], tl.arange(0, 32)[None, None, :]  # k: of the low nibbles (k + 2: high)
+    ql = tl.load(block[:, None, None] + 64 * half + 32 * k + l, mask=mask, other=0).to(tl.int32)  # [BLOCK_ROWS, 2, 32]
+    qh = tl.load(block[:, None, None] + 128 + 32 * half + l, mask=mask, other=0).to(tl.int32)  # [BLOCK_ROWS, 1, 32]
+    low = (ql & 15) | (((qh >> (2 * k)) & 3) << 4)
+    high = (ql >> 4) | (((qh >> (2 * k + 4)) & 3) << 4)
+    # the scales of 16 values each: sub-block 2 k + s of the half (s: the first or second 16 of l) for the
+    # low nibbles, 4 + 2 k + s for the high ones
+    s = tl.arange(0, 2)[None, None, :]
+    at = block[:, None, None] + 192 + 8 * half + 2 * k + s  # [BLOCK_ROWS, 2, 2]
+    sc_low = int8_to_float(tl.load(at, mask=mask, other=0).to(tl.int8, bitcast=True)) * d
+    sc_high = int8_to_float(tl.load(at + 4, mask=mask, other=0).to(tl.int8, bitcast=True)) * d
+    shape: tl.constexpr = (rows.shape[0], 2, 2, 16)
+    halves: tl.constexpr = (rows.shape[0], 1, 64)  # the low nibbles hold values 0..63 of the half, the high 64..127
+    w_low = tl.reshape(tl.reshape(code_to_float(low, 32), shape) * sc_low[:, :, :, None], halves)
+    w_high = tl.reshape(tl.reshape(code_to_float(high, 32), shape) * sc_high[:, :, :, None], halves)
+    return in_column_order(w_low, w_high)
 
 
 @triton.jit
 def weight_tile(w_ptr, s_ptr, rows, row_mask, col0, n_cols, row_stride, scale_row_stride, QUANT: tl.constexpr,
                 GROUP: tl.constexpr, BLOCK_COLS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """w[rows, col0:col0 + BLOCK_COLS] -> [BLOCK_ROWS, BLOCK_COLS] in DOT_DTYPE, with int4's group scales
-    (int8's row scales are applied to the sums instead); 0 outside the matrix. Each row's columns are
-    contiguous: wide loads (16 bytes a thread) whenever the row stride allows, which Triton checks when
-    it specializes the kernel for its arguments."""
+    and GGUF's block scales (int8's row scales are applied to the sums instead); 0 outside the matrix.
+    Each row's columns (or blocks) are contiguous: wide loads (up to 16 bytes a thread) whenever the row
+    stride and the format's blocks allow, which Triton checks when it specializes the kernel for its
+    arguments."""
     if QUANT == INT4:  # byte j of a row holds q[2j] (low nibble) and q[2j + 1] (high)
         byte_cols = col0 // 2 + tl.arange(0, BLOCK_COLS // 2)
         mask = row_mask[:, None] & (byte_cols < n_cols // 2)[None, :]
@@ -72,6 +208,16 @@ def weight_tile(w_ptr, s_ptr, rows, row_mask, col0, n_cols, row_stride, scale_ro
                         mask=row_mask[:, None] & (groups < n_cols // GROUP)[None, :], other=0).to(tl.float32)
         w = tl.reshape(tl.reshape(w, (rows.shape[0], BLOCK_COLS // GROUP, GROUP)) * scale[:, :, None],
                        (rows.shape[0], BLOCK_COLS))  # [BLOCK_ROWS, BLOCK_COLS]
+    elif QUANT == Q8_0:
+        w = q8_0_tile(w_ptr, rows, row_mask, col0, n_cols, row_stride, BLOCK_COLS)
+    elif QUANT == Q4_0:
+        w = q4_0_tile(w_ptr, rows, row_mask, col0, n_cols, row_stride, BLOCK_COLS)
+    elif QUANT == Q4_K or QUANT == Q5_K:
+        tl.static_assert(BLOCK_COLS == 128, "a K-quant tile is half a block")
+        w = k_quant_tile(w_ptr, rows, row_mask, col0, row_stride, QUANT)
+    elif QUANT == Q6_K:
+        tl.static_assert(BLOCK_COLS == 128, "a K-quant tile is half a block")
+        w = q6_k_tile(w_ptr, rows, row_mask, col0, row_stride)
     else:
         cols = col0 + tl.arange(0, BLOCK_COLS)
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
@@ -204,16 +350,31 @@ def parts(active_experts: int, rows: int, size: int, reduction: int, block_cols:
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(reduction, block_cols)))
 
 
-# What each format stores: (the weights' dtypes, whether scales come with them).
+# What each format stores: (the weights' dtypes, whether scales come with them). GGUF's block types hold
+# their scales in their blocks: (QUANT, values, bytes) of a block.
+GGUF = {"q8_0": (Q8_0, 32, 34), "q4_0": (Q4_0, 32, 18), "q4_k": (Q4_K, 256, 144), "q5_k": (Q5_K, 256, 176),
+        "q6_k": (Q6_K, 256, 210)}
 STORED = {"full": ((torch.float32, torch.bfloat16, torch.float16), False), "int8": ((torch.int8,), True),
-          "int4": ((torch.uint8,), True)}
+          "int4": ((torch.uint8,), True), **{name: ((torch.uint8,), False) for name in GGUF}}
 
 
-def quantization(format: str, w: Tensor, scales: Optional[Tensor]) -> tuple:
-    """(QUANT, GROUP) of a weight [..., out, in] stored in format `format` (formats.py's kernel_name):
-    'int8' with per-row scales [..., out], 'int4' packed [..., out, in/2] (uint8) with group scales
-    [..., out, in/GROUP], or 'full'. The dtypes are checked against it, not read as a format: another
-    packed format would be uint8 too."""
+def row_width(format: str, inputs: int) -> Optional[int]:
+    """The elements a row of `inputs` values takes in format `format`, or None where no row can hold
+    exactly them."""
+    if format in GGUF:
+        _, values, size = GGUF[format]
+        return inputs // values * size if inputs % values == 0 else None
+    if format == "int4":
+        return inputs // 2 if inputs % 2 == 0 else None
+    return inputs
+
+
+def quantization(format: str, w: Tensor, scales: Optional[Tensor], inputs: int) -> tuple:
+    """(QUANT, GROUP) of a weight [..., out, in'] of `inputs` values a row stored in format `format`
+    (formats.py's name): 'int8' with per-row scales [..., out], 'int4' packed [..., out, in/2] (uint8)
+    with group scales [..., out, in/GROUP], GGUF's block types [..., out, in / values * bytes] (uint8,
+    the scales inside), or 'full'. The tensors are checked against it, not read as a format: every
+    packed format is uint8; and the kernels read as many elements a row as the format says."""
     if format not in STORED:
         raise ValueError(f"mixtral_triton: unknown weight format {format!r}; one of {', '.join(STORED)} expected")
     dtypes, scaled = STORED[format]
@@ -223,10 +384,17 @@ def quantization(format: str, w: Tensor, scales: Optional[Tensor]) -> tuple:
         raise ValueError(f"mixtral_triton: format {format!r} takes {takes} weights {'and' if scaled else 'and no'} "
                          f"scales; got {str(w.dtype).removeprefix('torch.')} weights and "
                          f"{'no ' if scales is None else ''}scales")
+    width = row_width(format, inputs)
+    if width != w.shape[-1]:
+        wanted = "no whole row" if width is None else f"rows of {width}"
+        raise ValueError(f"mixtral_triton: {inputs} inputs in format {format!r} take {wanted}; got rows of "
+                         f"{w.shape[-1]}")
     if format == "int8":
         return INT8, 1
     if format == "int4":
         return INT4, 2 * w.shape[-1] // scales.shape[-1]
+    if format in GGUF:
+        return GGUF[format][0], 1
     return FLOAT, 1
 
 
@@ -239,8 +407,10 @@ def dot_dtype(dtype: torch.dtype):
 
 
 def block_cols(quant: int, group: int) -> int:
-    """Columns of a tile: 128, so that even the smallest tile (16 rows of int8, or 32 of int4) is 16
-    bytes for each of 128 threads; whole int4 groups (of 32, 64 or 128)."""
+    """Columns of a tile: 128, so that the smallest int8 tile (16 rows) is 16 bytes for each of 128
+    threads, an int4 or K-quant one 8; whole int4 groups (of 32, 64 or 128); 4 whole q8_0 or q4_0 blocks,
+    or half a K-quant block of 256, which keeps the decoded tile as small as int4's (a whole block would
+    double the registers its floats take)."""
     return max(128, group) if quant == INT4 else 128
 
 
@@ -263,11 +433,11 @@ def strides(w: Tensor, scales: Optional[Tensor]) -> tuple:
 
 def down(h: Tensor, experts: Tensor, weights: Tensor, w2: Tensor, w2_scales: Optional[Tensor], format: str,
          dtype) -> Tensor:
-    """h [N, K, I] through the chosen experts' w2 [E, D, I'] (I' = I, or I/2 packed) in format `format`,
-    weighted: [N, D] in dtype."""
+    """h [N, K, I] through the chosen experts' w2 [E, D, I'] (I' = I, I/2 packed, or I's blocks' bytes) in
+    format `format`, weighted: [N, D] in dtype."""
     N, K, I = h.shape
     E, D = w2.shape[:2]
-    quant, group = quantization(format, w2, w2_scales)
+    quant, group = quantization(format, w2, w2_scales, I)
     cols = block_cols(quant, group)
     active, sms = min(N * K, E), multiprocessor_count(h.device)
     rows = block_rows(active, D, sms)
@@ -290,13 +460,13 @@ def moe(x: Tensor, experts: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2:
         w3_scales: Optional[Tensor], w2_scales: Optional[Tensor], format: str) -> Tensor:
     """Each token's K chosen experts, weighted: x [N, D], experts/weights [N, K] -> [N, D] in x's dtype.
     w1/w3 [E, I, D'], w2 [E, D, I'] in format `format` (see `quantization`), with their scales (None
-    for 'full')."""
+    for 'full' and GGUF's blocks)."""
     x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
     N, D = x.shape
     K = experts.shape[1]
     E, I = w1.shape[:2]
-    quant, group = quantization(format, w1, w1_scales)
-    quantization(format, w3, w3_scales)
+    quant, group = quantization(format, w1, w1_scales, D)
+    quantization(format, w3, w3_scales, D)
     if w3.stride() != w1.stride() or (w1_scales is not None and w3_scales.stride() != w1_scales.stride()):
         raise ValueError("the Triton kernels read w1 and w3 with the same strides")
     rows = block_rows(min(N * K, E), I, multiprocessor_count(x.device))

@@ -8,19 +8,13 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize, quantize
+from gguf import GGML_QUANT_SIZES
+from gguf.quants import quantize
 
+from gguf_blocks import TYPES, exact, random_blocks
 from kernels import cpu as cpu_kernels
 from rounding import HALF_ULP
 
-TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K,
-         "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
-# Where each block keeps its fp16 scale d and, for the K-quants with mins, dmin (ggml-common.h), and the
-# largest |q * sub-block scale| of its values, to give the weights a magnitude of about 1 / sqrt(K).
-D_AT = {"q8_0": 0, "q4_0": 0, "q4_k": 0, "q5_k": 0, "q6_k": 208}
-DMIN_AT = {"q4_k": 2, "q5_k": 2}
-LARGEST = {"q8_0": 128, "q4_0": 8, "q4_k": 15 * 63, "q5_k": 31 * 63, "q6_k": 32 * 128}
 U = 2.0 ** -24  # float32's unit roundoff
 # Row widths: blocks of 32 that do not fill the kernels' steps of 8 (3 of them, and 9: a step and one
 # more), and K-quants' blocks of 256, one and three; output rows not a multiple of the 64 a thread takes.
@@ -43,43 +37,10 @@ def isa(request):
 EACH_ISA = pytest.mark.parametrize("isa", ISAS, indirect=True)
 
 
-def random_blocks(fmt: str, shape: tuple, g: torch.Generator) -> torch.Tensor:
-    """Valid blocks for weights of `shape` [..., rows, K]: random bytes (every q, sub-block scale and min
-    the format can hold), then random finite fp16 d (and dmin) of either sign, of moderate size."""
-    values, nbytes = GGML_QUANT_SIZES[TYPES[fmt]]
-    *rows, K = shape
-    blocks = torch.randint(0, 256, (*rows, K // values, nbytes), dtype=torch.uint8, generator=g)
-    for at in (D_AT[fmt], DMIN_AT.get(fmt)):
-        if at is not None:
-            size = (torch.rand(*rows, K // values, generator=g) + 1) / (2 * LARGEST[fmt] * K ** 0.5)
-            sign = torch.randint(0, 2, size.shape, generator=g) * 2 - 1
-            blocks[..., at:at + 2] = (size * sign).to(torch.float16).unsqueeze(-1).view(torch.uint8)
-    return blocks.flatten(-2)
-
-
 def quantized_blocks(fmt: str, shape: tuple, g: torch.Generator) -> torch.Tensor:
     """Gaussian weights quantized by the gguf package (it quantizes q8_0 and q4_0)."""
     w = torch.randn(shape, generator=g) / shape[-1] ** 0.5
     return torch.from_numpy(quantize(w.numpy(), TYPES[fmt]))
-
-
-def exact(fmt: str, blocks: torch.Tensor) -> tuple:
-    """The weights in float64 from the gguf package's dequantization, and the magnitudes of the two parts
-    the kernel adds separately: |d * sc * (q - offset)| and the K-quants' |dmin * m|. gguf computes
-    d * sc * q - dmin * m in float32, which rounds; each part alone is exact (d's 11 bits times q's and
-    sc's at most 13), so they are dequantized apart, from copies whose dmin, or d, is zeroed."""
-    def weights(b):
-        return torch.from_numpy(dequantize(b.numpy(), TYPES[fmt])).double()
-    if fmt not in DMIN_AT:
-        w = weights(blocks)
-        return w, w.abs()
-    values, nbytes = GGML_QUANT_SIZES[TYPES[fmt]]
-    parts = []
-    for zeroed in (DMIN_AT[fmt], D_AT[fmt]):
-        b = blocks.unflatten(-1, (-1, nbytes)).clone()
-        b[..., zeroed:zeroed + 2] = 0
-        parts.append(weights(b.flatten(-2)))
-    return parts[0] + parts[1], parts[0].abs() + parts[1].abs()
 
 
 def activations(x: torch.Tensor) -> torch.Tensor:
