@@ -17,7 +17,7 @@
 #
 # Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -297,8 +297,8 @@ def parse_format(spec: str) -> WeightFormat:
             return Int4(int(groupsize))
         raise UserError(f"int4 group size {option!r}: choose one of "
                         f"{', '.join(f'g{g}' for g in Int4.GROUP_SIZES)} (e.g. int4:g32)")
-    raise UserError(f"unknown weight format {spec!r}: choose full, int8, int4:g32 (g64, g128) or one of "
-                    f"{', '.join(quants.BLOCKS)}")
+    raise UserError(f"unknown weight format {spec!r}: choose full, int8, int4:g32 (g64, g128), one of "
+                    f"{', '.join(quants.BLOCKS)}, or a preset: {', '.join(PRESETS)}")
 
 
 # The weights a scheme stores in formats, by part of the model (our checkpoint names; the embedding table,
@@ -324,6 +324,7 @@ class Scheme:
     output: WeightFormat
     down: Optional[WeightFormat] = None
     overrides: tuple = ()
+    preset: str = field(default="", compare=False)  # the PRESETS name it was made from, which names it
 
     @classmethod
     def of(cls, fmt) -> "Scheme":
@@ -344,8 +345,10 @@ class Scheme:
     @property
     def spec(self) -> str:
         """The scheme as parse_scheme reads it: 'int8', 'int4:g32' (int8 attention and head),
-        'int4:g32:attn4' (int4 everywhere), else each part's 'experts=...,attention=...,output=...', the down
-        projections' and each override's after them."""
+        'int4:g32:attn4' (int4 everywhere), a preset's name ('q4_k_m'), else each part's
+        'experts=...,attention=...,output=...', the down projections' and each override's after them."""
+        if self.preset:
+            return self.preset
         if not self.overrides and self.down in (None, self.experts):
             plain = Scheme(self.attention, self.experts, self.output)
             if parse_scheme(self.experts.spec) == plain:
@@ -366,14 +369,42 @@ class Scheme:
 ALL_PARTS = "attn4"
 
 
-def parse_scheme(spec: str) -> Scheme:
+def more_bits_layers(n_layer: int) -> list:
+    """The layers llama.cpp's Q4_K_M gives more bits (its use_more_bits): the first and last eighth, and
+    every third layer between."""
+    return [i for i in range(n_layer) if i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2]
+
+
+def down_in(spec: str, layers: list) -> str:
+    """The overrides that put the experts' down projections of `layers` in format `spec`."""
+    return "".join(f",layers.{i}.block_sparse_moe.w2={spec}" for i in layers)
+
+
+# Named mixes: preset name -> the scheme spec it stands for, given the model's layer count. What each costs and
+# how close it stays: README (Quantization) and BENCHMARKS.md.
+PRESETS = {
+    # llama.cpp's Q4_K_M as it treats an 8-expert model: q4_k experts, q6_k down projections in its
+    # more_bits_layers, q6_k output head; its attention (q4_k q, q8_0 k and v, q5_k output) is q5_k here,
+    # what llama.cpp gives a fused qkv.
+    "q4_k_m": lambda n_layer: "experts=q4_k,attention=q5_k,output=q6_k" + down_in("q6_k", more_bits_layers(n_layer)),
+}
+
+
+def parse_scheme(spec: str, config=None) -> Scheme:
     """What quantize.py and scripts/benchmark.py write for a spec:
     'full', 'int8'                   one format everywhere;
     'int4:g32' (g64, g128)           int4 experts, with attention and the output head int8: a tenth more bytes
                                      per token, and far closer to the source (BENCHMARKS.md, quality);
     'int4:g32:attn4'                 int4 everywhere;
+    a PRESETS name ('q4_k_m')        a named mix; config (anything with n_layer: ModelArgs) says which layers
+                                     are which where the preset depends on it;
     'experts=S,attention=S,output=S' each part's format spec, any mix, then optionally down=S (the experts'
                                      down projections) and NAME=S for single weights (layers.3.block_sparse_moe.w2)."""
+    if spec in PRESETS:
+        if config is None:
+            raise UserError(f"the preset {spec} depends on the model's layer count: name it where the model's "
+                            f"config is known (quantize.py --format {spec})")
+        return replace(parse_scheme(PRESETS[spec](config.n_layer)), preset=spec)
     if "=" in spec:
         pairs = [pair.partition("=")[::2] for pair in spec.split(",")]
         parts = {key: parse_format(value) for key, value in pairs if key in ("experts", "attention", "output", "down")}
@@ -436,7 +467,21 @@ def scheme_of(formats: dict) -> Scheme:
                     output=common.get("output", FullPrecision()), down=common.get("down"))
     if scheme.down == scheme.experts:
         scheme = replace(scheme, down=None)
-    return replace(scheme, overrides=tuple((name, fmt) for name, fmt in formats.items() if scheme.format_of(name) != fmt))
+    return preset_of(formats) or replace(
+        scheme, overrides=tuple((name, fmt) for name, fmt in formats.items() if scheme.format_of(name) != fmt))
+
+
+def preset_of(formats: dict) -> Optional[Scheme]:
+    """The preset that puts every weight of {name: format} where it is, or None."""
+    if not formats:
+        return None
+    layers = {int(m.group(1)) for m in map(re.compile(r"layers\.(\d+)\.").match, formats) if m}
+    config = type("Layers", (), {"n_layer": max(layers) + 1 if layers else 0})
+    for name in PRESETS:
+        preset = parse_scheme(name, config)
+        if all(preset.format_of(weight) == fmt for weight, fmt in formats.items()):
+            return preset
+    return None
 
 
 def detect_format(state_dict: dict) -> Scheme:

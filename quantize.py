@@ -29,15 +29,17 @@ import argparse
 import mmap
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import calibrate
 from checkpoint import check_tensors, check_values, load_state_dict, open_checkpoint, quantized_path
 from cli import HelpFormatter, one_line_errors
 from errors import UserError
-from formats import Int4, detect_format, parse_scheme
+from formats import PRESETS, Int4, detect_format, parse_scheme
 from layers import stored_weights
 from names import tensor_shapes
 from writing import atomic_file, check_replaceable, reserve
@@ -56,20 +58,33 @@ def load_source(checkpoint_path: Path) -> tuple:
     return checkpoint, source
 
 
-def quantize_into(fmt, src: Tensor, out: dict, check, rows_per_chunk: int = 256):
+def quantize_into(fmt, src: Tensor, out: dict, check, importance: Optional[Tensor] = None, rows_per_chunk: int = 256):
     """Quantizes src [..., out, in] into out ({key: tensor} in fmt's layout) a few rows at a time, each chunk
     first passed to check (non-finite weights): rows are independent, and small chunks keep the float32
-    temporaries a few MB whatever the matrix."""
-    rows = src.reshape(-1, src.shape[-1])
-    for start in range(0, rows.shape[0], rows_per_chunk):
-        check(rows[start:start + rows_per_chunk])
-        for key, t in fmt.quantize(rows[start:start + rows_per_chunk]).items():
-            out[key].view(-1, *t.shape[1:])[start:start + t.shape[0]] = t
+    temporaries a few MB whatever the matrix. importance: [in] for a matrix, [E, in] for stacked experts
+    (one per expert), or None."""
+    matrices = src.reshape(-1, *src.shape[-2:])  # [M, out, in]: one per expert, or the one matrix
+    weights = None if importance is None else importance.reshape(-1, src.shape[-1]).expand(matrices.shape[0], -1)
+    rows_per_matrix = matrices.shape[1]
+    for m, matrix in enumerate(matrices):
+        for start in range(0, rows_per_matrix, rows_per_chunk):
+            rows = matrix[start:start + rows_per_chunk]
+            check(rows)
+            chunk = fmt.quantize(rows, None if weights is None else weights[m])
+            for key, t in chunk.items():
+                row = m * rows_per_matrix + start
+                out[key].view(-1, *t.shape[1:])[row:row + t.shape[0]] = t
 
 
-def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
+def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8", calibration_text: Optional[Path] = None,
+                        imatrix: Optional[Path] = None) -> Path:
     """Writes checkpoint_path's model in the scheme `spec` (formats.parse_scheme: 'int8', 'int4:g32',
-    'int4:g32:attn4', ...) beside it (checkpoint.quantized_path) and returns the path written.
+    'int4:g32:attn4', 'q4_k_m', ...) beside it (checkpoint.quantized_path) and returns the path written.
+
+    With calibration_text, the full-precision model reads it first (calibrate.py) and every format that
+    searches its scales weighs each input by its activations' mean square there; the statistics are saved
+    beside the checkpoint (calibrate.imatrix_path), and `imatrix` reuses such a file instead. Without either,
+    the searches count every input the same (int8 and int4 then round as they always have).
 
     Streaming, so that memory use stays a few MB above the interpreter's whatever the model:
     the source is mmapped and read a few rows at a time; the output file is first written with
@@ -77,13 +92,18 @@ def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
     filled in place. Neither checkpoint is ever held in memory. The file's disk space is reserved
     before the map is written, and it is written under a temporary name and renamed when complete,
     so a full disk or an interrupted run leaves nothing behind (writing.atomic_file)."""
-    scheme = parse_scheme(spec)
-    if not scheme.quantized:
-        raise UserError(f"--format {spec} quantizes nothing; choose int8 or int4:g32")
+    if spec not in PRESETS:
+        parse_scheme(spec)  # a bad spec is said before any file is read
+    if calibration_text is not None and imatrix is not None:
+        raise UserError("--calibration_text and --imatrix both give the statistics: keep one (--imatrix reuses the "
+                        "file an earlier --calibration_text wrote)")
     checkpoint_path = Path(checkpoint_path)
     checkpoint, source = load_source(checkpoint_path)
-    check_replaceable(quantized_path(checkpoint_path, scheme))  # before the work, not after it
     config = checkpoint.config
+    scheme = parse_scheme(spec, config)
+    if not scheme.quantized:
+        raise UserError(f"--format {spec} quantizes nothing; choose int8, int4:g32 or a preset ({', '.join(PRESETS)})")
+    check_replaceable(quantized_path(checkpoint_path, scheme))  # before the work, not after it
     quantized = stored_weights(config, scheme)  # source name -> (its format, {key: output name})
     for name, (fmt, _) in quantized.items():  # before any file is written
         inputs = source[name].shape[-1]
@@ -92,6 +112,14 @@ def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
             raise UserError(f"--format {spec}: the {inputs} inputs of {name} (dim {config.dim}, "
                             f"intermediate_size {config.intermediate_size} in config.json) {problem}; "
                             f"choose a group size that divides them")
+    importance = None
+    if calibration_text is not None:
+        importance, metadata = calibrate.calibrate(checkpoint, calibration_text)
+        written = calibrate.imatrix_path(checkpoint_path)
+        calibrate.save_imatrix(written, importance, metadata)
+        print(f"wrote {written} ({metadata['tokens']} tokens of {metadata['text']})")
+    elif imatrix is not None:
+        importance, _ = calibrate.load_imatrix(Path(imatrix), checkpoint, source)
     layout = {}  # output name -> (shape, dtype), in the source's order
     for name, t in source.items():
         if name in quantized:
@@ -113,7 +141,8 @@ def quantize_checkpoint(checkpoint_path: Path, spec: str = "int8") -> Path:
             check = lambda chunk, name=name: check_values(name, chunk, checkpoint_path)  # noqa: E731
             if name in quantized:
                 fmt, stored = quantized[name]
-                quantize_into(fmt, src, {key: out[stored_as] for key, stored_as in stored.items()}, check)
+                quantize_into(fmt, src, {key: out[stored_as] for key, stored_as in stored.items()}, check,
+                              None if importance is None else importance[name])
             else:
                 check(src)
                 out[name].copy_(src)  # embedding, norms, router: as they are
@@ -153,11 +182,17 @@ def main(argv=None):
                         help="with --mode int4: inputs of a row that share a scale (default 32)")
     parser.add_argument("--int4_attention", action="store_true",
                         help="with --mode int4: attention and the output head in int4 too")
+    parser.add_argument("--calibration_text", type=Path, default=None,
+                        help="a plain-text file like the model's use: the full-precision model reads it once, and the "
+                             "formats that search their scales weigh each input by its activations there; the "
+                             "statistics are saved beside the checkpoint (MODEL.imatrix.safetensors)")
+    parser.add_argument("--imatrix", type=Path, default=None,
+                        help="the statistics an earlier --calibration_text saved, reused without running the model")
     args = parser.parse_args(argv)
     with one_line_errors():
         spec = format_spec(args) or "int8"
         try:
-            output = quantize_checkpoint(args.checkpoint_path, spec)
+            output = quantize_checkpoint(args.checkpoint_path, spec, args.calibration_text, args.imatrix)
         except OSError as e:  # disk full, permissions
             raise UserError(f"could not write beside {args.checkpoint_path}: {e.strerror or e}")
     print(f"wrote {output}")

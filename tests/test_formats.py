@@ -77,3 +77,40 @@ def test_detected_formats_keep_each_weights_own():
     scheme = scheme_of(per_weight)
     assert scheme.experts == parse_format("q4_k") and scheme.attention == Int8() and len(scheme.overrides) == 2
     assert all(scheme.format_of(name) == fmt for name, fmt in per_weight.items())
+
+
+def test_q4_k_m_gives_llama_cpps_layers_more_bits():
+    """llama.cpp's Q4_K_M on Mixtral 8x7B (32 layers): q6_k down projections in layers 0-3, 28-31 and every third
+    layer from 6 to 27 (its use_more_bits, written out here), q4_k in the others and in w1/w3, q5_k attention,
+    q6_k output head. The layer count comes from the config; without one the preset is refused."""
+    from types import SimpleNamespace
+    scheme = parse_scheme("q4_k_m", SimpleNamespace(n_layer=32))
+    more = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    for i in range(32):
+        assert scheme.format_of(f"layers.{i}.block_sparse_moe.w2") == parse_format("q6_k" if i in more else "q4_k")
+        assert scheme.format_of(f"layers.{i}.block_sparse_moe.w1") == parse_format("q4_k")
+        assert scheme.format_of(f"layers.{i}.block_sparse_moe.w3") == parse_format("q4_k")
+        assert scheme.format_of(f"layers.{i}.attention.wqkv.weight") == parse_format("q5_k")
+        assert scheme.format_of(f"layers.{i}.attention.wo.weight") == parse_format("q5_k")
+    assert scheme.format_of("output.weight") == parse_format("q6_k")
+    assert scheme.spec == "q4_k_m" and file_tag(scheme) == "q4_k_m"
+    assert parse_scheme(scheme.spec, SimpleNamespace(n_layer=32)) == scheme
+    # The 4 layers of the shipped model: the last eighth (layer 3) and layer 2.
+    four = parse_scheme("q4_k_m", SimpleNamespace(n_layer=4))
+    assert [four.format_of(f"layers.{i}.block_sparse_moe.w2").spec for i in range(4)] == ["q4_k", "q4_k", "q6_k", "q6_k"]
+    with pytest.raises(UserError, match="layer count"):
+        parse_scheme("q4_k_m")
+
+
+def test_a_checkpoint_in_a_preset_is_named_by_it():
+    """detect_format names the preset whose formats every weight is in; one weight otherwise makes it a mix."""
+    from types import SimpleNamespace
+    preset = parse_scheme("q4_k_m", SimpleNamespace(n_layer=4))
+    names = [f"layers.{i}.{w}" for i in range(4) for w in ("attention.wqkv.weight", "attention.wo.weight",
+                                                          "block_sparse_moe.w1", "block_sparse_moe.w3", "block_sparse_moe.w2")]
+    per_weight = {name: preset.format_of(name) for name in names + ["output.weight"]}
+    from formats import scheme_of
+    assert scheme_of(per_weight) == preset and scheme_of(per_weight).spec == "q4_k_m"
+    per_weight["layers.0.block_sparse_moe.w2"] = parse_format("q6_k")
+    mixed = scheme_of(per_weight)
+    assert mixed.spec != "q4_k_m" and all(mixed.format_of(name) == fmt for name, fmt in per_weight.items())

@@ -15,7 +15,7 @@ FLOORS = [
     ("layers",),
     ("tp", "measuring"),
     ("checkpoint",),
-    ("generation", "cli"),
+    ("generation", "cli", "calibrate"),
     ("generate", "eval", "quantize"),
 ]
 FLOOR = {module: n for n, modules in enumerate(FLOORS) for module in modules}

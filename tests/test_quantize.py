@@ -298,11 +298,11 @@ def test_failure_while_writing_leaves_no_file(checkpoint, tmp_path, monkeypatch,
     copy_checkpoint(checkpoint, tmp_path / "ckpt")
     calls = []
 
-    def disk_full_at_fifth_chunk(fmt, w):
+    def disk_full_at_fifth_chunk(fmt, w, importance=None):
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        return original(fmt, w)
+        return original(fmt, w, importance)
 
     original = Int8.quantize  # formats are frozen values: the class's method, for every Int8
     monkeypatch.setattr(Int8, "quantize", disk_full_at_fifth_chunk)
