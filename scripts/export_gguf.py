@@ -235,12 +235,14 @@ def vocabulary(folder: Path, vocab_size: int) -> tuple:
 
 
 def normalizer(model: bytes) -> dict:
-    """add_dummy_prefix and remove_extra_whitespaces of a serialized SentencePiece model (its ModelProto's
-    normalizer_spec, field 3; in it, fields 3 and 4; protobuf's defaults for a field left out: true). The
-    converter does not write them, and llama.cpp assumes a prefix and no folding: this tells it otherwise."""
+    """The normalizer of a serialized SentencePiece model (its ModelProto's normalizer_spec, field 3): its
+    name (field 1), whether it maps characters (a precompiled map, field 2), add_dummy_prefix and
+    remove_extra_whitespaces (fields 3 and 4; protobuf's default for a flag left out: true)."""
     spec = next((value for number, value in proto_fields(model) if number == 3), b"")
-    flags = {"add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    flags = {"name": "", "maps": False, "add_dummy_prefix": True, "remove_extra_whitespaces": True}
     for number, value in proto_fields(spec):
+        if number in (1, 2):
+            flags["name" if number == 1 else "maps"] = value.decode() if number == 1 else bool(value)
         if number in (3, 4):
             flags[("add_dummy_prefix", "remove_extra_whitespaces")[number - 3]] = bool(value)
     return flags
@@ -320,11 +322,17 @@ def add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tensors: dict)
         import sentencepiece as spm
         special.special_token_ids["unk"] = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).unk_id()
     special.add_to_gguf(writer, quiet=True)
+    # The converter leaves these out, and llama.cpp then adds a space prefix and folds no whitespace: the file
+    # says what this tokenizer does. Character maps (NFKC ...) GGUF cannot carry at all.
     flags = normalizer((folder / "tokenizer.model").read_bytes())
-    if not flags["add_dummy_prefix"]:  # llama.cpp adds one unless told
+    if not flags["add_dummy_prefix"]:
         writer.add_add_space_prefix(False)
     if flags["remove_extra_whitespaces"]:
         writer.add_remove_extra_whitespaces(True)
+    if flags["maps"]:
+        print(f"warning: {folder / 'tokenizer.model'} normalizes text ({flags['name']}) before splitting it, which a "
+              f"GGUF file cannot say: llama.cpp, and this repo reading the file, split some text differently (newlines, "
+              f"full-width and compatibility characters); Mixtral's tokenizer does not normalize", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the file

@@ -76,13 +76,14 @@ def instruct(tmp_path_factory, tokenizer_path):
 
 @pytest.fixture(scope="module")
 def k_quant_model(tmp_path_factory):
-    """A random bf16 checkpoint whose rows are 256 and 512 wide, as K-quants' 256-value blocks need."""
+    """A random bf16 checkpoint whose rows are 256 and 512 wide, as K-quants' 256-value blocks need; its
+    vocabulary padded past its tokenizer's pieces (1024 rows for at most 1000), as many models' are."""
     from scripts.make_tiny_checkpoint import train_demo_tokenizer
     folder = tmp_path_factory.mktemp("k-quant")
-    tok = train_demo_tokenizer(folder / "small.model", vocab_size=1000)  # a small head: 1000 rows, not 32000
+    tok = train_demo_tokenizer(folder / "small.model", vocab_size=1000)  # a small head: 1024 rows, not 32000
     config = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-                  vocab_size=spm.SentencePieceProcessor(model_file=str(tok)).vocab_size())
+                  vocab_size=1024)
     write_hub_checkpoint(folder, config, tok, dtype=torch.bfloat16, n_shards=1)
     return convert_hf_checkpoint(folder)
 
@@ -230,10 +231,11 @@ def test_each_format_is_written_without_rounding(stdlib, tmp_path, spec):
         assert torch.equal(file_step, step)
 
 
-def test_k_quant_mixes_keep_their_bytes_and_name(k_quant_model, tmp_path):
+def test_k_quant_mixes_keep_their_bytes_and_name(k_quant_model, tmp_path, capsys):
     """A Q4_K_M-like mix (q4_k experts and attention, q6_k down projections and head): every block's bytes
     as quantize.py wrote them, and general.file_type MOSTLY_Q4_K_M, as llama-quantize names such a mix;
-    without the q6_k down projections, MOSTLY_Q4_K_S."""
+    without the q6_k down projections, MOSTLY_Q4_K_S. The vocabulary is padded to the embedding's rows with
+    unused [PADn] tokens, as the converter pads it (llama.cpp wants a token per row), and reads back."""
     for spec, file_type in (("experts=q4_k,attention=q4_k,output=q6_k,down=q6_k", gguf.LlamaFileType.MOSTLY_Q4_K_M),
                             ("experts=q4_k,attention=q4_k,output=q6_k", gguf.LlamaFileType.MOSTLY_Q4_K_S)):
         path = quantize_checkpoint(k_quant_model, spec)
@@ -245,6 +247,14 @@ def test_k_quant_mixes_keep_their_bytes_and_name(k_quant_model, tmp_path):
         types = {t.name: t.tensor_type for t in reader.tensors}
         assert types["blk.1.ffn_up_exps.weight"] == T.Q4_K and types["output.weight"] == T.Q6_K
         assert fields(reader)["general.file_type"] == file_type
+    # The demo tokenizer normalizes (nmt_nfkc: a newline becomes a space), which GGUF cannot say: a warning.
+    assert "warning:" in capsys.readouterr().err
+    original = spm.SentencePieceProcessor(model_file=str(k_quant_model.parent / "tokenizer.model"))
+    tokens, types = fields(reader)["tokenizer.ggml.tokens"], fields(reader)["tokenizer.ggml.token_type"]
+    assert original.vocab_size() < len(tokens) == 1024 and tokens[-1] == "[PAD1023]"
+    assert set(types[original.vocab_size():]) == {gguf.TokenType.UNUSED}
+    text = "def main(): return 0"  # no newline: this tokenizer maps it to a space, which GGUF cannot say
+    assert load_tokenizer(open_checkpoint(tmp_path / "model.gguf")).encode(text) == original.encode(text)
 
 
 def test_a_gguf_files_mix_goes_back_byte_for_byte(stdlib, tmp_path):
@@ -325,3 +335,30 @@ def test_the_script_writes_beside_the_checkpoint(stdlib):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {stdlib.with_suffix('.gguf')}"
     assert open_checkpoint(stdlib.with_suffix(".gguf")).config == open_checkpoint(stdlib).config
+
+
+@pytest.fixture(scope="module")
+def big(k_quant_model, tmp_path_factory):
+    """Mixtral's proportions in small: 4 layers of 8 experts, which are most of the file (as in Mixtral 8x7B),
+    one layer's stack of one of them a small part of it."""
+    config = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+                  vocab_size=1024)
+    folder = write_hub_checkpoint(tmp_path_factory.mktemp("big"), config, k_quant_model.parent / "tokenizer.model",
+                                  dtype=torch.bfloat16, n_shards=1)
+    return quantize_checkpoint(convert_hf_checkpoint(folder), "int8")
+
+
+def test_exporting_holds_one_tensor_not_the_model(big, tmp_path):
+    """Exporting an int8 checkpoint (every weight's bytes made anew: Q8_0 blocks) grows a fresh process's
+    anonymous memory by less than a third of the file: the checkpoint stays mmapped and one tensor's bytes are
+    made at a time (the largest, an expert stack, is under a tenth of the file here). Measured as
+    tests/test_quantize.py measures quantize.py: the second of two runs, with freed blocks handed back."""
+    output = tmp_path / "model.gguf"
+    result = run_script(REPO / "tests" / "memory_worker.py", "export", big, output,
+                        env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert result.returncode == 0, result.stderr
+    growth = int(result.stdout.split()[-1]) * 1024
+    largest = max(t.data.nbytes for t in gguf.GGUFReader(output).tensors)
+    assert largest < output.stat().st_size / 10
+    assert growth < output.stat().st_size / 3, (growth, largest, output.stat().st_size)
