@@ -19,13 +19,13 @@
 # Streaming: the checkpoint stays memory-mapped and each tensor is made just before it is written, so at most
 # one tensor's GGUF bytes are in memory. The file is written under a temporary name and renamed when complete.
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -74,7 +74,8 @@ def gguf_rows(fmt: WeightFormat, t: dict, rows) -> Tensor:
     into the rows) fmt holds, in the bytes of ggml_type(fmt): uint8 [rows, bytes per row]."""
     if isinstance(fmt, Int8):  # Q8_0 block: d fp16 | 32 int8 codes
         blocks = t[""][rows].view(torch.uint8).unflatten(-1, (-1, 32))  # [R, n / 32, 32]
-        d = t["scales"][rows].to(torch.float16).view(torch.uint8).view(-1, 1, 2).expand(-1, blocks.shape[1], 2)  # [R, n / 32, 2]
+        d = t["scales"][rows].to(torch.float16).view(torch.uint8).view(-1, 1, 2)  # [R, 1, 2]
+        d = d.expand(-1, blocks.shape[1], 2)  # [R, n / 32, 2]: the row's scale in each of its blocks
         return torch.cat((d, blocks), dim=-1).flatten(1)
     if isinstance(fmt, Int4):  # Q4_0 block: d fp16 | 16 bytes, value j in byte j's low nibble, j + 16 in its high
         packed = t[""][rows]  # [R, n / 2]: value 2i low, 2i + 1 high, each as q + 8, as Q4_0 keeps it
@@ -95,6 +96,11 @@ def rope_permute(n_rows: int, n_heads: int) -> Tensor:
     return torch.arange(n_rows).reshape(n_heads, 2, n_rows // n_heads // 2).swapaxes(1, 2).reshape(-1)
 
 
+def gguf_nbytes(qtype: T, shape: tuple) -> int:
+    values, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // values * size
+
+
 class Planned(NamedTuple):
     """A GGUF tensor to write: its type, its shape in values (ours: [..., rows, cols]) and its bytes, made
     when asked: uint8 [..., bytes per row]."""
@@ -104,8 +110,7 @@ class Planned(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        values, size = gguf.GGML_QUANT_SIZES[self.type]
-        return int(np.prod(self.shape)) // values * size
+        return gguf_nbytes(self.type, self.shape)
 
     @property
     def byte_shape(self) -> tuple:
@@ -114,39 +119,46 @@ class Planned(NamedTuple):
 
 def planned(name: str, fmt: WeightFormat, t: dict, shape: tuple, rows: Optional[Tensor] = None,
             f32: bool = False) -> Planned:
-    """Weight `name` of shape [..., rows, cols] in fmt's tensors t as a GGUF tensor: all its rows, or those of
-    `rows` (its leading axes flattened) in that order; f32: a full-precision one widened to F32."""
+    """Weight `name` of shape [..., rows, cols], held by fmt in its tensors t, as a GGUF tensor: all its rows,
+    or those of `rows` (its leading axes flattened) in that order; f32: a full-precision one widened to F32."""
     flat = {key: v.reshape(-1, *v.shape[len(shape) - 1:]) for key, v in t.items()}  # leading axes into the rows
     if isinstance(fmt, (Int8, Int4)):
         check_fp16(flat["scales"], name, fmt)
     if f32:
         flat = {"": flat[""].float()}
     qtype = T.F32 if f32 else ggml_type(fmt, t[""].dtype)
-    if rows is not None:
-        shape = (rows.numel(), shape[-1])
-    tensor = Planned(qtype, shape, None)
+    order = torch.arange(int(np.prod(shape[:-1]))) if rows is None else rows
+    shape = (*shape[:-1], shape[-1]) if rows is None else (rows.numel(), shape[-1])
+    byte_shape = (*shape[:-1], gguf_nbytes(qtype, shape) // order.numel())
 
     def data() -> np.ndarray:
         if rows is None and (f32 or isinstance(fmt, (FullPrecision, Blocks))):  # the mmapped bytes, no copy
-            return gguf_rows(fmt, flat, slice(None)).numpy().reshape(tensor.byte_shape)
-        order = torch.arange(int(np.prod(shape[:-1]))) if rows is None else rows
-        out = torch.empty(order.numel(), tensor.byte_shape[-1], dtype=torch.uint8)
+            return gguf_rows(fmt, flat, slice(None)).numpy().reshape(byte_shape)
+        out = torch.empty(order.numel(), byte_shape[-1], dtype=torch.uint8)
         for start in range(0, order.numel(), ROWS_PER_CHUNK):
             out[start:start + ROWS_PER_CHUNK] = gguf_rows(fmt, flat, order[start:start + ROWS_PER_CHUNK])
-        return out.numpy().reshape(tensor.byte_shape)
+        return out.numpy().reshape(byte_shape)
 
-    return tensor._replace(data=data)
+    return Planned(qtype, shape, data)
 
 
-def weight_tensors(state_dict: dict, name: str, fmt: WeightFormat) -> dict:
+def weight_tensors(state_dict: dict, name: str, fmt: WeightFormat, shape: tuple) -> dict:
     """{key: tensor} of weight `name` (formats.PARTS' names: 'layers.0.attention.wqkv.q') in fmt, mmapped."""
     prefix, weight = name.rsplit(".", 1)
-    return {key: state_dict[f"{prefix}.{stored_name(weight, key)}"] for key in fmt.layout((1, 256), torch.float32)}
+    return {key: state_dict[f"{prefix}.{stored_name(weight, key)}"] for key in fmt.layout(shape, torch.float32)}
+
+
+def file_order(name: str) -> int:
+    """Where a GGUF tensor goes in the file: token_embd first, then layer by layer as the converter writes them
+    (a layer's weights lie together), output_norm and output last."""
+    if name.startswith("blk."):
+        return int(name.split(".")[1])
+    return -1 if name == "token_embd.weight" else 1 << 30
 
 
 def plan(state_dict: dict, scheme, config: ModelArgs) -> dict:
-    """GGUF name -> Planned, in the order they are written: token_embd, each layer's, output_norm and output.
-    Every int8 and int4 scale is checked here, before anything is written."""
+    """GGUF name -> Planned, in the file's order. Every int8 and int4 scale is checked here, before anything is
+    written."""
     shapes = tensor_shapes(config)
     q_size, kv_size = config.n_head * config.head_dim, config.n_local_heads * config.head_dim
     tensors = {}
@@ -155,7 +167,8 @@ def plan(state_dict: dict, scheme, config: ModelArgs) -> dict:
             fmt = scheme.format_of(ours) if part_of(ours) else FullPrecision()
             # The converter's rule: 1-D tensors, norms and the router in F32 (llama.cpp reads them so).
             f32 = part_of(ours) is None and (len(shapes[ours]) == 1 or names[0].endswith("ffn_gate_inp.weight"))
-            tensors[names[0]] = planned(ours, fmt, weight_tensors(state_dict, ours, fmt), shapes[ours], f32=f32)
+            t = weight_tensors(state_dict, ours, fmt, shapes[ours])
+            tensors[names[0]] = planned(ours, fmt, t, shapes[ours], f32=f32)
             continue
         # wqkv: attn_q, attn_k and attn_v, q's and k's rows in llama.cpp's rotary order
         orders = (rope_permute(q_size, config.n_head), rope_permute(kv_size, config.n_local_heads),
@@ -164,16 +177,15 @@ def plan(state_dict: dict, scheme, config: ModelArgs) -> dict:
         if f"{prefix}.q" in state_dict:  # stored in three parts, each in its own format (from a GGUF file's mix)
             for p, gguf_name, order in zip("qkv", names, orders):
                 fmt = scheme.format_of(f"{prefix}.{p}")
-                t = weight_tensors(state_dict, f"{prefix}.{p}", fmt)
-                tensors[gguf_name] = planned(f"{prefix}.{p}", fmt, t, (order.numel(), config.dim), order)
+                shape = (order.numel(), config.dim)
+                t = weight_tensors(state_dict, f"{prefix}.{p}", fmt, shape)
+                tensors[gguf_name] = planned(f"{prefix}.{p}", fmt, t, shape, order)
         else:
             fmt = scheme.format_of(ours)
-            t = weight_tensors(state_dict, ours, fmt)
+            t = weight_tensors(state_dict, ours, fmt, shapes[ours])
             for gguf_name, order, start in zip(names, orders, (0, q_size, q_size + kv_size)):
                 tensors[gguf_name] = planned(ours, fmt, t, shapes[ours], order + start)
-    # Layer by layer, as the converter writes them: a layer's weights lie together in the file.
-    layer = lambda name: int(name.split(".")[1]) if name.startswith("blk.") else -1 if name == "token_embd.weight" else 1 << 30  # noqa: E731
-    return {name: tensors[name] for name in sorted(tensors, key=layer)}
+    return {name: tensors[name] for name in sorted(tensors, key=file_order)}
 
 
 # ----------------------------------------------------------------------------- general.file_type
@@ -319,8 +331,8 @@ def add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tensors: dict)
     except (ValueError, OSError) as e:
         raise UserError(f"{folder}: tokenizer_config.json or config.json cannot be read ({e})") from None
     if "unk" not in special.special_token_ids:  # the hub's tokenizer.json says <unk>; tokenizer.model does too
-        import sentencepiece as spm
-        special.special_token_ids["unk"] = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).unk_id()
+        tokenizer = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        special.special_token_ids["unk"] = tokenizer.unk_id()
     special.add_to_gguf(writer, quiet=True)
     # The converter leaves these out, and llama.cpp then adds a space prefix and folds no whitespace: the file
     # says what this tokenizer does. Character maps (NFKC ...) GGUF cannot carry at all.
@@ -330,9 +342,10 @@ def add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tensors: dict)
     if flags["remove_extra_whitespaces"]:
         writer.add_remove_extra_whitespaces(True)
     if flags["maps"]:
-        print(f"warning: {folder / 'tokenizer.model'} normalizes text ({flags['name']}) before splitting it, which a "
-              f"GGUF file cannot say: llama.cpp, and this repo reading the file, split some text differently (newlines, "
-              f"full-width and compatibility characters); Mixtral's tokenizer does not normalize", file=sys.stderr)
+        print(f"warning: {folder / 'tokenizer.model'} normalizes text ({flags['name']}) before splitting it, which "
+              f"a GGUF file cannot say: llama.cpp, and this repo reading the file, split some text differently "
+              f"(newlines, full-width and compatibility characters); Mixtral's tokenizer does not normalize",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the file

@@ -106,7 +106,8 @@ def expected_tensors(path) -> dict:
         if isinstance(module, FormattedWeights):
             for name, fmt in module.formats.items():
                 t = module.weight_tensors(name)
-                ours[f"{prefix}.{name}"] = t[""].flatten(-2) if isinstance(fmt, Blocks) else fmt.dequantize(t, torch.float64)
+                blocks = isinstance(fmt, Blocks)
+                ours[f"{prefix}.{name}"] = t[""].flatten(-2) if blocks else fmt.dequantize(t, torch.float64)
     state = model.state_dict()
     for name in tensor_shapes(checkpoint.config):
         ours.setdefault(name, state.get(name))
