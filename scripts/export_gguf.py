@@ -136,7 +136,8 @@ def planned(name: str, fmt: WeightFormat, t: dict, shape: tuple, rows: Optional[
             return gguf_rows(fmt, flat, slice(None)).numpy().reshape(byte_shape)
         out = torch.empty(order.numel(), byte_shape[-1], dtype=torch.uint8)
         for start in range(0, order.numel(), ROWS_PER_CHUNK):
-            out[start:start + ROWS_PER_CHUNK] = gguf_rows(fmt, flat, order[start:start + ROWS_PER_CHUNK])
+            chunk = slice(start, start + ROWS_PER_CHUNK)
+            out[chunk] = gguf_rows(fmt, flat, chunk if rows is None else rows[chunk])  # a slice reads in place
         return out.numpy().reshape(byte_shape)
 
     return Planned(qtype, shape, data)
