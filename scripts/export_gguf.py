@@ -31,7 +31,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import Checkpoint, check_tensors, is_gguf, load_weights, open_checkpoint, read_json_object  # noqa: E402
+from checkpoint import (Checkpoint, check_tensors, is_gguf, is_instruct, load_weights, open_checkpoint,  # noqa: E402
+                        read_json_object)
 from cli import check_writable, one_line_errors  # noqa: E402
 from errors import UserError  # noqa: E402
 from formats import Blocks, FullPrecision, Int4, Int8, WeightFormat, part_of, stored_name  # noqa: E402
@@ -335,6 +336,10 @@ def add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tensors: dict)
         tokenizer = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
         special.special_token_ids["unk"] = tokenizer.unk_id()
     special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None and is_instruct(checkpoint):  # told by the folder's name alone
+        print(f"warning: {folder} has no tokenizer_config.json with Mixtral Instruct's chat template: llama.cpp and "
+              f"ollama will not know its [INST] format; put the hub repo's tokenizer_config.json there and export "
+              f"again", file=sys.stderr)
     # The converter leaves these out, and llama.cpp then adds a space prefix and folds no whitespace: the file
     # says what this tokenizer does. Character maps (NFKC ...) GGUF cannot carry at all.
     flags = normalizer((folder / "tokenizer.model").read_bytes())

@@ -171,6 +171,19 @@ def test_the_vocabulary_reads_back_with_the_same_ids(instruct, stdlib, tmp_path)
     assert fields(gguf.GGUFReader(tmp_path / f"{stdlib.parent.name}.gguf"))["tokenizer.ggml.add_space_prefix"] is False
 
 
+
+def test_an_instruct_model_without_its_chat_template_is_warned_of(stdlib, tmp_path, capsys):
+    """A folder named as an Instruct model (as scripts/download.py names it) with no tokenizer_config.json: the
+    file would carry no chat template, and llama.cpp would not know the [INST] format: said on stderr."""
+    folder = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
+    folder.mkdir()
+    for f in ("config.json", "model.pth", "tokenizer.model"):
+        (folder / f).symlink_to(stdlib.parent / f)
+    export_gguf(folder / "model.pth")
+    assert "no tokenizer_config.json with Mixtral Instruct's chat template" in capsys.readouterr().err
+    export_gguf(stdlib, tmp_path / "base.gguf")  # a base model's folder: nothing to say
+    assert "warning" not in capsys.readouterr().err
+
 # ----------------------------------------------------------------------------- each format, exactly
 
 # Each scheme: quantize.py's file, the GGUF types of its attention, experts' gate and up, down projections and
