@@ -376,3 +376,35 @@ def test_exporting_holds_one_tensor_not_the_model(big, tmp_path):
     largest = max(t.data.nbytes for t in gguf.GGUFReader(output).tensors)
     assert largest < output.stat().st_size / 10
     assert growth < output.stat().st_size / 3, (growth, largest, output.stat().st_size)
+
+
+def test_our_log_probabilities_in_llama_cpps_file(stdlib, tmp_path):
+    """scripts/llama_cpp_logits.py writes what llama-perplexity --kl-divergence reads: its header, the tokens
+    after a BOS, and for each chunk's second half each log-probability as a step count above the smallest one
+    kept, within half a step of the model's own (float64) log_softmax."""
+    from scripts.llama_cpp_logits import write_logits
+    path = export_gguf(stdlib, tmp_path / "model.gguf")
+    text = (REPO / "model.py").read_text()[:3000]
+    (tmp_path / "text.txt").write_text(text)
+    write_logits(path, tmp_path / "text.txt", 64, tmp_path / "ours.bin", torch.float32)
+    data = (tmp_path / "ours.bin").read_bytes()
+    assert data[:8] == b"_logits_"
+    context, vocab, n_chunk = np.frombuffer(data[8:20], dtype=np.int32)
+    checkpoint = open_checkpoint(path)
+    tokens = [1] + load_tokenizer(checkpoint).encode(text)
+    assert (context, vocab, n_chunk) == (64, 2048, len(tokens) // 64)
+    assert np.frombuffer(data[20:20 + 4 * 64 * n_chunk], dtype=np.int32).tolist() == tokens[:64 * n_chunk]
+    rows = np.frombuffer(data[20 + 4 * 64 * n_chunk:], dtype=np.uint16).reshape(n_chunk, 31, 2048 + 4)
+    model = load_model(checkpoint, "cpu", torch.float32)
+    model.setup_caches(1, 64)
+    for i in (0, n_chunk - 1):
+        chunk = torch.tensor([[1] + tokens[i * 64 + 1:(i + 1) * 64]])
+        with torch.no_grad():
+            want = torch.log_softmax(model(chunk, torch.arange(64))[0, 32:63].double(), dim=-1)  # [31, V]
+        step, lowest = (torch.from_numpy(rows[i, :, :4].copy().view(np.float32)).double().unbind(-1))
+        codes = torch.from_numpy(rows[i, :, 4:].astype(np.int64)).double()
+        kept = codes > 0  # the rest lie more than 16 below the top: the file keeps them at its floor
+        got = lowest[:, None] + step[:, None] * codes
+        # Half a step, and float32's rounding of the differences of log-probabilities up to 16 (1e-5 is 80 ulps)
+        assert ((got - want).abs()[kept] <= step[:, None].expand_as(got)[kept] / 2 + 1e-5).all()
+        assert (want[~kept] <= lowest[:, None].expand_as(want)[~kept] + step[:, None].expand_as(want)[~kept]).all()
