@@ -7,7 +7,10 @@ before it): one step of the repo's work, measured from after the imports, printi
                                                    the peak resident size, in bytes
   memory_worker.py quantize CHECKPOINT MODE...     quantize.py's work in each mode, twice (the first pays the
                                                    one-time allocations); prints the growth of the anonymous
-                                                   memory during the second, in KiB, a line per mode"""
+                                                   memory during the second, in KiB, a line per mode
+  memory_worker.py export CHECKPOINT OUTPUT         scripts/export_gguf.py's work, twice in the same way (the
+                                                   second measured): prints the growth of the anonymous memory,
+                                                   in KiB"""
 import resource
 import sys
 import threading
@@ -68,5 +71,22 @@ def quantize(checkpoint: str, *modes: str):
         print(max(peak) - peak[0], flush=True)
 
 
+def export(checkpoint: str, output: str):
+    from scripts.export_gguf import export_gguf
+    export_gguf(checkpoint, output)
+    peak, done = [anon_kib()], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak.append(anon_kib())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    export_gguf(checkpoint, output)
+    done.set()
+    sampler.join()
+    print(max(peak) - peak[0], flush=True)
+
+
 if __name__ == "__main__":
-    {"prefill": prefill, "convert": convert, "quantize": quantize}[sys.argv[1]](*sys.argv[2:])
+    {"prefill": prefill, "convert": convert, "quantize": quantize, "export": export}[sys.argv[1]](*sys.argv[2:])

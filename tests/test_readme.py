@@ -106,6 +106,45 @@ def test_quality_commands(user_folder, hub):
     assert all(0 < f["kl_mean"] and f["top1_agreement"] < 1 for f in figures[1:])
 
 
+def test_gguf_commands(user_folder, hub, tmp_path, monkeypatch):
+    """A community repository's Q4_K_M file (a small one: K-quants' blocks want rows of 256) downloaded and
+    generated from; then our int4 checkpoint exported for llama.cpp, and generated from as well. One thread:
+    the block types run on PyTorch's many small ops, which a second, descheduled thread on a shared machine
+    stalls (measured 35x slower)."""
+    import gguf
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from quantize import quantize_checkpoint
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from scripts.export_gguf import export_gguf
+    from scripts.make_tiny_checkpoint import train_demo_tokenizer
+    # A small vocabulary: the block types run on PyTorch's paths, where a 32000-row head would make the five
+    # 200-token samples of the README's command take many minutes on a shared machine.
+    tokenizer = train_demo_tokenizer(tmp_path / "small.model", vocab_size=1000)
+    config = {**TINY, "num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512, "num_local_experts": 4,
+              "vocab_size": 1024}
+    folder = convert_hf_checkpoint(write_hub_checkpoint(tmp_path / "q4_k_m", config, tokenizer))
+    community = export_gguf(quantize_checkpoint(folder, "experts=q4_k,attention=q4_k,output=q6_k,down=q6_k"))
+    hub.repos["TheBloke/Mixtral-8x7B-v0.1-GGUF"] = {"files": {"mixtral-8x7b-v0.1.Q4_K_M.gguf": community.read_bytes()}}
+    run_gguf, export = bash_blocks("GGUF files")
+    assert "--repo_id TheBloke/Mixtral-8x7B-v0.1-GGUF --filename mixtral-8x7b-v0.1.Q4_K_M.gguf" in run_gguf
+    result = run_bash(run_gguf, user_folder, hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Time for inference") == 5, result.stdout[-3000:]
+
+    download, = bash_blocks("Downloading Weights")
+    _, _, quantize_int4, _ = bash_blocks("Quantization")
+    checkpoints = user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1"
+    if not (checkpoints / "model_int4.g32.pth").is_file():  # the first README test's session did not run
+        export = download + quantize_int4 + export
+    result = run_bash(export, user_folder, hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = gguf.GGUFReader(checkpoints / "model_int4.g32.gguf")
+    types = {t.name: t.tensor_type.name for t in exported.tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == "Q4_0" and types["blk.0.attn_q.weight"] == "Q8_0"
+    result = run_bash(f"python generate.py --checkpoint_path {checkpoints / 'model_int4.g32.gguf'} --num_samples 1 "
+                      f"--max_new_tokens 20\n", user_folder, hub)
+    assert result.returncode == 0 and "Time for inference 1:" in result.stdout, result.stderr[-3000:]
+
 def test_gpu_check_script_runs_on_a_tiny_shape_on_cpu():
     """The five runs in order, each with its table; prefill measured once per format (the Triton kernels
     are for decode steps); the Triton runs, on a CPU, say that they measure the CPU's kernels."""
