@@ -15,6 +15,7 @@ from checkpoint import is_instruct, load_model, load_tokenizer, load_weights, op
 from conftest import fails_cleanly, run_script, REPO
 from formats import Blocks
 from gguf_files import gguf_named, read_hub_tensors, write_gguf
+from kernels import cpu as cpu_kernels
 from layers import FormattedWeights
 from names import tensor_shapes, to_hub
 from quantize import quantize_checkpoint
@@ -80,7 +81,7 @@ def k_quant_model(tmp_path_factory):
     vocabulary padded past its tokenizer's pieces (1024 rows for at most 1000), as many models' are."""
     from scripts.make_tiny_checkpoint import train_demo_tokenizer
     folder = tmp_path_factory.mktemp("k-quant")
-    tok = train_demo_tokenizer(folder / "small.model", vocab_size=1000)  # a small head: 1024 rows, not 32000
+    tok = train_demo_tokenizer(tmp_path_factory.mktemp("tokenizer") / "small.model", vocab_size=1000)  # a small head: 1024 rows, not 32000
     config = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
                   vocab_size=1024)
@@ -125,11 +126,14 @@ def fields(reader: gguf.GGUFReader) -> dict:
 
 
 def prompt_and_step(model, idx: torch.Tensor) -> tuple:
-    """The logits of a prompt of 11 tokens (more than the CPU kernels take: every format's weights are read
-    back to floats and multiplied by PyTorch) and of one decode step after it."""
+    """The logits of a prompt of 11 tokens (more than the decode kernels take; the prompt kernels, which
+    take int8 and int4 but not the GGUF types they become, turned off: every format's weights are read back
+    to floats and multiplied by PyTorch) and of one decode step after it."""
     model.setup_caches(1, 64)
     with torch.no_grad():
-        return model(idx[:, :-1], torch.arange(idx.size(1) - 1)), model(idx[:, -1:], torch.tensor([idx.size(1) - 1]))
+        with cpu_kernels.turned_off():
+            prompt = model(idx[:, :-1], torch.arange(idx.size(1) - 1))
+        return prompt, model(idx[:, -1:], torch.tensor([idx.size(1) - 1]))
 
 
 # ----------------------------------------------------------------------------- the file llama.cpp reads

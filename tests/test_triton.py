@@ -316,8 +316,8 @@ def test_gguf_blocks_on_cuda_take_the_kernels(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():  # (PyTorch's decode path cannot be traced on fake CUDA tensors: asked, not traced)
         x, ids = torch.empty(1, 256, dtype=bf16, device="cuda"), torch.empty(1, 2, dtype=torch.int64, device="cuda")
-        assert dispatch.experts_path(q4_k, x, ids, E, q4_k) == "triton"
-        assert dispatch.experts_path(q4_k, x, ids, E, q6_k) == "decode"
+        assert dispatch.experts_path(q4_k, x, ids, E, 256, q4_k) == "triton"
+        assert dispatch.experts_path(q4_k, x, ids, E, 256, q6_k) == "decode"
 
 
 def test_the_choice_is_a_constant_to_torch_compile(monkeypatch):
