@@ -76,9 +76,13 @@ def alone(tiny_stdlib):
 
     def continuation(prompt: str, max_tokens: int):
         ids = [tokenizer.bos_id()] + tokenizer.encode(prompt)
-        gaps = []
-        seq = generate(model, torch.tensor(ids, dtype=torch.int), max_tokens, temperature=0, eos_id=EOS,
-                       prefill_fn=recorded(gaps), decode_fn=recorded(gaps)).tolist()
+        gaps, threads = [], torch.get_num_threads()
+        torch.set_num_threads(1)  # as the server runs: a second thread on a busy machine stalls the first
+        try:
+            seq = generate(model, torch.tensor(ids, dtype=torch.int), max_tokens, temperature=0, eos_id=EOS,
+                           prefill_fn=recorded(gaps), decode_fn=recorded(gaps)).tolist()
+        finally:
+            torch.set_num_threads(threads)
         new = seq[len(ids):]
         texts = [tokenizer.decode(ids + new[:n + 1])[len(tokenizer.decode(ids)):] for n in range(len(new))]
         return texts, gaps, len(ids)
