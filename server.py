@@ -316,6 +316,8 @@ class Engine:
         self.failed = None  # the UserError loading ended with
 
     def submit(self, job: Job):
+        if self.stopping:
+            raise BadRequest("the server is shutting down", status=503, kind="server_error")
         with self.wake:
             # Free slots take waiting requests at the next iteration: those are not queued beyond them.
             if len(self.waiting) >= self.max_queue + self.jobs.count(None):
@@ -361,7 +363,8 @@ class Engine:
             if plan.stop:
                 break
             try:
-                new = self.slots.step(plan)
+                for b, token in self.slots.step(plan).items():
+                    self.deliver(self.jobs[b], token)
             except Exception as e:  # a fault of ours: logged whole; the requests in the slots end with one line
                 traceback.print_exception(e, file=sys.stderr)
                 for job in self.jobs:
@@ -369,9 +372,6 @@ class Engine:
                         job.reason = "error"
                         self.send(job, ("error", f"internal error ({type(e).__name__}); the server's log has "
                                                  f"the details"))
-                continue
-            for b, token in new.items():
-                self.deliver(self.jobs[b], token)
         self.cancel_all("the server is shutting down")
 
     def deliver(self, job: Job, token: int):
@@ -624,7 +624,8 @@ def main(argv=None):
             raise UserError(f"{args.max_batch_size} slots of {context} positions ask for a KV cache of "
                             f"{readable_size(needed)}, more than the {readable_size(available)} available on "
                             f"{args.device}; lower --max_batch_size or --max_seq_length")
-        args.model_name = args.model_name or checkpoint.folder.name
+        args.model_name = args.model_name or (checkpoint.path.stem if checkpoint.gguf is not None else
+                                              checkpoint.folder.name)
         if rank not in (None, 0):
             follow(args, checkpoint, context, rank, world_size)
         else:
