@@ -4,8 +4,11 @@
 # levels are interleaved round by round (the machine may be shared: a slow moment hits every level alike),
 # each figure the median over its rounds. Python's standard library only: the server is the one measured.
 #
-#   python server.py --checkpoint_path DIR/model_int4.g32.pth --threads 2 &
-#   python scripts/bench_server.py --url http://127.0.0.1:8000 --clients 1 2 4 8
+#   python scripts/benchmark.py --model cpu-bench --write_checkpoint DIR    # random weights; then put the real
+#   cp .../mistral_common/data/tokenizer.model.v1 DIR/tokenizer.model        # tokenizer (32000 tokens) beside them
+#   python quantize.py --checkpoint_path DIR/model.pth --mode int4
+#   python server.py --checkpoint_path DIR/model_int4.g32.pth --threads 1 --max_seq_length 256 &
+#   python scripts/bench_server.py --url http://127.0.0.1:8000 --clients 1 2 4 8 --max_tokens 64 --rounds 3
 import argparse
 import json
 import statistics

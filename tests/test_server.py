@@ -272,3 +272,18 @@ def test_sigterm_ends_the_streams_and_exits_cleanly(served):
     assert "shutting down" in json.loads(rest[-1][len("data: "):])["error"]["message"]
     assert served.process.wait(timeout=30) == 0
     assert "Traceback" not in served.stderr(), served.stderr()
+
+
+def test_chat_messages_of_an_instruct_checkpoint_are_mistral_commons_tokens(tokenizer):
+    """The messages an Instruct checkpoint's chat endpoint is given, system message included, as the tokens
+    mistral-common's v1 tokenizer writes for the same conversation."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    system, user, answer, user2 = "Be brief.", "What is MoE?", "A mixture of experts.", "And a second one"
+    expected = MistralTokenizer.v1().encode_chat_completion(ChatCompletionRequest(messages=[
+        SystemMessage(content=system), UserMessage(content=user), AssistantMessage(content=answer),
+        UserMessage(content=user2)])).tokens
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                {"role": "assistant", "content": answer}, {"role": "user", "content": [{"type": "text", "text": user2}]}]
+    assert server_script.chat_prompt(messages, tokenizer, instruct=True) == expected
