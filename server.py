@@ -7,8 +7,8 @@
 # steps it admits waiting requests into free slots (each prompt prefilled into its own row, at its own
 # positions), then runs one decode step for every slot at once, hands each new token to its client, and
 # frees a slot at end-of-sequence, a stop string, max_tokens or a client that went away. The step always
-# sees every slot (an idle one decodes token 0 at position 0, its output unused), so a compiled step is one
-# graph whatever comes and goes. The HTTP side (asyncio, the main thread) only checks requests, queues them
+# sees every slot (an idle one decodes token 0 at position 0, its output unused), so a compiled step keeps
+# its graph whatever comes and goes (two graphs: with the sampling controls, and greedy alone). The HTTP side (asyncio, the main thread) only checks requests, queues them
 # and forwards each token's text. Under torchrun rank 0 serves HTTP and broadcasts each step's plan; the
 # other ranks follow it with their shards.
 import argparse
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve Mixtral over OpenAI's HTTP API (completions and chat, "
                                                  "streamed or not), decoding concurrent requests together.",
                                      formatter_class=HelpFormatter)
-    add_model_flags(parser, compile_help="Compile the decode step (one graph for every mix of requests).")
+    add_model_flags(parser, compile_help="Compile the decode step, at loading: no mix of requests compiles again.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     parser.add_argument("--model_name", default=None,
@@ -255,11 +255,20 @@ class Slots:
                           top_k=torch.zeros(B, 1, dtype=torch.long, device=device),
                           top_p=torch.ones(B, 1, device=device),
                           noise=torch.ones(B, V, device=device))
+        # While every decoding slot is greedy the step takes the argmax alone: the controls' sort of the whole
+        # vocabulary costs a small model's step several times over. Two graphs, both compiled at loading.
+        self.greedy = Sampling()
         self.active = [False] * B
         self.generators = [None] * B  # a sampling slot's torch.Generator
 
+    def sampling(self, slots) -> Sampling:
+        """The Sampling of a step whose outputs are kept for these slots."""
+        return self.s if any(self.generators[b] is not None for b in slots) else self.greedy
+
     def row(self, b: int) -> Sampling:
         """Slot b's controls alone, as a batch of one (views: what the slot holds)."""
+        if self.generators[b] is None:
+            return self.greedy
         return self.s._replace(**{name: t[b:b + 1] for name, t in self.s._asdict().items() if torch.is_tensor(t)})
 
     def draw_noise(self, slots):
@@ -290,7 +299,8 @@ class Slots:
             # Every slot runs (one graph); only the decoding ones' tokens are kept. The others write their
             # cache at a position their own sequence overwrites before it reads it.
             self.draw_noise(decoding)
-            out = self.decode_fn(self.model, self.tokens, self.positions, self.s).to(torch.int)  # [B, 1], a copy
+            out = self.decode_fn(self.model, self.tokens, self.positions, self.sampling(decoding))
+            out = out.to(torch.int)  # [B, 1], a copy (a compiled step may reuse its output)
             rows = torch.tensor(decoding, device=self.device)
             self.tokens[rows], self.positions[rows] = out[rows], self.positions[rows] + 1
             for b, token in zip(decoding, out[rows, 0].tolist()):
@@ -430,8 +440,9 @@ def load_slots(args, checkpoint, context: int, rank: Optional[int], world_size: 
     slots = Slots(model, args.max_batch_size, device, decode_fn)
     if args.compile:  # compiled now, while /health says loading, rather than in the first request
         print("compiling the decode step with torch.compile…", file=sys.stderr, flush=True)
-        for _ in range(2):
-            decode_fn(model, slots.tokens, slots.positions, slots.s)
+        for s in (slots.s, slots.greedy):
+            for _ in range(2):
+                decode_fn(model, slots.tokens, slots.positions, s)
     return slots
 
 
