@@ -37,12 +37,11 @@ class Served:
         return self.log.read_text()
 
 
-@pytest.fixture(scope="module")
-def served(tiny_stdlib, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+def start(folder, log, *launcher) -> Served:
+    """server.py on the checkpoint in folder, on a free port (its log line names it), once it serves."""
     with open(log, "w") as err:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "server.py"), "--checkpoint_path", str(tiny_stdlib / "model.pth"),
+            [sys.executable, *launcher, str(REPO / "server.py"), "--checkpoint_path", str(folder / "model.pth"),
              "--port", "0", "--threads", "1", "--precision", "float32", "--device", "cpu", "--model_name", NAME,
              "--max_batch_size", str(SLOTS), "--max_queue", str(QUEUE)], stdout=subprocess.DEVNULL, stderr=err,
             cwd=REPO)
@@ -51,10 +50,16 @@ def served(tiny_stdlib, tmp_path_factory):
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
     port = int(log.read_text().split("serving ", 1)[1].split(":", 2)[2].split(" ", 1)[0])
-    yield Served(process, log, f"http://127.0.0.1:{port}")
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    return Served(process, log, f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_stdlib, tmp_path_factory):
+    served = start(tiny_stdlib, tmp_path_factory.mktemp("server") / "stderr.txt")
+    yield served
+    if served.process.poll() is None:
+        served.process.kill()
+        served.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +292,24 @@ def test_chat_messages_of_an_instruct_checkpoint_are_mistral_commons_tokens(toke
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
                 {"role": "assistant", "content": answer}, {"role": "user", "content": [{"type": "text", "text": user2}]}]
     assert server_script.chat_prompt(messages, tokenizer, instruct=True) == expected
+
+
+def test_two_tensor_parallel_ranks_serve_what_one_process_does(tiny_stdlib, alone, tmp_path):
+    """Under torchrun rank 0 serves and the other rank follows its plans: concurrent greedy requests get the
+    text of each prompt alone. torchrun's own SIGTERM ends both ranks without a traceback from server.py."""
+    served = start(tiny_stdlib, tmp_path / "stderr.txt", "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2")
+    try:
+        results = {}
+        threads = [threading.Thread(target=lambda i=i: results.update({i: served.client.completions.create(
+            model=NAME, prompt=PROMPTS[i], max_tokens=20, temperature=0).choices[0].text})) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(3):
+            assert same_greedy_text(results[i], alone(PROMPTS[i], 20)), (PROMPTS[i], results[i])
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=60)
+    assert 'server.py", line' not in served.stderr(), served.stderr()
