@@ -159,8 +159,7 @@ def chat_prompt(messages, tokenizer, instruct: bool) -> list:
             content = "".join(str(p.get("text", "")) for p in content)
         turns.append((m["role"], text_field(content, "messages")))
     system = turns.pop(0)[1] if turns[0][0] == "system" else None
-    if [role for role, _ in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2) or \
-            len(turns) % 2 == 0:
+    if len(turns) % 2 == 0 or [role for role, _ in turns] != (["user", "assistant"] * len(turns))[:len(turns)]:
         raise BadRequest("'messages' must alternate user and assistant turns (after an optional first system "
                          "message) and end with a user's", "messages")
     if system is not None and not instruct:
