@@ -1,4 +1,5 @@
-# Generating text with Mixtral, as a library: sampling, prefill and the one-token decode step, generate()
+# Generating text with Mixtral, as a library: sampling, prefill (of a batch, or into one row of the cache, as
+# server.py admits a request) and the one-token decode step, generate()
 # and generate_batch() over the static KV cache, the settings a run generates with, the chat format and a
 # conversation's state, and the text streamer. generate.py is the command line over it; scripts/benchmark.py
 # uses it too. Loading a checkpoint is checkpoint.py's; the measuring (timer, bytes read, expert counts,
