@@ -1,8 +1,10 @@
-# Generating text with Mixtral, as a library: sampling, prefill and the one-token decode step, generate()
+# Generating text with Mixtral, as a library: sampling, prefill (of a batch, or into one row of the cache, as
+# server.py admits a request) and the one-token decode step, generate()
 # and generate_batch() over the static KV cache, the settings a run generates with, the chat format and a
 # conversation's state, and the text streamer. generate.py is the command line over it; scripts/benchmark.py
 # uses it too. Loading a checkpoint is checkpoint.py's; the measuring (timer, bytes read, expert counts,
 # memory) is measuring.py's.
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
@@ -32,6 +34,9 @@ class Sampling(NamedTuple):
     repetition_penalty: Optional[Tensor] = None  # [B, 1]
     seen: Optional[Tensor] = None  # [B, V] bool: the tokens of each sequence so far, which the penalty lowers
     candidates: Optional[int] = None  # the draw is among this many likeliest tokens (the largest top_k); None: all
+    noise: Optional[Tensor] = None  # [B, N] the Exp(1) draws of the race below, one per token drawn among (N: the
+    # vocabulary, or candidates), when the caller draws them itself (a server, from each request's own seed);
+    # None: drawn here from torch's global generator
 
 
 def sampling(batch: int, device, temperature=0.0, top_k=None, top_p=None, min_p=None,
@@ -115,7 +120,7 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     kept, ids = filtered(logits, s)
     probs = torch.softmax(kept, dim=-1)
     # Exponential race instead of torch.multinomial: same distribution, no host sync (CUDA graphs).
-    q = torch.empty_like(probs).exponential_(1)
+    q = torch.empty_like(probs).exponential_(1) if s.noise is None else s.noise
     choice = torch.argmax(probs / q, dim=-1, keepdim=True)  # [B, 1]
     drawn = choice if ids is None else ids.gather(-1, choice)
     return drawn if s.greedy is None else torch.where(s.greedy, logits.argmax(dim=-1, keepdim=True), drawn)
@@ -133,6 +138,29 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, s: Sampli
     # x: [B, 1], input_pos: [1], or [B, 1] when the sequences stand at different positions -> next token [B, 1]
     logits = model(x, input_pos)  # [B, 1, V]
     return sample(logits[:, -1], s)
+
+
+@contextlib.contextmanager
+def cache_row(model: Transformer, row: int):
+    """Within, the KV cache is its row `row` alone (views of it, so writes land there): a batch of one runs
+    in that row while the other rows keep their sequences. The cache's own tensors are put back after, so
+    that a compiled step over all the rows still finds the tensors it was compiled with."""
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    whole = [(kv.k_cache, kv.v_cache) for kv in caches]
+    try:
+        for kv, (k, v) in zip(caches, whole):
+            kv.k_cache, kv.v_cache = k[row:row + 1], v[row:row + 1]
+        yield
+    finally:
+        for kv, (k, v) in zip(caches, whole):
+            kv.k_cache, kv.v_cache = k, v
+
+
+def prefill_row(model: Transformer, prompt: Tensor, row: int, s: Sampling, prefill_fn: Callable = prefill) -> Tensor:
+    """prompt [T] prefilled into row `row` of the cache at positions 0..T-1 -> its first new token [1, 1].
+    s: that row's Sampling (a batch of one). Continuous batching admits a sequence so, between decode steps."""
+    with cache_row(model, row):
+        return prefill_fn(model, prompt[None], torch.arange(prompt.size(0), device=prompt.device), s)
 
 
 class StopStrings:

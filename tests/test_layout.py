@@ -16,7 +16,7 @@ FLOORS = [
     ("tp", "measuring"),
     ("checkpoint",),
     ("generation", "cli", "calibrate"),
-    ("generate", "eval", "quantize"),
+    ("generate", "eval", "quantize", "server"),
 ]
 FLOOR = {module: n for n, modules in enumerate(FLOORS) for module in modules}
 

@@ -32,7 +32,8 @@ def user_folder(hub, tmp_path_factory):
     hub_files = write_hub_checkpoint(tmp_path_factory.mktemp("hub"), config, mixtral_tokenizer_path())
     hub.repos["mistralai/Mixtral-8x7B-v0.1"] = {"files": {f.name: f.read_bytes() for f in hub_files.iterdir()}}
     folder = tmp_path_factory.mktemp("user")
-    for name in ("generate.py", "eval.py", "model.py", "formats.py", "quantize.py", "tp.py", "kernels", "scripts"):
+    for name in ("generate.py", "eval.py", "model.py", "formats.py", "quantize.py", "tp.py", "server.py", "kernels",
+                 "scripts"):
         if (REPO / name).exists():
             (folder / name).symlink_to(REPO / name)
     return folder
@@ -85,6 +86,20 @@ def test_batch_and_conversation_commands(user_folder, hub):
     # The conversation: two turns, then end of input; the prompts and timings on stderr, the answers on stdout.
     assert err.count("What is your prompt?") == 3 and "What is your prompt?" not in out
     assert "tokens/s" not in out
+
+
+def test_serving_commands(user_folder, hub):
+    """The server started in the background, asked by curl and by the openai client, then stopped by SIGTERM,
+    which it answers with a clean exit."""
+    download, = bash_blocks("Downloading Weights")
+    serving, = bash_blocks("Serving")
+    if (user_folder / "checkpoints" / "mistralai" / "Mixtral-8x7B-v0.1" / "model.pth").is_file():  # the session above
+        download = "export MODEL_REPO=mistralai/Mixtral-8x7B-v0.1\n"
+    result = run_bash(download + serving + "kill $!\nwait $!\n", user_folder, hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    completion, _ = json.JSONDecoder().raw_decode(result.stdout, result.stdout.index("{"))  # curl's, no newline after
+    assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] == 20
+    assert "Traceback" not in result.stderr
 
 
 def test_quality_commands(user_folder, hub):
