@@ -77,7 +77,14 @@ def chosen_scheme(args) -> Scheme:
     if args.format is not None and (args.int8 or args.int4):
         raise UserError("--format names the format: drop --int8 / --int4")
     spec = args.format or (f"int4:g{args.groupsize}:attn4" if args.int4 else "int8" if args.int8 else "full")
-    return parse_scheme(spec)
+    return parse_scheme(spec, target_config(args))  # a preset (q4_k_m) places its formats by the layer count
+
+
+def target_config(args) -> ModelArgs:
+    """The shape benchmarked: the checkpoint's, or the named shape's."""
+    if args.checkpoint_path is not None:
+        return open_checkpoint(args.checkpoint_path).config
+    return model_args(args.model, args.n_layer)
 
 
 @dataclass
@@ -385,8 +392,7 @@ def main(argv=None):
                                            PRECISIONS[args.precision])
             print(f"wrote {path}; benchmark it with --checkpoint_path {path} --compare-hf")
             return
-        check_fits(args, open_checkpoint(args.checkpoint_path).config if args.checkpoint_path is not None
-                   else model_args(args.model, args.n_layer))
+        check_fits(args, target_config(args))
         if args.verify:
             verify_decode.check(args.device, chosen_scheme(args))
         run(args)

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ASSET=assets/tiny-stdlib
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/tiny-stdlib}
-PROMPT=${PROMPT:-"def fibonacci(n):"}
+PROMPT=${PROMPT:-"def is_prime(n):"}
 # The hub-layout files, copied so that what the converter and the quantizer write stays out of assets/.
 mkdir -p "$CHECKPOINT_DIR"
 cp "$ASSET/config.json" "$ASSET/model.safetensors" "$ASSET/tokenizer.model" "$CHECKPOINT_DIR/"

@@ -185,3 +185,37 @@ def test_default_context_is_512_or_the_models_if_shorter(folder, text_file, tmp_
         out, err = capsys.readouterr()
         assert f"tokens in chunks of {context}," in out and json.loads(out.splitlines()[-1])["tokens"] == 43
         assert ("3/3" if context == 20 else "1/1") in err  # the progress bar over the chunks
+
+
+# ----------------------------------------------------------------------------- scored as llama-perplexity scores
+
+def llama_cpp_inputs(tokenizer, context: int) -> list:
+    """llama-perplexity's chunks, written out here from its convention: BOS and the text's tokens, cut into whole
+    chunks of `context` (the rest dropped), each chunk's first token replaced by BOS: [1, context] each."""
+    tokens = [tokenizer.bos_id()] + tokenizer.encode(TEXT)
+    whole = len(tokens) // context * context
+    return [torch.tensor([[tokenizer.bos_id()] + tokens[s + 1:s + context]]) for s in range(0, whole, context)]
+
+
+def test_like_llama_cpp_scores_the_second_half_of_its_chunks(folder, text_file, tokenizer, capsys):
+    """scripts/eval_like_llama_cpp.py on the all-int4 checkpoint: its perplexity, the reference's and the KL mean
+    are those computed here in float64 from transformers' logits (the int4 rounding done here) over the
+    predictions llama-perplexity scores: positions context/2 .. context - 2 of each whole chunk."""
+    from scripts import eval_like_llama_cpp
+    path = quantize_checkpoint(folder / "model.pth", "int4:g32:attn4")
+    eval_like_llama_cpp.main([str(a) for a in (path, "--reference_path", folder / "model.pth", "--text", text_file,
+                                               "--context", CONTEXT, "--precision", "float32")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    models = load_reference(folder), reference_with_int4_weights(load_reference(folder), 32)
+    first = CONTEXT // 2
+    with torch.no_grad():
+        full, rounded = (torch.cat([torch.log_softmax(m(x).logits[0, first:-1].double(), dim=-1)
+                                    for x in llama_cpp_inputs(tokenizer, CONTEXT)]) for m in models)  # [N, V]
+    targets = torch.cat([x[0, first + 1:] for x in llama_cpp_inputs(tokenizer, CONTEXT)])  # [N]
+    assert result["tokens"] == targets.numel() == 2 * (CONTEXT // 2 - 1)  # 44 tokens with BOS: two whole chunks
+    # Float32 logits against float64 ones: as test_kl_of_int4_matches_float64_figures_from_transformers.
+    for key, log_probs in (("reference_perplexity", full), ("perplexity", rounded)):
+        nll = -log_probs.gather(-1, targets[:, None]).mean().item()
+        assert abs(math.log(result[key]) - nll) < LOSS_ULPS * 2 ** -24 * nll, key
+    kl = (full.exp() * (full - rounded)).sum(dim=-1)
+    assert result["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-4) and kl.mean() > 1e-3

@@ -98,6 +98,48 @@ def test_q4_k_m_gives_llama_cpps_layers_more_bits():
     # The 4 layers of the shipped model: the last eighth (layer 3) and layer 2.
     four = parse_scheme("q4_k_m", SimpleNamespace(n_layer=4))
     assert [four.format_of(f"layers.{i}.block_sparse_moe.w2").spec for i in range(4)] == ["q4_k", "q4_k", "q6_k", "q6_k"]
+
+
+# Mixtral 8x7B's bytes per decoded token in each scheme, written out here from the block layouts: q4_k 144 bytes
+# per 256 weights, q5_k 176, q6_k 210; int4:g32 16 bytes and a bf16 scale per 32; int8 a byte a weight and a bf16
+# scale per row. A token reads attention (q: 4096 x 4096, k and v: 1024 x 4096, o: 4096 x 4096) and 2 of 8 experts
+# (3 x 14336 x 4096 each) in 32 layers, the head (32000 x 4096), the router in bf16, and the norms and one
+# embedding row in float32 (as the served model keeps them).
+def mixtral_token_bytes(attention_bytes_per_weight: float, expert: float, output: float) -> float:
+    attention, experts, head = 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096), 32 * 2 * 3 * 14336 * 4096, 32000 * 4096
+    plain = 32 * (2 * 8 * 4096 + 4 * 2 * 4096) + 4 * (4096 + 4096)  # router, two norms per layer; final norm, a row
+    return attention * attention_bytes_per_weight + experts * expert + head * output + plain
+
+
+@pytest.mark.parametrize("preset, attention, experts, output", [("q4_k_a6", "q6_k", "q4_k", "q6_k"),
+                                                                ("q5_k_a5", "q5_k", "q5_k", "q6_k")])
+def test_the_recommended_mixes_keep_one_format_for_all_of_an_experts_weights(preset, attention, experts, output):
+    """The README's presets: each part in its format, and w1, w2 and w3 of every expert in one (the CPU kernels
+    take one format for the three; a different down projection sends decoding to PyTorch's path)."""
+    from types import SimpleNamespace
+    scheme = parse_scheme(preset, SimpleNamespace(n_layer=32))
+    for i in range(32):
+        for w in ("w1", "w2", "w3"):
+            assert scheme.format_of(f"layers.{i}.block_sparse_moe.{w}") == parse_format(experts)
+        assert scheme.format_of(f"layers.{i}.attention.wqkv.weight") == parse_format(attention)
+    assert scheme.format_of("output.weight") == parse_format(output) and scheme.spec == preset
+
+
+def test_q4_k_a6_reads_fewer_bytes_per_mixtral_token_than_int4_g32():
+    """The README's claim for the 4-bit preset, on Mixtral 8x7B's shapes (measuring.active_weight_bytes against the
+    layouts written out above): below int4:g32, which q4_k_m is not."""
+    from layers import build_model
+    from measuring import active_weight_bytes
+    from model import ModelArgs
+    config = ModelArgs.from_name("Mixtral-8x7B-v0.1")
+    measured = {}
+    for spec in ("int4:g32", "q4_k_a6", "q4_k_m"):
+        with torch.device("meta"):
+            measured[spec] = active_weight_bytes(build_model(config, parse_scheme(spec, config), torch.bfloat16))
+    int8_row = 1 + 2 / 4096  # int8 with a bf16 scale per row of 4096 inputs
+    assert measured["int4:g32"] == pytest.approx(mixtral_token_bytes(int8_row, 18 / 32, int8_row), rel=1e-6)
+    assert measured["q4_k_a6"] == pytest.approx(mixtral_token_bytes(210 / 256, 144 / 256, 210 / 256), rel=1e-6)
+    assert measured["q4_k_a6"] < measured["int4:g32"] < measured["q4_k_m"]
     with pytest.raises(UserError, match="layer count"):
         parse_scheme("q4_k_m")
 

@@ -133,8 +133,9 @@ def test_gguf_tensors_are_the_hub_tensors_in_our_order(tiny_gguf):
                            hub[hf + "self_attn.k_proj.weight"].float())
         assert torch.equal(float_of(f"blk.{i}.attn_v.weight"), hub[hf + "self_attn.v_proj.weight"].float())
         assert torch.equal(float_of(f"blk.{i}.ffn_gate_inp.weight"), hub[hf + "block_sparse_moe.gate.weight"].float())
-        for ours, w, shape in (("ffn_gate_exps", "w1", (8, 256, 128)), ("ffn_down_exps", "w2", (8, 128, 256)),
-                               ("ffn_up_exps", "w3", (8, 256, 128))):
+        E, I, D = config.num_experts, config.intermediate_size, config.dim
+        for ours, w, shape in (("ffn_gate_exps", "w1", (E, I, D)), ("ffn_down_exps", "w2", (E, D, I)),
+                               ("ffn_up_exps", "w3", (E, I, D))):
             assert tensors[f"blk.{i}.{ours}.weight"].shape == shape  # [E, rows, cols]
             for e in range(config.num_experts):
                 assert torch.equal(float_of(f"blk.{i}.{ours}.weight")[e],
@@ -151,10 +152,12 @@ def test_gguf_tensors_are_views_of_the_mapped_file(tiny_gguf):
 
 def test_undo_rope_permute_undoes_the_converter_on_real_weights(tiny_gguf):
     hub, _ = tiny_gguf
-    q = hub["model.layers.0.self_attn.q_proj.weight"]  # [4 heads * 32, 128]
-    permuted = llama_cpp_permute(q, 4)
+    n_head = json.loads((TINY_STDLIB / "config.json").read_text())["num_attention_heads"]
+    q = hub["model.layers.0.self_attn.q_proj.weight"]  # [n_head * 32, D]
+    assert q.shape[0] == n_head * 32
+    permuted = llama_cpp_permute(q, n_head)
     assert not torch.equal(permuted, q)
-    assert torch.equal(undo_rope_permute(permuted, 4), q)
+    assert torch.equal(undo_rope_permute(permuted, n_head), q)
     # GGUF row 2i is hub row i, GGUF row 2i + 1 hub row i + 16, in each head of 32 rows.
     assert torch.equal(permuted[32 + 2 * 5], q[32 + 5]) and torch.equal(permuted[32 + 2 * 5 + 1], q[32 + 5 + 16])
 

@@ -119,10 +119,11 @@ def test_shipped_checkpoint_matches_transformers_and_has_learned_python(tiny_std
 
 
 # Top-1 agreement with the full-precision model required along the reference's greedy texts (4 x 64
-# tokens, fed). eval.py measured 98.7 % (int8) and 95.2 % (int4) on the 127,132 held-out tokens
-# (assets/tiny-stdlib/README.md), and these texts give 99.2 % and 95.7 %; with 256 tokens the binomial
-# spread is about 1.5 points, so these bounds fail only if quantization got several times worse.
-MIN_AGREEMENT = {"int8": 0.90, "int4": 0.80}
+# tokens, fed). On the held-out text (assets/tiny-stdlib/README.md) int8 agrees at 99.3 %, int4:g32 at 95.7 %
+# and the q4_k_a6 preset (the 4-bit one the README recommends) at 96.3 %, and these texts give 99.6 %, 96.9 % and
+# 98.8 %; with 256 tokens the binomial spread is about 1.5 points, so these bounds fail only if quantization got
+# several times worse.
+MIN_AGREEMENT = {"int8": 0.90, "int4": 0.80, "q4_k_a6": 0.80}
 
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def teacher_forced_decode(model, seq: torch.Tensor, prompt_len: int) -> torch.Te
     return torch.cat(steps).float()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "q4_k_a6"])
 def test_quantized_greedy_text_equals_full_precision_until_its_top_choice_differs(tiny_stdlib, tokenizer, reference, mode):
     """The quantized model's free-running greedy text must equal the full-precision text up to the first
     token where its own top choice, fed the full-precision text, differs or nearly ties (margin under
