@@ -94,7 +94,9 @@ def check_device(name: str):
 def check_writable(path: Path, flag: str):
     """A UserError unless a file can be written at path: said before any work, not after it."""
     folder = path.parent
-    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the path of the file to write (in it, or beside it)")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} would write {path}, but {folder} is not a folder this user can write into; "
                         f"give a path in one")
 

@@ -25,11 +25,10 @@ from checkpoint import Checkpoint, load_model, load_tokenizer, open_checkpoint
 from cli import (PRECISIONS, HelpFormatter, add_model_flags, check_memory, check_model_flags, prepare_cpu_kernels,
                  run_on_ranks)
 from errors import UserError
-from generation import continued, max_characters
 from layers import model_scheme
 from measuring import active_weight_bytes
 from model import Transformer, kv_cache_bytes
-from reading import open_text, text_lines
+from reading import PIECE_CHARS, max_characters, open_text, text_lines, text_pieces, token_ids
 from tp import rank_device
 
 # Published perplexities use other conventions (llama.cpp scores only the second half of each chunk,
@@ -141,38 +140,22 @@ def evaluate(models: list, id_blocks, context: int, bos: int, step=forward) -> d
 # ----------------------------------------------------------------------------- input
 
 TEXT = "a plain-text (UTF-8) file"
-BLOCK_CHARS = 1 << 16  # lines are tokenized this many characters at a time
 
 
 def text_ids(path: Path, tokenizer, block_size: int):
-    """The token ids of the text in path (no BOS), in consecutive lists, read and tokenized about BLOCK_CHARS
-    characters at a time, so that memory stays bounded whatever the text's length. The text is cut only before
-    a newline, and each piece after the first, which starts with that newline, is tokenized as the text
-    continued (generation.continued): the ids are those of the whole text tokenized at once. A line longer than
-    the model's whole context could spell (its block_size times the longest token's characters: no text that
-    stays within the context of a model generating it) is refused before it is held whole; an empty text, before
-    the model is loaded."""
+    """The token ids of the text in path (no BOS), in consecutive lists, read and tokenized a piece at a time
+    (reading.text_pieces), so that memory stays bounded whatever the text's length; the ids are those of the
+    whole text tokenized at once. A line longer than the model's whole context could spell is refused before it
+    is held whole; an empty text, before the model is loaded."""
     name = f"--text {path}"
     stream = open_text(path, "--text", TEXT, newline=None)
     lines = text_lines(stream, name, max_characters(tokenizer, block_size),
                        f"more tokens than the model's context of {block_size} holds; break it", keep_ends=True)
-
-    def pieces():  # the text's pieces: the first as it starts, each later one from the newline that ends the last
-        piece, size = [], 0
-        for _, line in lines:
-            piece.append(line)
-            size += len(line)
-            if size >= BLOCK_CHARS and line.endswith("\n"):
-                yield "".join(piece)[:-1]
-                piece, size = ["\n"], 1
-        yield "".join(piece)
-        stream.close()
-
-    text = pieces()
-    first = next(text)
-    if not first.strip() and len(first) < BLOCK_CHARS:  # all of a short text, and blank
+    pieces = text_pieces(lines)
+    first = next(pieces)
+    if not first.strip() and len(first) < PIECE_CHARS:  # all of a short text, and blank
         raise UserError(f"{name} is empty; give it the text to score")
-    return itertools.chain([tokenizer.encode(first)], (continued(tokenizer, piece) for piece in text))
+    return token_ids(tokenizer, itertools.chain([first], pieces))
 
 
 def check_context(context: int, block_size: int):

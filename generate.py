@@ -22,10 +22,10 @@ from cli import (PRECISIONS, HelpFormatter, add_model_flags, check_memory, check
                  check_writable, prepare_cpu_kernels, run_on_ranks)
 from errors import UserError
 from generation import (Conversation, Settings, StopStrings, TextStreamer, cache_length, compile_steps,
-                        conversation_cache_length, max_characters, user_turn)
+                        conversation_cache_length, user_turn)
 from measuring import Timer, active_weight_bytes, counting_expert_reads, peak_memory_gb, weight_bytes
 from model import ModelArgs, kv_cache_bytes
-from reading import open_text, text_lines
+from reading import max_characters, open_text, text_lines
 from tp import broadcast_from_rank0, rank_device
 from writing import readable_size
 

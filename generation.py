@@ -12,6 +12,7 @@ from torch import Tensor
 
 from errors import UserError
 from model import Transformer
+from reading import continued
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -332,19 +333,6 @@ def user_turn(tokenizer, text: str, instruct: bool, first: bool = True, system: 
     if system:
         raise UserError("a system prompt needs the Instruct chat format: plain text has no place for one")
     return [tokenizer.bos_id()] + tokenizer.encode(text) if first else continued(tokenizer, "\n" + text)
-
-
-def max_characters(tokenizer, tokens: int) -> int:
-    """The most characters `tokens` tokens can spell: no token's text is longer than its piece (a byte
-    piece such as <0x0A> spells one character, '▁' one space). Any longer text has more tokens."""
-    return tokens * max(len(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size()))
-
-
-def continued(tokenizer, text: str) -> list:
-    """The tokens of text where it continues a text rather than starts one: SentencePiece marks the start of
-    a text with a space piece ('\nHi' is '▁', '\n', 'Hi'), which mid-text it does not have ('\n', 'Hi')."""
-    ids = tokenizer.encode(text)
-    return ids[1:] if ids[:1] == [tokenizer.piece_to_id("\u2581")] else ids
 
 
 @dataclass

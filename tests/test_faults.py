@@ -525,10 +525,11 @@ UNBOUNDED_CHILD = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))  # a normal run peaks near 1.5 GB
 sys.path.insert(0, sys.argv[1])
-import eval as eval_script, generate as generate_script
-ckpt, zero = ["--checkpoint_path", sys.argv[2], "--device", "cpu", "--threads", "1"], "/dev/zero"
-for main, argv in [(eval_script.main, ["--text", zero]), (generate_script.main, ["--prompts_file", zero]),
-                   (generate_script.main, ["--prompt_file", zero])]:
+import eval as eval_script, generate as generate_script, quantize as quantize_script
+ckpt, run, zero = ["--checkpoint_path", sys.argv[2]], ["--device", "cpu", "--threads", "1"], "/dev/zero"
+for main, argv in [(eval_script.main, run + ["--text", zero]), (generate_script.main, run + ["--prompts_file", zero]),
+                   (generate_script.main, run + ["--prompt_file", zero]),
+                   (quantize_script.main, ["--format", "q4_0", "--calibration_text", zero])]:
     try:
         main(ckpt + argv)
     except SystemExit as e:
@@ -537,21 +538,24 @@ for main, argv in [(eval_script.main, ["--text", zero]), (generate_script.main, 
 
 
 def test_input_without_end_is_read_in_bounded_pieces(checkpoint):
-    """/dev/zero as eval's --text, generate's --prompts_file and --prompt_file, under a 4 GB address-space limit
-    (it was all read at once: gigabytes in seconds, then a MemoryError traceback). A line longer than the
-    context could spell is refused in one line before it is held whole."""
+    """/dev/zero as eval's --text, generate's --prompts_file and --prompt_file, quantize's --calibration_text,
+    under a 4 GB address-space limit (each was read at once: gigabytes in seconds, then a MemoryError traceback,
+    or without the limit the out-of-memory killer). A line longer than the context could spell is refused in
+    one line before it is held whole."""
     result = run_script("-c", UNBOUNDED_CHILD, REPO, checkpoint / "model.pth", timeout=240,
                         env={"MALLOC_ARENA_MAX": "2"})
     lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "exit", "note:"))]
     assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, result.stderr[-3000:]
     chars = 2048 * 16  # the model's context times the tokenizer's longest piece
-    assert lines[:6] == [
+    assert lines == [
         f"error: line 1 of --text /dev/zero is longer than {chars} characters: more tokens than the model's "
         f"context of 2048 holds; break it", "exit 1",
         f"error: line 1 of --prompts_file /dev/zero is longer than {chars} characters: more tokens than the "
         f"model's context holds; shorten it", "exit 1",
         f"error: --prompt_file /dev/zero is longer than {chars} characters: more tokens than the model's context "
-        f"holds; shorten it", "exit 1"], result.stderr[-3000:]
+        f"holds; shorten it", "exit 1",
+        f"error: line 1 of --calibration_text /dev/zero is longer than {chars} characters: more tokens than the "
+        f"model's context of 2048 holds; break it", "exit 1"], result.stderr[-3000:]
 
 
 def test_a_chat_line_longer_than_the_context_is_read_past_in_pieces(capsys, monkeypatch):
