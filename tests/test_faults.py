@@ -736,3 +736,11 @@ def test_a_rank_that_dies_is_named_in_one_line_by_the_other(checkpoint, tmp_path
     assert ours == ["error: rank 1 stopped in the middle of the run (its own line, or torchrun's report, says "
                     "why); rank 0 cannot go on without it"], result.stderr[-4000:]
     assert "pair.cc" not in result.stderr and 'generate.py", line' not in result.stderr
+
+
+def test_a_fifo_shard_is_named_as_not_a_file(checkpoint, tmp_path, capsys):
+    """A shard the index lists that is a FIFO (or a folder): it was reported as missing."""
+    folder = linked_folder(checkpoint, tmp_path, *HUB_FILES[:2], "tokenizer.model")
+    os.mkfifo(folder / HUB_FILES[2])
+    fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, HUB_FILES[2], "not a regular file")
+    assert not (folder / "model.pth").exists()
