@@ -198,6 +198,9 @@ def load_imatrix(path: Path, checkpoint: Checkpoint, state_dict: dict) -> tuple:
     file of another kind, of another model's shapes, or of another model (its fingerprint)."""
     from safetensors import safe_open
     redo = f"compute it again with --calibration_text"
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the open, and nothing maps a pipe
+        raise UserError(f"--imatrix {path} is not a regular file; give the .imatrix.safetensors file a "
+                        f"--calibration_text run saved")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -744,3 +744,28 @@ def test_a_fifo_shard_is_named_as_not_a_file(checkpoint, tmp_path, capsys):
     os.mkfifo(folder / HUB_FILES[2])
     fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, HUB_FILES[2], "not a regular file")
     assert not (folder / "model.pth").exists()
+
+
+IMATRIX_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import quantize
+for path in sys.argv[3:]:
+    try:
+        quantize.main(["--checkpoint_path", sys.argv[2], "--format", "q4_0", "--imatrix", path])
+    except SystemExit as e:
+        print(f"exit {e.code}", file=sys.stderr)
+"""
+
+
+def test_an_imatrix_that_is_a_fifo_or_a_folder_is_refused_not_waited_on(checkpoint, tmp_path):
+    """--imatrix naming a FIFO blocked forever in safetensors' open, in silence, past Ctrl-C (a child, and its
+    timeout fails the test); a folder was called 'not a safetensors file (OSError)'."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth", "tokenizer.model")
+    fifo = tmp_path / "stats.imatrix.safetensors"
+    os.mkfifo(fifo)
+    result = run_script("-c", IMATRIX_CHILD, REPO, folder / "model.pth", fifo, tmp_path, timeout=60)
+    assert result.stderr.splitlines() == [
+        f"error: --imatrix {path} is not a regular file; give the .imatrix.safetensors file a --calibration_text "
+        f"run saved" if n % 2 == 0 else "exit 1" for n, path in enumerate((fifo, fifo, tmp_path, tmp_path))]
+    assert leftovers(folder) == []
