@@ -18,6 +18,7 @@
 #
 # Shapes in comments: N tokens, D model width, E experts, K experts per token, I expert width.
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import model as reference
 from checkpoint import Checkpoint, load_state_dict, load_tokenizer
 from errors import UserError
 from model import ModelArgs, Transformer
+from reading import PIECE_CHARS, max_characters, open_text, text_lines, text_pieces, token_ids
 from writing import atomic_file
 
 # Tokens per chunk at most (the model's context if shorter): llama.cpp's imatrix default; attention's
@@ -132,38 +134,53 @@ def reference_model(checkpoint: Checkpoint, state_dict: dict) -> Transformer:
 
 
 @torch.no_grad()
-def collect(model: Transformer, ids: list, bos: int, context: int) -> Statistics:
-    """The statistics of model over the tokens ids, read in chunks of `context` tokens, each after BOS (as
-    eval.py scores a text), with no KV cache: memory stays that of one chunk whatever the text's length."""
-    stats = Statistics(model.config)
+def collect(model: Transformer, id_pieces, bos: int, context: int) -> tuple:
+    """(the statistics of model over the tokens of id_pieces (lists of ids, the text's in order), the number of
+    tokens), read in chunks of `context` tokens, each after BOS (as eval.py scores a text), with no KV cache and
+    each chunk run once whole: memory stays that of one chunk and one piece whatever the text's length."""
+    stats, pending, tokens = Statistics(model.config), [], 0
     handles = hooks(model, stats)
     try:
-        for start in tqdm(range(0, len(ids), context - 1), desc="calibrating", unit="chunk"):
-            model(torch.tensor([[bos] + ids[start:start + context - 1]]))
+        with tqdm(desc="calibrating", unit="chunk") as progress:
+            for ids in itertools.chain(id_pieces, [None]):  # None: the end, where a shorter last chunk counts too
+                pending.extend(ids or [])
+                while len(pending) >= context - 1 or (ids is None and pending):
+                    chunk, pending = pending[:context - 1], pending[context - 1:]
+                    model(torch.tensor([[bos] + chunk]))
+                    tokens += len(chunk)
+                    progress.update()
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return stats, tokens
 
 
 def calibrate(checkpoint: Checkpoint, text_path: Path) -> tuple:
-    """(importance {name: tensor}, metadata) of the checkpoint's model on the text in text_path."""
-    try:
-        text = Path(text_path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--calibration_text {text_path} not found; give a plain-text file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--calibration_text {text_path} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    """(importance {name: tensor}, metadata) of the checkpoint's model on the text in text_path, read and
+    tokenized a piece at a time (reading.text_pieces); a line longer than the model's context could spell is
+    refused before it is held whole."""
     tokenizer = load_tokenizer(checkpoint)
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise UserError(f"--calibration_text {text_path} is empty; give it text like the model's use")
+    name, block_size = f"--calibration_text {text_path}", checkpoint.config.block_size
+    stream = open_text(text_path, "--calibration_text", "a plain-text file", newline=None)
+    lines = text_lines(stream, name, max_characters(tokenizer, block_size),
+                       f"more tokens than the model's context of {block_size} holds; break it", keep_ends=True)
+    digest = hashlib.sha256()
+
+    def hashed(pieces):  # the text's hash, as the pieces go by
+        for piece in pieces:
+            digest.update(piece.encode())
+            yield piece
+    pieces = hashed(text_pieces(lines))
+    first = next(pieces)
+    if not first.strip() and len(first) < PIECE_CHARS:
+        raise UserError(f"{name} is empty; give it text like the model's use")
     state_dict = load_state_dict(checkpoint)
-    context = min(CONTEXT, checkpoint.config.block_size)
-    stats = collect(reference_model(checkpoint, state_dict), ids, tokenizer.bos_id(), context)
-    metadata = {"kind": KIND, "text": Path(text_path).name, "tokens": str(len(ids)), "context": str(context),
-                "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "model": model_fingerprint(checkpoint.config, state_dict)}
+    context = min(CONTEXT, block_size)
+    with stream:
+        stats, tokens = collect(reference_model(checkpoint, state_dict),
+                                token_ids(tokenizer, itertools.chain([first], pieces)), tokenizer.bos_id(), context)
+    metadata = {"kind": KIND, "text": Path(text_path).name, "tokens": str(tokens), "context": str(context),
+                "text_sha256": digest.hexdigest(), "model": model_fingerprint(checkpoint.config, state_dict)}
     return stats.means(), metadata
 
 
@@ -181,6 +198,9 @@ def load_imatrix(path: Path, checkpoint: Checkpoint, state_dict: dict) -> tuple:
     file of another kind, of another model's shapes, or of another model (its fingerprint)."""
     from safetensors import safe_open
     redo = f"compute it again with --calibration_text"
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the open, and nothing maps a pipe
+        raise UserError(f"--imatrix {path} is not a regular file; give the .imatrix.safetensors file a "
+                        f"--calibration_text run saved")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

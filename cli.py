@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from errors import UserError
 from kernels import cpu as cpu_kernels
-from measuring import Timer
+from measuring import Timer, available_memory
 from tp import maybe_init_dist
+from writing import readable_size
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CHECKPOINT = Path("checkpoints/mistralai/Mixtral-8x7B-v0.1/model.pth")
@@ -93,9 +94,21 @@ def check_device(name: str):
 def check_writable(path: Path, flag: str):
     """A UserError unless a file can be written at path: said before any work, not after it."""
     folder = path.parent
-    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the path of the file to write (in it, or beside it)")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} would write {path}, but {folder} is not a folder this user can write into; "
                         f"give a path in one")
+
+
+def check_memory(needed: int, device: str, asking: str, fix: str):
+    """Refuses, before any allocation, to need more bytes than the device has available: the allocator's own
+    failure is a traceback, and on a CPU that overcommits, a cache that is zeroed page by page is ended by the
+    kernel's out-of-memory killer instead. asking: what needs them, with {} where their size goes."""
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise UserError(f"{asking.format(readable_size(needed))}, more than the {readable_size(available)} of memory "
+                        f"available on {device}; {fix}")
 
 
 @contextlib.contextmanager
@@ -124,11 +137,28 @@ def run_on_ranks(args, check: Callable, run: Callable):
         torch.set_num_threads(args.threads)
         rank = maybe_init_dist(args.device)  # None unless under torchrun
         world_size = dist.get_world_size() if rank is not None else 1
-        with output_of_rank0_only(rank):
-            run(args, rank, world_size)
-            sys.stdout.flush()  # a full disk is found here at the latest, while one line can still say so
+        try:
+            with output_of_rank0_only(rank):
+                run(args, rank, world_size)
+                sys.stdout.flush()  # a full disk is found here at the latest, while one line can still say so
+        except RuntimeError as e:
+            if rank is None or not lost_a_rank(e):
+                raise
+            # Said by every rank left (rank 0 may be the one that went), on its own stderr; the rank that went
+            # said why, if it could, and torchrun's report says how it ended.
+            other = f"rank {1 - rank}" if world_size == 2 else "another rank"
+            print(f"error: {other} stopped in the middle of the run (its own line, or torchrun's report, says why); "
+                  f"rank {rank} cannot go on without it", file=sys.stderr)
+            sys.exit(1)
     if rank is not None:
         dist.destroy_process_group()
+
+
+def lost_a_rank(e: RuntimeError) -> bool:
+    """Whether a collective failed because another rank's process went away: gloo says its connection closed
+    (or was reset); torch's own distributed errors say so by their type."""
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def prepare_cpu_kernels(device: str):

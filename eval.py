@@ -10,6 +10,7 @@
 #
 # Shapes in comments: T tokens of a chunk, V vocabulary.
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -21,11 +22,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import Checkpoint, load_model, load_tokenizer, open_checkpoint
-from cli import PRECISIONS, HelpFormatter, add_model_flags, check_model_flags, prepare_cpu_kernels, run_on_ranks
+from cli import (PRECISIONS, HelpFormatter, add_model_flags, check_memory, check_model_flags, prepare_cpu_kernels,
+                 run_on_ranks)
 from errors import UserError
 from layers import model_scheme
 from measuring import active_weight_bytes
-from model import Transformer
+from model import Transformer, kv_cache_bytes
+from reading import PIECE_CHARS, max_characters, open_text, text_lines, text_pieces, token_ids
 from tp import rank_device
 
 # Published perplexities use other conventions (llama.cpp scores only the second half of each chunk,
@@ -38,11 +41,6 @@ DEFAULT_CONTEXT = 512  # llama.cpp's, for comparable figures; a model with a sho
 
 
 # ----------------------------------------------------------------------------- scoring
-
-def chunks(ids: list, context: int) -> list:
-    """Consecutive chunks of `context` tokens of ids; the last may be shorter."""
-    return [ids[start:start + context] for start in range(0, len(ids), context)]
-
 
 def forward(model: Transformer, inputs: Tensor, input_pos: Tensor) -> Tensor:
     return model(inputs, input_pos)  # [1, T, V]
@@ -74,6 +72,19 @@ def percentile(values: Tensor, q: float) -> float:
     return (ordered[low] + (position - low) * (ordered[high] - ordered[low])).item()
 
 
+def exp(x: float) -> float:
+    """e**x, infinite past float64's range (a model that gives its text almost no probability) rather than an
+    OverflowError."""
+    return math.exp(x) if x < math.log(sys.float_info.max) else math.inf
+
+
+def json_line(summary: dict) -> str:
+    """The summary as one line of strict JSON: a figure that is not finite (an infinite perplexity) is null,
+    since JSON has no NaN or Infinity and its readers refuse Python's spelling of them."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in summary.items()},
+                      allow_nan=False)
+
+
 class Scores:
     """Running sums over the scored tokens, chunk by chunk."""
 
@@ -93,40 +104,58 @@ class Scores:
     def summary(self) -> dict:
         """The JSON line's figures: perplexity and tokens; with a reference its perplexity, the KL
         divergence's mean, median, 99th percentile and maximum, and the top-1 agreement (a fraction)."""
-        result = {"perplexity": math.exp(self.nll / self.tokens), "tokens": self.tokens}
+        result = {"perplexity": exp(self.nll / self.tokens), "tokens": self.tokens}
         if self.kl:
             kl = torch.cat(self.kl)
-            result.update(reference_perplexity=math.exp(self.reference_nll / self.tokens), kl_mean=kl.mean().item(),
+            result.update(reference_perplexity=exp(self.reference_nll / self.tokens), kl_mean=kl.mean().item(),
                           kl_median=percentile(kl, 0.5), kl_p99=percentile(kl, 0.99), kl_max=kl.max().item(),
                           top1_agreement=self.agreeing / self.tokens)
         return result
 
 
-def evaluate(models: list, ids: list, context: int, bos: int, step=forward) -> dict:
-    """Scores the text's tokens ids under models[0], against models[1] if given; returns Scores.summary()."""
+def evaluate(models: list, id_blocks, context: int, bos: int, step=forward) -> dict:
+    """Scores the text's tokens under models[0], against models[1] if given; returns Scores.summary(). id_blocks:
+    the text's token ids in consecutive lists (text_ids' pieces), each chunk scored as soon as it is whole."""
     for model in models:
         with torch.device(model.norm.weight.device):
             model.setup_caches(max_batch_size=1, max_seq_length=context)
-    scores = Scores()
-    for chunk in tqdm(chunks(ids, context), desc="chunks", unit="chunk"):
-        targets = torch.tensor(chunk, device=models[0].norm.weight.device)  # [T]
-        log_probs = [next_token_log_probs(model, chunk, bos, step) for model in models]
-        scores.add(targets, *log_probs)
+    scores, pending = Scores(), []
+    with tqdm(desc="chunks", unit="chunk") as progress:
+        for ids in itertools.chain(id_blocks, [None]):  # None: the end, where a shorter last chunk counts too
+            pending.extend(ids or [])
+            while len(pending) >= context or (ids is None and pending):
+                chunk, pending = pending[:context], pending[context:]
+                targets = torch.tensor(chunk, device=models[0].norm.weight.device)  # [T]
+                log_probs = [next_token_log_probs(model, chunk, bos, step) for model in models]
+                for role, lp in zip(("model", "reference"), log_probs):
+                    if not torch.isfinite(lp).all():  # what a NaN or inf weight gives; scoring it would say nothing
+                        raise UserError(f"the {role}'s logits are not finite (NaN or infinite) in chunk "
+                                        f"{progress.n + 1}: its checkpoint holds a weight that is not finite, or its "
+                                        f"activations overflow (float16's range is small; try --precision bfloat16)")
+                scores.add(targets, *log_probs)
+                progress.update()
     return scores.summary()
 
 
 # ----------------------------------------------------------------------------- input
 
-def read_text(path: Path) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--text {path} not found; give a plain-text file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--text {path} cannot be read as UTF-8 text ({type(e).__name__})") from None
-    if not text.strip():
-        raise UserError(f"--text {path} is empty; give it the text to score")
-    return text
+TEXT = "a plain-text (UTF-8) file"
+
+
+def text_ids(path: Path, tokenizer, block_size: int):
+    """The token ids of the text in path (no BOS), in consecutive lists, read and tokenized a piece at a time
+    (reading.text_pieces), so that memory stays bounded whatever the text's length; the ids are those of the
+    whole text tokenized at once. A line longer than the model's whole context could spell is refused before it
+    is held whole; an empty text, before the model is loaded."""
+    name = f"--text {path}"
+    stream = open_text(path, "--text", TEXT, newline=None)
+    lines = text_lines(stream, name, max_characters(tokenizer, block_size),
+                       f"more tokens than the model's context of {block_size} holds; break it", keep_ends=True)
+    pieces = text_pieces(lines)
+    first = next(pieces)
+    if not first.strip() and len(first) < PIECE_CHARS:  # all of a short text, and blank
+        raise UserError(f"{name} is empty; give it the text to score")
+    return token_ids(tokenizer, itertools.chain([first], pieces))
 
 
 def check_context(context: int, block_size: int):
@@ -142,6 +171,18 @@ def check_same_config(checkpoint: Checkpoint, reference: Checkpoint):
         if getattr(reference.config, field) != value:
             raise UserError(f"--reference_path {reference.path} is another model: its config.json has {field} "
                             f"{getattr(reference.config, field)}, the checkpoint's has {value}")
+
+
+def check_scoring_fits(args, checkpoints: list, device: str, world_size: int):
+    """Refuses, before loading, a --context whose KV caches and a chunk's scores (each model's logits, and its
+    log-probabilities with one float64 temporary) exceed the memory the device has available."""
+    config, precision = checkpoints[0].config, PRECISIONS[args.precision]
+    per_model = (kv_cache_bytes(config, 1, args.context, precision, world_size) +
+                 args.context * config.vocab_size * (precision.itemsize + 2 * 8))
+    models = "the model's" if len(checkpoints) == 1 else "each of the 2 models'"
+    check_memory(len(checkpoints) * per_model, device,
+                 f"--context {args.context} asks for {{}} ({models} KV cache and a chunk's logits and float64 "
+                 f"log-probabilities)", "lower --context")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -180,8 +221,9 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
         checkpoints.append(open_checkpoint(args.reference_path))
         check_same_config(*checkpoints)
     tokenizer = load_tokenizer(checkpoints[0])
-    ids = tokenizer.encode(read_text(args.text))
+    ids = text_ids(args.text, tokenizer, checkpoints[0].config.block_size)
     device = rank_device(args.device) if rank is not None else args.device
+    check_scoring_fits(args, checkpoints, device, world_size)
     prepare_cpu_kernels(device)
     models = [load_model(checkpoint, device, PRECISIONS[args.precision], rank, world_size) for checkpoint in checkpoints]
     step = forward
@@ -193,7 +235,7 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     summary = evaluate(models, ids, args.context, tokenizer.bos_id(), step)
     print_table(args, summary, [(checkpoint.path, model_scheme(model).spec, active_weight_bytes(model) * world_size)
                                 for checkpoint, model in zip(checkpoints, models)])
-    print(json.dumps(summary))
+    print(json_line(summary))
 
 
 def print_table(args, summary: dict, checkpoints: list):

@@ -18,13 +18,14 @@ from typing import Optional
 import torch
 
 from checkpoint import is_instruct, load_model, load_tokenizer, open_checkpoint
-from cli import (PRECISIONS, HelpFormatter, add_model_flags, check_model_flags, check_text, check_writable,
-                 prepare_cpu_kernels, run_on_ranks)
+from cli import (PRECISIONS, HelpFormatter, add_model_flags, check_memory, check_model_flags, check_text,
+                 check_writable, prepare_cpu_kernels, run_on_ranks)
 from errors import UserError
 from generation import (Conversation, Settings, StopStrings, TextStreamer, cache_length, compile_steps,
                         conversation_cache_length, user_turn)
-from measuring import Timer, active_weight_bytes, available_memory, counting_expert_reads, peak_memory_gb, weight_bytes
+from measuring import Timer, active_weight_bytes, counting_expert_reads, peak_memory_gb, weight_bytes
 from model import ModelArgs, kv_cache_bytes
+from reading import max_characters, open_text, text_lines
 from tp import broadcast_from_rank0, rank_device
 from writing import readable_size
 
@@ -138,17 +139,19 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
                             f"the model's context of {block_size} tokens; shorten one of them")
         return torch.tensor(ids, dtype=torch.int, device=device)
 
-    # Every prompt is read and checked before any work. A batch is a list of (label, prompt ids).
+    # Every prompt is read and checked before any work. A batch is a list of (label, prompt ids). No text
+    # longer than the context could spell is read whole.
+    longest_text = max_characters(tokenizer, block_size)
     if args.prompts_file is not None:
         prompts = [(f"line {n}", encode(text, f"line {n} of {args.prompts_file}"))
-                   for n, text in read_prompts_file(args.prompts_file)]
+                   for n, text in read_prompts_file(args.prompts_file, longest_text)]
         size = args.batch_size or len(prompts)
         check_cache_fits(args, config, min(size, len(prompts)), max(ids.size(0) for _, ids in prompts), device,
                          precision, world_size)
         batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     elif not args.interactive:
         prompt_ids = (encode(args.prompt) if args.prompt_file is None else
-                      encode(read_prompt_file(args.prompt_file), f"--prompt_file {args.prompt_file}"))
+                      encode(read_prompt_file(args.prompt_file, longest_text), f"--prompt_file {args.prompt_file}"))
         check_cache_fits(args, config, args.batch_size or 1, prompt_ids.size(0), device, precision, world_size)
         batches = [[(f"sequence {b + 1}", prompt_ids) for b in range(args.batch_size or 1)]] * args.num_samples
 
@@ -165,7 +168,8 @@ def run(args, rank: Optional[int] = None, world_size: int = 1):
     torch.manual_seed(args.seed)
     warm_up = args.compile or args.compile_prefill
     if args.interactive:
-        tokens_per_sec = chat(model, tokenizer, Conversation(tokenizer, instruct, args.system), settings, rank, warm_up)
+        tokens_per_sec = chat(model, tokenizer, Conversation(tokenizer, instruct, args.system), settings, rank, warm_up,
+                              longest_text)
     else:
         trace = None
         if args.profile is not None:  # under torchrun, a trace per rank
@@ -189,45 +193,42 @@ def summary(model, device: str, tokens_per_sec: list, world_size: int):
           f"{readable_size(weight_bytes(model))})", file=sys.stderr)
 
 
-def read_text_file(path: Path, flag: str, what: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{flag} {path} not found; give {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{flag} {path} cannot be read as UTF-8 text ({type(e).__name__}); give {what}") from None
-
-
-def read_prompt_file(path: Path) -> str:
-    """The whole file, newlines included: one prompt."""
-    text = read_text_file(path, "--prompt_file", "a UTF-8 text file holding the prompt")
+def read_prompt_file(path: Path, limit: int) -> str:
+    """The whole file, newlines included: one prompt, of at most limit characters (read no further)."""
+    with open_text(path, "--prompt_file", "a UTF-8 text file holding the prompt") as stream:
+        try:
+            text = stream.read(limit + 1)
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt_file {path} is not UTF-8 text; give a UTF-8 text file holding the prompt") from None
+    if len(text) > limit:
+        raise UserError(f"--prompt_file {path} is longer than {limit} characters: more tokens than the model's "
+                        f"context holds; shorten it")
     if not text.strip():
         raise UserError(f"--prompt_file {path} is empty; write the prompt in it")
     return text
 
 
-def read_prompts_file(path: Path) -> list:
-    """(line number, text) of each line of a prompts file that is not blank. Lines end at \\n (or \\r\\n) only:
-    a form feed or a Unicode line separator inside a prompt is part of it, as every editor shows the file."""
-    text = read_text_file(path, "--prompts_file", "a text file with one prompt per line")
-    prompts = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+def read_prompts_file(path: Path, limit: int = 1 << 20) -> list:
+    """(line number, text) of each line of a prompts file that is not blank, each of at most limit characters.
+    Lines end at \\n (or \\r\\n) only: a form feed or a Unicode line separator inside a prompt is part of it, as
+    every editor shows the file."""
+    name = f"--prompts_file {path}"
+    with open_text(path, "--prompts_file", "a text file with one prompt per line") as stream:
+        prompts = [(n, line.removesuffix("\r")) for n, line in
+                   text_lines(stream, name, limit, "more tokens than the model's context holds; shorten it")
+                   if line.strip()]
     if not prompts:
-        raise UserError(f"--prompts_file {path} holds no prompt; write one prompt per line")
+        raise UserError(f"{name} holds no prompt; write one prompt per line")
     return prompts
 
 
 def check_cache_fits(args, config: ModelArgs, batch_size: int, longest_prompt: int, device: str,
                      precision: torch.dtype, world_size: int):
-    """Refuses, before any allocation, a KV cache larger than the memory the device has available: the
-    allocator's own failure is a traceback, and on a CPU that overcommits, a cache that is zeroed page
-    by page is ended by the kernel's out-of-memory killer instead."""
+    """Refuses a KV cache larger than the memory the device has available, before allocating it."""
     positions = cache_length(longest_prompt, args.max_new_tokens, config.block_size)
-    needed = kv_cache_bytes(config, batch_size, positions, precision, world_size)
-    available = available_memory(device)
-    if available is not None and needed > available:
-        raise UserError(f"--batch_size {batch_size} and --max_new_tokens {args.max_new_tokens} ask for a KV cache of "
-                        f"{readable_size(needed)} ({batch_size} sequences of {positions} positions in {args.precision}), "
-                        f"more than the {readable_size(available)} of memory available on {device}; lower them")
+    check_memory(kv_cache_bytes(config, batch_size, positions, precision, world_size), device,
+                 f"--batch_size {batch_size} and --max_new_tokens {args.max_new_tokens} ask for a KV cache of {{}} "
+                 f"({batch_size} sequences of {positions} positions in {args.precision})", "lower them")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -353,7 +354,8 @@ def report(i: int, seconds: float, first: float, prompt_tokens: int, new_tokens:
 
 # ----------------------------------------------------------------------------- the chat
 
-def chat(model, tokenizer, conversation: Conversation, settings: Settings, rank: Optional[int], warm_up: bool) -> list:
+def chat(model, tokenizer, conversation: Conversation, settings: Settings, rank: Optional[int], warm_up: bool,
+         longest_line: int) -> list:
     """--interactive: one conversation, a turn per line of stdin, until end of input or /exit; /reset starts
     a new one; Ctrl-C stops an answer (what it had stays in the conversation). Returns each turn's decode
     tokens/s. The KV cache keeps the conversation between turns, so a turn feeds the model only its new
@@ -363,7 +365,7 @@ def chat(model, tokenizer, conversation: Conversation, settings: Settings, rank:
     if warm_up:
         print(f"Compilation time: {chat_warm_up(model, settings):.2f} seconds", file=sys.stderr)
     tokens_per_sec = []
-    for text in read_prompts(rank):
+    for text in read_prompts(rank, longest_line):
         if text.strip() in EXIT_COMMANDS:
             break
         if text.strip() == "/reset":
@@ -440,16 +442,17 @@ def chat_warm_up(model, settings: Settings) -> float:
     return timer.seconds
 
 
-def read_prompts(rank: Optional[int] = None):
+def read_prompts(rank: Optional[int] = None, limit: int = 1 << 20):
     """Prompts from stdin, one per line, until end of input (Ctrl-D). Under torchrun every rank shares stdin:
     rank 0 reads each line and hands it to the others. Ctrl-C at the prompt of a terminal gives a fresh
-    prompt, as a shell does; a line that is not UTF-8 is said so and not sent."""
+    prompt, as a shell does; a line that is not UTF-8, or longer than limit characters, is said so and not
+    sent (a long line is read past in pieces, never held whole)."""
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes kept, to be named, not a traceback
     while True:
         print("What is your prompt? ", end="", file=sys.stderr, flush=True)
         try:
-            line = sys.stdin.readline() if rank in (None, 0) else None
+            line = read_line(limit) if rank in (None, 0) else None
         except KeyboardInterrupt:
             if rank is not None or not sys.stdin.isatty():
                 raise
@@ -463,12 +466,25 @@ def read_prompts(rank: Optional[int] = None):
         if not sys.stdin.isatty():  # no terminal echoes it: the log shows each turn's text after its prompt
             print(line.rstrip("\n").encode(errors="surrogateescape").decode(errors="replace"), file=sys.stderr)
         try:
+            if len(line) > limit:
+                raise UserError(f"that line is longer than {limit} characters, more tokens than the model's "
+                                f"context holds")
             check_text(line, "that line")
         except UserError as e:
             print(f"note: {e}; it was not sent", file=sys.stderr)
             continue
         if line.strip():
             yield line.rstrip("\n")
+
+
+def read_line(limit: int) -> str:
+    """A line of stdin, or its first limit + 1 characters when it is longer: the rest is read and dropped, a
+    piece at a time."""
+    line = sys.stdin.readline(limit + 1)
+    if len(line) > limit and not line.endswith("\n"):
+        while (rest := sys.stdin.readline(limit)) and not rest.endswith("\n"):
+            pass
+    return line
 
 
 if __name__ == "__main__":

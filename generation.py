@@ -14,6 +14,7 @@ from torch import Tensor
 
 from errors import UserError
 from model import Transformer
+from reading import continued
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -110,20 +111,27 @@ def filtered(logits: Tensor, s: Sampling) -> tuple:
     return logits, ids
 
 
+NOT_FINITE = -1  # the token "drawn" from logits with a NaN or inf in them: no token, for the host to refuse
+
+
 def sample(logits: Tensor, s: Sampling) -> Tensor:
     # logits: [B, V] (each sequence's last position) -> next token ids [B, 1]
     logits = logits.float()
+    # A weight that is not finite (or activations past float16's range) makes NaN or inf logits, from which
+    # argmax and the race would still pick a token. Marked here, inside the step, refused by generate_batch.
+    finite = torch.isfinite(logits).all(dim=-1, keepdim=True)  # [B, 1]
     if s.repetition_penalty is not None:
         logits = penalize_repetition(logits, s.seen, s.repetition_penalty)
     if s.temperature is None:
-        return logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+        return torch.where(finite, logits.argmax(dim=-1, keepdim=True), NOT_FINITE)  # [B, 1]
     kept, ids = filtered(logits, s)
     probs = torch.softmax(kept, dim=-1)
     # Exponential race instead of torch.multinomial: same distribution, no host sync (CUDA graphs).
     q = torch.empty_like(probs).exponential_(1) if s.noise is None else s.noise
     choice = torch.argmax(probs / q, dim=-1, keepdim=True)  # [B, 1]
     drawn = choice if ids is None else ids.gather(-1, choice)
-    return drawn if s.greedy is None else torch.where(s.greedy, logits.argmax(dim=-1, keepdim=True), drawn)
+    drawn = drawn if s.greedy is None else torch.where(s.greedy, logits.argmax(dim=-1, keepdim=True), drawn)
+    return torch.where(finite, drawn, NOT_FINITE)
 
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, s: Sampling, last: Optional[Tensor] = None) -> Tensor:
@@ -234,19 +242,23 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, te
         input_pos = (ends + start_pos).to(torch.int)[:, None]  # [B, 1]
     ended = [None] * B  # how many new tokens each sequence that has ended has
     new_ids = [[] for _ in range(B)]  # each sequence's new tokens, on the host where something reads them
+    # One host sync per step, outside the compiled step, and only when something reads the tokens as they come.
+    syncing = on_token is not None or eos_id is not None or any(stops)
     n = 0
     while True:
         # The compiled step may reuse its output buffer (CUDA graphs): copy the token out at once.
         next_token = next_token.clone()  # [B, 1]
+        tokens = next_token[:, 0].tolist() if syncing else None
+        if syncing and NOT_FINITE in tokens:
+            refuse_not_finite(f"at new token {n + 1}" + (f" of sequence {tokens.index(NOT_FINITE) + 1}" if B > 1 else ""))
         seq[rows, ends + n] = next_token[:, 0].to(torch.int)
         if s.seen is not None:
             s.seen[rows, next_token[:, 0].long()] = True
         n += 1
         if on_token is not None:
             on_token(seq[:, :T + n])
-        # One host sync per step, outside the compiled step, and only when something can end a sequence early.
         if eos_id is not None or any(stops):
-            for b, token in enumerate(next_token[:, 0].tolist()):
+            for b, token in enumerate(tokens):
                 new_ids[b].append(token)
                 if ended[b] is None and (token == eos_id or (stops[b] is not None and stops[b](new_ids[b]))):
                     ended[b] = n
@@ -254,9 +266,18 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, te
                 break
         if n == max_new_tokens:
             break
-        next_token = decode_fn(model, next_token.view(B, 1), input_pos, s)
+        next_token = decode_fn(model, next_token.view(B, 1).clamp(min=0), input_pos, s)  # NOT_FINITE: any token will do
         input_pos += 1
+    if not syncing and seq.min().item() == NOT_FINITE:
+        refuse_not_finite("during the generation")
     return [seq[b, :lengths[b] + (n if ended[b] is None else ended[b])] for b in range(B)]
+
+
+def refuse_not_finite(where: str):
+    """Text decoded from NaN logits would be garbage shown as an answer: a UserError instead."""
+    raise UserError(f"the model's logits are not finite (NaN or infinite) {where}: its checkpoint holds a weight "
+                    f"that is not finite, or its activations overflow (float16's range is small; try --precision "
+                    f"bfloat16)")
 
 
 @dataclass
@@ -340,13 +361,6 @@ def user_turn(tokenizer, text: str, instruct: bool, first: bool = True, system: 
     if system:
         raise UserError("a system prompt needs the Instruct chat format: plain text has no place for one")
     return [tokenizer.bos_id()] + tokenizer.encode(text) if first else continued(tokenizer, "\n" + text)
-
-
-def continued(tokenizer, text: str) -> list:
-    """The tokens of text where it continues a text rather than starts one: SentencePiece marks the start of
-    a text with a space piece ('\nHi' is '▁', '\n', 'Hi'), which mid-text it does not have ('\n', 'Hi')."""
-    ids = tokenizer.encode(text)
-    return ids[1:] if ids[:1] == [tokenizer.piece_to_id("\u2581")] else ids
 
 
 @dataclass

@@ -41,6 +41,8 @@ def stored_shapes(files: dict) -> dict:
 
 
 def open_shard(path: Path):
+    if path.exists() and not path.is_file():  # a folder, a FIFO, a device: safetensors reads only files
+        raise UserError(f"shard {path} listed in the index is not a regular file; put the downloaded shard there")
     if not path.is_file():
         raise UserError(f"shard {path} listed in the index is missing; download the checkpoint again")
     try:

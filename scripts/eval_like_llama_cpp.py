@@ -21,7 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, load_tokenizer, open_checkpoint  # noqa: E402
 from cli import PRECISIONS, one_line_errors  # noqa: E402
-from eval import Scores, check_same_config, next_token_log_probs, read_text  # noqa: E402
+from eval import Scores, check_same_config, next_token_log_probs, text_ids  # noqa: E402
 from layers import model_scheme  # noqa: E402
 from measuring import active_weight_bytes  # noqa: E402
 
@@ -66,7 +66,8 @@ def main(argv=None):
         reference_checkpoint = open_checkpoint(args.reference_path)
         tokenizer = load_tokenizer(reference_checkpoint)
         bos = tokenizer.bos_id()
-        chunks = llama_cpp_chunks(tokenizer.encode(read_text(args.text)), bos, args.context)
+        ids = [i for block in text_ids(args.text, tokenizer, reference_checkpoint.config.block_size) for i in block]
+        chunks = llama_cpp_chunks(ids, bos, args.context)
         dtype = PRECISIONS[args.precision]
         reference = load_model(reference_checkpoint, "cpu", dtype)
         reference.setup_caches(max_batch_size=1, max_seq_length=args.context)

@@ -204,8 +204,8 @@ def test_chat_past_the_context_starts_a_new_conversation(checkpoint, tokenizer, 
 @pytest.mark.parametrize("case,words", [
     ("empty", ["--prompts_file", "holds no prompt"]),
     ("missing", ["--prompts_file", "not found"]),
-    ("directory", ["--prompts_file", "cannot be read"]),
-    ("not_text", ["--prompts_file", "cannot be read", "UTF-8"]),
+    ("directory", ["--prompts_file", "is a folder"]),
+    ("not_text", ["--prompts_file", "is not UTF-8 text"]),
     ("past_the_context", ["line 2 of", "context", "2048"]),
 ])
 def test_bad_prompts_files(checkpoint, tmp_path, capsys, monkeypatch, case, words):

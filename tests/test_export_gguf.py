@@ -334,7 +334,7 @@ def test_an_int8_checkpoint_of_a_float32_model_is_refused(instruct, capsys, tmp_
 def test_bad_paths_are_one_line(stdlib, tmp_path, capsys):
     fails_cleanly(main, ["--checkpoint_path", stdlib, "--output", tmp_path / "no" / "such" / "x.gguf"], capsys,
                   "--output", "is not a folder this user can write into")
-    fails_cleanly(main, ["--checkpoint_path", stdlib, "--output", tmp_path], capsys, "--output")
+    fails_cleanly(main, ["--checkpoint_path", stdlib, "--output", tmp_path], capsys, "--output", "is a folder")
     exported = export_gguf(stdlib, tmp_path / "model.gguf")
     capsys.readouterr()  # its progress
     fails_cleanly(main, ["--checkpoint_path", exported], capsys, "is a GGUF file already")

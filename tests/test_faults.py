@@ -517,3 +517,255 @@ def test_quantizing_non_finite_weights_is_refused_naming_the_tensor(checkpoint, 
     line = fails_cleanly(quantize_script.main, ["--checkpoint_path", folder / "model.pth", "--format", "int4:g32"],
                          capsys, name, "NaN or Inf")
     assert line.startswith("error: tensor") and not (folder / "model_int4.g32.pth").exists()
+
+
+# ----------------------------------------------------------------------------- input without end, models without sense
+
+UNBOUNDED_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))  # a normal run peaks near 1.5 GB
+sys.path.insert(0, sys.argv[1])
+import eval as eval_script, generate as generate_script, quantize as quantize_script
+ckpt, run, zero = ["--checkpoint_path", sys.argv[2]], ["--device", "cpu", "--threads", "1"], "/dev/zero"
+for main, argv in [(eval_script.main, run + ["--text", zero]), (generate_script.main, run + ["--prompts_file", zero]),
+                   (generate_script.main, run + ["--prompt_file", zero]),
+                   (quantize_script.main, ["--format", "q4_0", "--calibration_text", zero])]:
+    try:
+        main(ckpt + argv)
+    except SystemExit as e:
+        print(f"exit {e.code}", file=sys.stderr, flush=True)
+"""
+
+
+def test_input_without_end_is_read_in_bounded_pieces(checkpoint):
+    """/dev/zero as eval's --text, generate's --prompts_file and --prompt_file, quantize's --calibration_text,
+    under a 4 GB address-space limit (each was read at once: gigabytes in seconds, then a MemoryError traceback,
+    or without the limit the out-of-memory killer). A line longer than the context could spell is refused in
+    one line before it is held whole."""
+    result = run_script("-c", UNBOUNDED_CHILD, REPO, checkpoint / "model.pth", timeout=240,
+                        env={"MALLOC_ARENA_MAX": "2"})
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "exit", "note:"))]
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, result.stderr[-3000:]
+    chars = 2048 * 16  # the model's context times the tokenizer's longest piece
+    assert lines == [
+        f"error: line 1 of --text /dev/zero is longer than {chars} characters: more tokens than the model's "
+        f"context of 2048 holds; break it", "exit 1",
+        f"error: line 1 of --prompts_file /dev/zero is longer than {chars} characters: more tokens than the "
+        f"model's context holds; shorten it", "exit 1",
+        f"error: --prompt_file /dev/zero is longer than {chars} characters: more tokens than the model's context "
+        f"holds; shorten it", "exit 1",
+        f"error: line 1 of --calibration_text /dev/zero is longer than {chars} characters: more tokens than the "
+        f"model's context of 2048 holds; break it", "exit 1"], result.stderr[-3000:]
+
+
+def test_a_chat_line_longer_than_the_context_is_read_past_in_pieces(capsys, monkeypatch):
+    """The chat's stdin: a line longer than the context could spell is said and skipped, read limit characters
+    at a time, never held whole (it was one readline(): /dev/zero filled memory); the next line is a turn."""
+    asked = []
+
+    class Recording(io.StringIO):
+        def readline(self, size=-1):
+            asked.append(size)
+            return super().readline(size)
+    monkeypatch.setattr(sys, "stdin", Recording("x" * 100_000 + "\nHello\n"))
+    assert list(generate_script.read_prompts(limit=1000)) == ["Hello"]
+    assert "note: that line is longer than 1000 characters" in capsys.readouterr().err
+    assert asked and all(0 < size <= 1001 for size in asked), asked
+
+
+def test_a_fifo_with_no_writer_says_what_it_waits_for(checkpoint, tmp_path):
+    """A FIFO no program writes into, as eval's --text: one line saying it waits for a writer (it blocked in
+    silence); Ctrl-C then ends it in one line."""
+    import subprocess
+    import time
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    child = subprocess.Popen([sys.executable, "eval.py", "--checkpoint_path", checkpoint / "model.pth", "--device",
+                              "cpu", "--text", fifo], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        import select
+        assert select.select([child.stderr], [], [], 120)[0], "no line: it waits in silence"
+        line = child.stderr.readline()  # the child's first line, once it waits
+        assert line.startswith(f"note: --text {fifo} is a pipe with nothing in it yet: waiting for a program to "
+                               f"write into it"), line
+        time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) == 128 + signal.SIGINT
+        assert [line for line in child.stderr.read().splitlines() if line.strip()] == ["error: interrupted"]
+    finally:
+        child.kill()
+
+
+def test_a_fifo_and_a_pipe_with_writers_are_read(checkpoint, tmp_path, capsys):
+    """A FIFO whose writer comes later is waited for, said once; a pipe that has its text already
+    (`--prompts_file <(...)`) is read at once, with nothing said."""
+    import threading
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write_later():
+        time.sleep(0.5)
+        fifo.write_text("first\nsecond\n")
+    import time
+    writer = threading.Thread(target=write_later)
+    writer.start()
+    assert generate_script.read_prompts_file(fifo) == [(1, "first"), (2, "second")]
+    writer.join()
+    assert capsys.readouterr().err.startswith(f"note: --prompts_file {fifo} is a pipe with nothing in it yet")
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a\r\nb")
+    os.close(write_end)
+    assert generate_script.read_prompts_file(f"/dev/fd/{read_end}") == [(1, "a"), (2, "b")]
+    os.close(read_end)
+    assert capsys.readouterr().err == ""
+
+
+def a_checkpoint_with(checkpoint, tmp_path, name: str, change) -> Path:
+    """A copy of the test checkpoint whose tensor `name` is change(tensor)."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        shutil.copy(checkpoint / f, folder / f)
+    state_dict = torch.load(checkpoint / "model.pth", weights_only=True)
+    state_dict[name] = change(state_dict[name])
+    torch.save(state_dict, folder / "model.pth")
+    return folder / "model.pth"
+
+
+def fails_after_loading(main, argv, capsys, *words) -> str:
+    """main(argv) fails once the model is loaded: exit 1, its last line on stderr the one error line, naming
+    words, and nothing on stdout. Returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip() and "%|" not in line]
+    assert exit_.value.code == 1 and [line for line in lines if line.startswith("error:")] == lines[-1:], captured.err
+    assert "Traceback" not in captured.err and captured.out == "", captured
+    assert all(word in lines[-1] for word in words), lines[-1]
+    return lines[-1]
+
+
+def test_non_finite_logits_are_an_error_not_text(checkpoint, tmp_path, capsys):
+    """One +inf in one attention matrix, given to generate.py and eval.py directly (conversion and quantize.py
+    refuse it; reading every tensor at load would cost a pass over the file, the logits cost nothing): one line
+    saying so (generate printed ⁇ ⁇ ⁇ with exit 0, eval a bare NaN in its JSON line). Greedy and sampled,
+    streamed, batched and with no host sync per step (--ignore_eos, batched)."""
+    import eval as eval_script
+
+    def one_inf(t):
+        t = t.clone()
+        t[0, 0] = float("inf")
+        return t
+    path = a_checkpoint_with(checkpoint, tmp_path, "layers.0.attention.wqkv.weight", one_inf)
+    for flags, where in ((["--temperature", "0"], "at new token 1"), ([], "at new token 1"),
+                         (["--batch_size", "2", "--ignore_eos"], "at new token 1 of sequence 1")):
+        fails_after_loading(generate_script.main, argv(path.parent, "--max_new_tokens", "3", *flags), capsys,
+                            "logits are not finite", where, "a weight that is not finite")
+    # With nothing to read the tokens as they come (no streaming, no end of sequence), checked once at the end.
+    from conftest import load_ours
+    from errors import UserError
+    from generation import generate_batch
+    with pytest.raises(UserError, match="not finite.* during the generation"):
+        generate_batch(load_ours(path.parent), [torch.tensor([1, 2, 3])], 4, temperature=0.5)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n")
+    fails_after_loading(eval_script.main, ["--checkpoint_path", path, "--device", "cpu", "--text", text,
+                                           "--reference_path", checkpoint / "model.pth"], capsys,
+                        "the model's logits are not finite", "chunk 1")
+
+
+def test_eval_json_line_is_strict_json_when_a_figure_overflows(checkpoint, tmp_path, capsys, tokenizer):
+    """A finite model that gives its text almost no probability (the output layer scaled by 1e6): the
+    perplexity passes float64's range. It was an OverflowError traceback; it is null in a valid JSON line."""
+    import eval as eval_script
+    path = a_checkpoint_with(checkpoint, tmp_path, "output.weight", lambda t: t * 1e6)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n")
+    eval_script.main([str(a) for a in ("--checkpoint_path", path, "--device", "cpu", "--text", text,
+                                       "--precision", "float32")])
+    last = capsys.readouterr().out.splitlines()[-1]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    summary = json.loads(last, parse_constant=refuse)
+    assert summary["perplexity"] is None and summary["tokens"] == len(tokenizer.encode(text.read_text())), last
+
+
+def test_eval_refuses_a_context_beyond_memory_before_allocating(checkpoint, tmp_path, capsys):
+    """generate.py's memory check, shared: a --context whose KV cache and scores exceed the memory available
+    is one line (it was the allocator's traceback, or the out-of-memory killer)."""
+    import eval as eval_script
+    folder = linked_folder(checkpoint, tmp_path, "model.pth", "tokenizer.model",
+                           config_changes={"max_position_embeddings": 10 ** 9})
+    text = tmp_path / "text.txt"
+    text.write_text("Hello.\n")
+    line = fails_cleanly(eval_script.main, ["--checkpoint_path", folder / "model.pth", "--device", "cpu", "--text", text,
+                                            "--context", str(10 ** 9)], capsys, "--context 1000000000", "KV cache",
+                         "memory available on cpu", "lower --context")
+    # the KV cache (2 x 3 layers x 2 heads x 1e9 positions x 16 x 2 bytes) and the scores (1e9 x 32000 x 18 bytes)
+    assert "576384.0 GB" in line, line
+
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+DYING_RANK = """
+import os, signal, sys
+sys.path.insert(0, os.environ["REPO"])
+import model
+forward, calls = model.Transformer.forward, []
+def forward_then_die(self, *args, **kwargs):  # rank 1 is killed at its third forward pass, mid-generation
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, *args, **kwargs)
+model.Transformer.forward = forward_then_die
+import generate
+generate.main()
+"""
+
+
+def test_a_rank_that_dies_is_named_in_one_line_by_the_other(checkpoint, tmp_path):
+    """Two CPU ranks under torchrun; rank 1 is killed mid-generation. Rank 0 said it in ~74 lines of gloo
+    traceback; now one line naming rank 1 (torchrun's own report follows, which is torchrun's)."""
+    script = tmp_path / "dying_rank.py"
+    script.write_text(DYING_RANK)
+    result = run_script(*TORCHRUN, script, "--device", "cpu", "--checkpoint_path", checkpoint / "model.pth",
+                        "--max_new_tokens", "8", "--num_samples", "1", env={"REPO": str(REPO)}, timeout=240)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert ours == ["error: rank 1 stopped in the middle of the run (its own line, or torchrun's report, says "
+                    "why); rank 0 cannot go on without it"], result.stderr[-4000:]
+    assert "pair.cc" not in result.stderr and 'generate.py", line' not in result.stderr
+
+
+def test_a_fifo_shard_is_named_as_not_a_file(checkpoint, tmp_path, capsys):
+    """A shard the index lists that is a FIFO (or a folder): it was reported as missing."""
+    folder = linked_folder(checkpoint, tmp_path, *HUB_FILES[:2], "tokenizer.model")
+    os.mkfifo(folder / HUB_FILES[2])
+    fails_cleanly(convert_main, ["--checkpoint_dir", folder], capsys, HUB_FILES[2], "not a regular file")
+    assert not (folder / "model.pth").exists()
+
+
+IMATRIX_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import quantize
+for path in sys.argv[3:]:
+    try:
+        quantize.main(["--checkpoint_path", sys.argv[2], "--format", "q4_0", "--imatrix", path])
+    except SystemExit as e:
+        print(f"exit {e.code}", file=sys.stderr)
+"""
+
+
+def test_an_imatrix_that_is_a_fifo_or_a_folder_is_refused_not_waited_on(checkpoint, tmp_path):
+    """--imatrix naming a FIFO blocked forever in safetensors' open, in silence, past Ctrl-C (a child, and its
+    timeout fails the test); a folder was called 'not a safetensors file (OSError)'."""
+    folder = linked_folder(checkpoint, tmp_path, "model.pth", "tokenizer.model")
+    fifo = tmp_path / "stats.imatrix.safetensors"
+    os.mkfifo(fifo)
+    result = run_script("-c", IMATRIX_CHILD, REPO, folder / "model.pth", fifo, tmp_path, timeout=60)
+    assert result.stderr.splitlines() == [
+        f"error: --imatrix {path} is not a regular file; give the .imatrix.safetensors file a --calibration_text "
+        f"run saved" if n % 2 == 0 else "exit 1" for n, path in enumerate((fifo, fifo, tmp_path, tmp_path))]
+    assert leftovers(folder) == []

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top; a file may import only files on lower floors.
 FLOORS = [
     ("errors",),
-    ("model", "writing", "quants", "kernels.cpu", "kernels.triton_moe"),
+    ("model", "writing", "reading", "quants", "kernels.cpu", "kernels.triton_moe"),
     ("names",),
     ("dispatch", "gguf_file"),
     ("formats",),
