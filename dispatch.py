@@ -133,6 +133,8 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, 
     """How each token's experts run, x [N, D], experts [N, K] of num_experts of `width` (I) hidden values,
     their w1 and w3 stored in fmt and their w2 in down (fmt when None; the kernels take one format for all three):
     'cpu kernel', 'triton'   the hand-written kernels (a few tokens);
+    'cpu kernel, one by one' a few tokens on a CPU with w2 in another format than w1 and w3: each chosen expert's
+                             matrices through the linear kernel (layers.kernel_experts_one_by_one);
     'cpu prompt kernel'      many tokens on a CPU, quantized weights read in place (layers.cpu_prompt_experts);
     'decode'                 matrix-vector products on the chosen experts' weights (layers.decode_experts):
                              where the tokens choose at most as many expert matrices as a grouped pass
@@ -142,9 +144,11 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, 
                              for formats that have one, where half precision is not slow;
     'one by one'             prompts otherwise: each chosen expert over its tokens, its weights read back
                              in matmul_dtype (layers.dequantized_experts)."""
-    kernel = kernel_path(x, "experts", fmt) if down in (None, fmt) else ""
-    if kernel:
+    kernel = kernel_path(x, "experts", fmt)
+    if kernel and down in (None, fmt):
         return kernel
+    if kernel == "cpu kernel" and "cpu" in down.kernels:
+        return "cpu kernel, one by one"
     if down in (None, fmt) and prompt_kernel(x, fmt, x.shape[-1], width):
         return "cpu prompt kernel"
     if experts.numel() <= num_experts or compiled_batch_step(x):

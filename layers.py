@@ -261,6 +261,41 @@ def cpu_kernel_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
                                  w2["scales"], fmt.name)
 
 
+def cpu_kernel_mixed_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
+    return kernel_experts_one_by_one(x, experts, weights, fmt.spec, *(list(w.values()) for w in (w1, w3, w2)),
+                                     down.spec)
+
+
+# The CPU kernels' moe op takes one format for w1, w3 and w2; a GGUF file's mix (Q4_K_M: q6_k down projections
+# in some layers) gives w2 another. Then each chosen expert's three matrices go through the linear kernel, each
+# read in place in its own format: a call per matrix instead of one per layer, against reading every chosen
+# expert back to floats first. A custom op, so that its host-side loop stays out of the compiled graph.
+@torch.library.custom_op("mixtral::kernel_experts_one_by_one", mutates_args=())
+def kernel_experts_one_by_one(x: Tensor, experts: Tensor, weights: Tensor, spec: str, w1: list[Tensor],
+                              w3: list[Tensor], w2: list[Tensor], down_spec: str) -> Tensor:
+    """x [N, D], experts/weights [N, K] -> [N, D]; spec: w1's and w3's format, down_spec: w2's; w1/w3/w2: their
+    tensors in their layout's order."""
+    fmt, down = parse_format(spec), parse_format(down_spec)
+    ops = cpu_kernels.ops()
+
+    def linear(f: WeightFormat, w: list, e: int, v: Tensor) -> Tensor:
+        t = {key: stored[e] for key, stored in zip(f.layout((1, 1), x.dtype), w)}
+        return ops.linear(v, f.kernel_weight(t), t.get("scales"), f.name)
+
+    out = torch.zeros_like(x)
+    for e in experts.unique().tolist():  # host sync: a few tokens' experts
+        rows, k = (experts == e).nonzero(as_tuple=True)
+        xs = x[rows]  # [n_e, D]
+        h = F.silu(linear(fmt, w1, e, xs)) * linear(fmt, w3, e, xs)  # [n_e, I]
+        out.index_add_(0, rows, linear(down, w2, e, h) * weights[rows, k, None])
+    return out
+
+
+@kernel_experts_one_by_one.register_fake
+def _(x, experts, weights, spec, w1, w3, w2, down_spec):
+    return torch.empty_like(x)
+
+
 def cpu_prompt_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
     return cpu_kernels.ops().prompt_moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
                                         w2["scales"], fmt.name)
@@ -361,6 +396,7 @@ def _(x, experts, weights, spec, w1, w3, w2, down_spec=""):
 
 EXPERTS_PATHS = {
     "cpu kernel": cpu_kernel_experts,
+    "cpu kernel, one by one": cpu_kernel_mixed_experts,
     "triton": triton_experts,
     "cpu prompt kernel": cpu_prompt_experts,
     "decode": decode_experts,

@@ -23,6 +23,8 @@ def test_the_path_of_each_step():
         assert dispatch.experts_path(fmt, x, few, 8, 96) == ("cpu kernel" if kernels else "decode")
         with cpu_kernels.turned_off():
             assert dispatch.experts_path(fmt, x, few, 8, 96) == "decode"  # 2 expert matrices of 8
+        other = Int4() if fmt != Int4() else Int8()  # w2 in another format (a GGUF file's mix)
+        assert dispatch.experts_path(fmt, x, few, 8, 96, other) == ("cpu kernel, one by one" if kernels else "decode")
         many = torch.randint(0, 8, (dispatch.CPU_KERNEL_MAX_TOKENS + 1, 2))
         x = torch.randn(many.shape[0], D)  # float32: never slow, so full precision has its grouped matmul
         pytorchs = "grouped" if fmt == FullPrecision() else "one by one"

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dispatch
 from checkpoint import load_state_dict, open_checkpoint
 from conftest import relative_error
 from errors import UserError
@@ -51,7 +52,6 @@ def test_prompt_experts_in_bf16_match_a_float64_loop(monkeypatch, float32_path):
     matmuls are slow) each expert one by one in float32, against each token's experts computed one by one
     in float64. Expert 0 and 1 get many tokens (converted), 2 and 3 a few (left in bf16): both branches of
     the float32 path run."""
-    import dispatch
     assert not dispatch.half_matmul_is_slow(torch.float32)  # float32 models are never converted
     monkeypatch.setattr(dispatch, "half_matmul_is_slow", lambda dtype: float32_path)
     g = torch.Generator().manual_seed(3)
@@ -102,6 +102,10 @@ def test_a_mixed_model_runs_each_weight_in_its_own_format():
             else:
                 p.copy_(getattr(owner, weight))
     model.setup_caches(1, 32)
+    if cpu_kernels.available():  # the q8_0 down projections take the experts one by one through the kernels
+        x = torch.randn(1, config.dim)
+        assert dispatch.experts_path(scheme.experts, x, torch.tensor([[0, 1]]), 4, config.intermediate_size,
+                                     scheme.down) == "cpu kernel, one by one"
     idx = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = reference(idx)
