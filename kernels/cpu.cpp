@@ -42,7 +42,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -768,21 +767,6 @@ constexpr int64_t kMaxVectors = 64;
 // threads split a 1024-row matrix evenly.
 constexpr int64_t kRowsPerTask = 64;
 
-// Runs fn(t, t + 1) for every task t in [0, tasks), the threads claiming tasks one at a time as they get to
-// them, instead of each taking a fixed share up front: on a machine with other work a thread may be
-// descheduled mid-step, and with fixed shares every other thread then waits for its whole share at the
-// barrier; claimed one at a time, the others take over what it has not started. Each task writes its own
-// outputs, so the order in which they run changes no result.
-template <typename F>
-void for_each_task(int64_t tasks, const F& fn) {
-  std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks; t = next.fetch_add(1, std::memory_order_relaxed))
-      fn(t, t + 1);
-  });
-}
-
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // A float32, bf16 or fp16 tensor's values read (and written) as float32 where they are used: converting
@@ -973,7 +957,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>
     const W* w = static_cast<const W*>(weight.data_ptr());
     const VectorStore xv = vectors_for<W>(xf.data(), M, K, x.scalar_type() == at::kBFloat16);
     const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-    for_each_task(tasks, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       linear_rows<W>(w, s, groups, xv.view, M, K, t0 * kRowsPerTask, std::min(N, t1 * kRowsPerTask), out, N);
     });
   });
@@ -1035,7 +1019,7 @@ void moe_experts(const Groups& g, const float* x, bool bf16, const Floats& pair_
 
   // w1 and w3 together, row by row: h = silu(w1 x) * (w3 x) over the group's tokens.
   const int64_t tiles_per_expert = (I + kRowsPerTask - 1) / kRowsPerTask;
-  for_each_task(G * tiles_per_expert, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, G * tiles_per_expert, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dots;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t grp = t / tiles_per_expert, e = g.expert_of[grp];
@@ -1057,7 +1041,7 @@ void moe_experts(const Groups& g, const float* x, bool bf16, const Floats& pair_
   // w2: each thread owns a range of output rows d and adds every pair's contribution to them.
   const VectorStore hv = vectors_for<W>(h.data(), P, I, bf16);
   const int64_t tasks = (D + kRowsPerTask - 1) / kRowsPerTask;
-  for_each_task(tasks, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dots;
     for (int64_t grp = 0; grp < G; ++grp) {
       const int64_t e = g.expert_of[grp], q0 = g.start[grp], M = g.start[grp + 1] - q0;
