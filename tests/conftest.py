@@ -1,5 +1,6 @@
 """Shared fixtures: small random-weight Mixtral checkpoints in the exact hub layout, converted by the
 real converter, and the reference implementation (Hugging Face transformers) loaded from the same files."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -107,15 +108,23 @@ def load_ours(folder: Path, dtype=torch.float32, max_seq_length: int = 256):
     return model
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread in this process for the test: on a shared 2-core machine a second OpenMP thread
-    that is descheduled stalls every op (decoding measured an order of magnitude slower), and the test
-    models are small."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread in this process within: on a shared 2-core machine a second OpenMP thread that is
+    descheduled stalls every op (decoding measured an order of magnitude slower), and the test models are
+    small. Modules whose fixtures run models too hold it for the module (an autouse fixture of their own)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -155,6 +164,11 @@ def hub():
 # ----------------------------------------------------------------------------- the shipped trained model
 # assets/tiny-stdlib (scripts/train_tiny.py): its hub-layout files copied and converted once per session.
 TINY_STDLIB = REPO / "assets" / "tiny-stdlib"
+# A small checkpoint whose rows are all 256 inputs, as the K-quants' blocks need, with the shipped model's
+# vocabulary (2048 pieces: a small output head) and a context of 256 (calibration reads chunks of it).
+K_QUANT_WIDE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4,
+                    max_position_embeddings=256, vocab_size=2048)
 
 
 @pytest.fixture(scope="session")

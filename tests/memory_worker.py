@@ -56,24 +56,18 @@ def convert(folder: str):
 def quantize(checkpoint: str, *modes: str):
     from quantize import quantize_checkpoint
     for mode in modes:
-        quantize_checkpoint(checkpoint, mode)
-        peak, done = [anon_kib()], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak.append(anon_kib())
-                time.sleep(0.001)
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        quantize_checkpoint(checkpoint, mode)
-        done.set()
-        sampler.join()
-        print(max(peak) - peak[0], flush=True)
+        quantize_checkpoint(checkpoint, mode)  # once first, so that the measured run finds its imports warm
+        print(anonymous_growth_kib(lambda: quantize_checkpoint(checkpoint, mode)), flush=True)
 
 
 def export(checkpoint: str, output: str):
     from scripts.export_gguf import export_gguf
-    export_gguf(checkpoint, output)
+    export_gguf(checkpoint, output)  # once first, so that the measured run finds its imports warm
+    print(anonymous_growth_kib(lambda: export_gguf(checkpoint, output)), flush=True)
+
+
+def anonymous_growth_kib(run) -> int:
+    """How far anonymous memory rose above its level at the start while run() ran, sampled every ms."""
     peak, done = [anon_kib()], threading.Event()
 
     def sample():
@@ -82,10 +76,10 @@ def export(checkpoint: str, output: str):
             time.sleep(0.001)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    export_gguf(checkpoint, output)
+    run()
     done.set()
     sampler.join()
-    print(max(peak) - peak[0], flush=True)
+    return max(peak) - peak[0]
 
 
 if __name__ == "__main__":

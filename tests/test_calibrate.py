@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, TINY_STDLIB, fails_cleanly, load_reference
+from conftest import K_QUANT_WIDE as WIDE, REPO, TINY_STDLIB, fails_cleanly, load_reference, one_torch_thread
 
 import calibrate
 import quantize
@@ -16,19 +16,12 @@ from scripts.convert_hf_checkpoint import convert_hf_checkpoint
 from scripts.make_tiny_checkpoint import write_hub_checkpoint
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_for_the_module():
-    """conftest.one_thread for the module's fixtures too (they quantize and calibrate): one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # the module's fixtures run models too
+        yield
 
-# Rows of 256 inputs everywhere, for the K-quants' blocks; the shipped model's tokenizer (2048 pieces) keeps the
-# output head small. Context 256: calibration reads chunks of 256 tokens.
-WIDE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=256, vocab_size=2048)
+
 OUTLIERS = 4  # channels of every norm scaled up (make_tiny_checkpoint.OUTLIER_SCALE), as trained models' are
 TEXT = (REPO / "model.py").read_text()[:6000]  # any text: about 2,400 of the stdlib tokenizer's tokens
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants as gguf_quants
 
-from conftest import TINY_STDLIB, load_reference
+from conftest import K_QUANT_WIDE as WIDE, TINY_STDLIB, load_reference, one_torch_thread
 
 import quants
 from checkpoint import load_model, open_checkpoint
@@ -18,18 +18,13 @@ from scripts.make_tiny_checkpoint import write_hub_checkpoint
 GGUF_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
               "q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K,
               "q6_k": GGMLQuantizationType.Q6_K}
-# Rows of 256 inputs for the K-quants' blocks; the shipped model's tokenizer keeps the output head small.
-WIDE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=256, vocab_size=2048)
 PROMPT = "def main():\n    "
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_for_the_module():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # the module's fixtures run models too
+        yield
 
 
 def on_grid(name: str, w: torch.Tensor) -> torch.Tensor:

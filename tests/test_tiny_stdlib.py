@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_reference, relative_error, run_script
+from conftest import load_reference, one_torch_thread, relative_error, run_script
 from checkpoint import load_model, load_tokenizer, open_checkpoint
 from generation import decode_compile_options, decode_one_token, generate, generate_batch
 from quantize import quantize_checkpoint
@@ -56,12 +56,8 @@ def load(path):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_here():
-    """One torch thread, as conftest's one_thread, for the module's fixtures too: on a shared 2-core
-    machine a descheduled second thread stalls every op of these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # the module's fixtures run models too
+        yield
 
 
 @torch.no_grad()
