@@ -108,6 +108,20 @@ def load_ours(folder: Path, dtype=torch.float32, max_seq_length: int = 256):
     return model
 
 
+def small_random_model(n_layer: int) -> tuple:
+    """(config, model.py's Transformer) of a small shape (64 wide, 4 experts of 128, 64 tokens), seeded, each
+    weight Gaussian with rows of unit scale (1/sqrt of the inputs), for tests of a model built in memory."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    config = ModelArgs(n_layer=n_layer, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
+                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return config, model
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     """One torch thread in this process within: on a shared 2-core machine a second OpenMP thread that is

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import dispatch
 from checkpoint import load_state_dict, open_checkpoint
-from conftest import relative_error
+from conftest import relative_error, small_random_model
 from errors import UserError
 from formats import FullPrecision, Int4, Int8
 from kernels import cpu as cpu_kernels
@@ -79,14 +79,8 @@ def test_a_mixed_model_runs_each_weight_in_its_own_format():
     with every weight dequantized by its own format, in float64."""
     from formats import parse_format, parse_scheme
     from layers import model_scheme
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    config = ModelArgs(n_layer=2, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
-                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    from model import Transformer
+    config, model = small_random_model(n_layer=2)
     scheme = parse_scheme("experts=q4_0,attention=q8_0,output=int8,down=q8_0,layers.1.attention.wo.weight=int8")
     quantize_module(model, config, scheme)
     assert model_scheme(model) == scheme

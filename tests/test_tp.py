@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, run_script
+from conftest import CONFIGS, REPO, load_ours, load_reference, relative_error, run_script, small_random_model
 from formats import parse_format
 from layers import quantize_module
 from kernels import cpu as cpu_kernels
 from generation import generate, generate_batch
-from model import KVCache, ModelArgs, Transformer
+from model import KVCache, ModelArgs
 from quantize import quantize_checkpoint
 from tp import check_divisible, shard_attention, shard_experts
 
@@ -183,13 +183,7 @@ def test_rank_shards_sum_to_the_whole_layer_and_carry_their_scales(fmt):
     unsharded output (what the all-reduce computes); int8 scales (one per output row) are sliced with
     their rows and kept whole where the input columns are sliced; int4 group scales follow their
     rows and their groups of inputs."""
-    torch.manual_seed(0)
-    config = ModelArgs(n_layer=1, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
-                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    config, model = small_random_model(n_layer=1)
     quantize_module(model, config, parse_format(fmt))  # the modules generate.py loads (int4: groups of 32)
     attn, moe = model.layers[0].attention, model.layers[0].block_sparse_moe
     q, kv, I = 4 * 16, 2 * 16, 128
@@ -287,13 +281,7 @@ def test_a_wqkv_stored_in_parts_shards_each_part_by_its_heads():
     """A GGUF file's q, k and v in different types make wqkv three parts (layers.Linear rows): each rank keeps
     its heads' rows of each part, and the ranks' attention outputs sum to the whole layer's."""
     from formats import parse_scheme
-    torch.manual_seed(0)
-    config = ModelArgs(n_layer=1, dim=64, n_head=4, n_local_heads=2, head_dim=16, intermediate_size=128,
-                       num_experts=4, num_activated_experts=2, vocab_size=64, block_size=64)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    config, model = small_random_model(n_layer=1)
     scheme = parse_scheme("experts=q8_0,attention=q4_0,output=q8_0,layers.0.attention.wqkv.q=q4_0,"
                           "layers.0.attention.wqkv.k=q4_0,layers.0.attention.wqkv.v=q8_0")
     from layers import build_model
