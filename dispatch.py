@@ -131,7 +131,8 @@ def compiled_batch_step(x: Tensor) -> bool:
 
 def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, down=None) -> str:
     """How each token's experts run, x [N, D], experts [N, K] of num_experts of `width` (I) hidden values,
-    their w1 and w3 stored in fmt and their w2 in down (fmt when None; the kernels take one format for all three):
+    their w1 and w3 stored in fmt and their w2 in down (fmt when None; the decode kernels take one format for all
+    three, the prompt kernels one for w1 and w3 and one for w2):
     'cpu kernel', 'triton'   the hand-written kernels (a few tokens);
     'cpu kernel, one by one' a few tokens on a CPU with w2 in another format than w1 and w3: each chosen expert's
                              matrices through the linear kernel (layers.kernel_experts_one_by_one);
@@ -149,7 +150,7 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, 
         return kernel
     if kernel == "cpu kernel" and "cpu" in down.kernels:
         return "cpu kernel, one by one"
-    if down in (None, fmt) and prompt_kernel(x, fmt, x.shape[-1], width):
+    if prompt_kernel(x, fmt, x.shape[-1], width) and (down in (None, fmt) or "cpu prompt" in down.kernels):
         return "cpu prompt kernel"
     if experts.numel() <= num_experts or compiled_batch_step(x):
         return "decode"

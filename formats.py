@@ -244,7 +244,7 @@ class Blocks(WeightFormat):
     back byte for byte. Stored: uint8 [..., out, in / values per block, bytes per block], one tensor with
     its scales inside; its last axis (the bytes) tells the type apart from int4's [..., out, in/2]."""
     name: str = "q4_k"
-    kernels = ("cpu", "triton")
+    kernels = ("cpu", "cpu prompt", "triton")
 
     @property
     def spec(self):

@@ -213,7 +213,7 @@ def triton_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
 
 
 def cpu_prompt_linear(fmt: WeightFormat, x: Tensor, t: dict) -> Tensor:
-    y = cpu_kernels.ops().prompt_linear(x.reshape(-1, x.shape[-1]), t[""], t["scales"], fmt.name)
+    y = cpu_kernels.ops().prompt_linear(x.reshape(-1, x.shape[-1]), fmt.kernel_weight(t), t.get("scales"), fmt.name)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -297,8 +297,10 @@ def _(x, experts, weights, spec, w1, w3, w2, down_spec):
 
 
 def cpu_prompt_experts(fmt, x, experts, weights, w1, w3, w2, down=None):
-    return cpu_kernels.ops().prompt_moe(x, experts, weights, w1[""], w3[""], w2[""], w1["scales"], w3["scales"],
-                                        w2["scales"], fmt.name)
+    down = down or fmt
+    return cpu_kernels.ops().prompt_moe(x, experts, weights, fmt.kernel_weight(w1), fmt.kernel_weight(w3),
+                                        down.kernel_weight(w2), w1.get("scales"), w3.get("scales"),
+                                        w2.get("scales"), fmt.name, down.name)
 
 
 def triton_experts(fmt, x, experts, weights, w1, w3, w2, down=None):

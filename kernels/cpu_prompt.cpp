@@ -1,4 +1,4 @@
-// CPU kernels for prompts: many tokens times int8 or int4 weights, read in place. A prompt's tokens
+// CPU kernels for prompts: many tokens times int8, int4 or GGUF's block types' weights, read in place. A prompt's tokens
 // share each weight, so its products are compute-bound; what used to cost most was making a full-
 // precision copy of every weight matrix in memory before PyTorch's matmul could use it. Here each
 // thread expands a small block of weight rows at a time into its cache and multiplies it with all the
@@ -7,7 +7,8 @@
 // Two ways to multiply, chosen per call (prompt_linear, prompt_moe):
 //  - AMX (Intel since Sapphire Rapids), for bf16 activations: a block of 32 weight rows is expanded to
 //    bf16 in L2, in the layout of AMX's tiles (int4 nibbles through a 16-entry table of the group's
-//    bf16 values (q - 8) * scale; int8 values exactly, their row scale applied to the sums), and
+//    bf16 values (q - 8) * scale; int8 values exactly, their row scale applied to the sums; GGUF's
+//    blocks decoded 32 values at a time, as llama.cpp computes them in float32), and
 //    multiplied with the bf16 activations by TDPBF16PS, 16 x 16 x 32 products an instruction. The
 //    activations are used as they are: no rounding beyond the model's own.
 //  - Integer dot products, everywhere else (no AMX, or float32 / fp16 activations): activations are
@@ -23,11 +24,13 @@
 // cpu.cpp (kernels/cpu.py), and registers its ops in the same namespace (MIXTRAL_OPS):
 //   prompt_linear(x [M, K], weight, scales, format) -> [M, N]
 //   prompt_moe(x [T, D], experts [T, Kx], weights [T, Kx], w1, w3 [E, I, D], w2 [E, D, I], their scales,
-//              format) -> [T, D]
+//              format, down_format) -> [T, D]
 //   prompt_use_amx(use) -> whether AMX is in use from now on (false where the CPU or the OS lacks it)
 // format 'int8': int8 [N, K] weights, one scale per row [N]; 'int4': uint8 [N, K/2], value 2j in the low
 // nibble of byte j and 2j+1 in the high one, stored q + 8, scales [N, K/group] for groups of a multiple
-// of 32. Scales are float32, bf16 or fp16; activations float32, bf16 or fp16; K a multiple of 32.
+// of 32; 'q8_0', 'q4_0', 'q4_k', 'q5_k', 'q6_k': uint8 [N, K / values * bytes], GGUF's blocks as they are,
+// no scales (quants.py's table). prompt_moe's w2 may have its own (down_format). Scales are float32,
+// bf16 or fp16; activations float32, bf16 or fp16; K a multiple of 32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -78,9 +81,24 @@ using Buffer = std::vector<T, LineAligned<T>>;
 
 // ---------------------------------------------------------------------------- weights, read in place
 
-enum class Format { kInt8, kInt4 };
+enum class Format { kInt8, kInt4, kQ8_0, kQ4_0, kQ4_K, kQ5_K, kQ6_K };
+constexpr const char* kFormatNames[] = {"int8", "int4", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"};
 
-// One weight matrix: int8 [N, K] with a scale per row, or int4 uint8 [N, K/2] with `groups` scales per row.
+// GGUF's block types (quants.py's table): their scales are inside the blocks.
+bool blocks(Format f) { return f >= Format::kQ8_0; }
+int64_t block_values(Format f) { return f == Format::kQ8_0 || f == Format::kQ4_0 ? 32 : 256; }
+int64_t block_bytes(Format f) {
+  switch (f) {
+    case Format::kQ8_0: return 34;
+    case Format::kQ4_0: return 18;
+    case Format::kQ4_K: return 144;
+    case Format::kQ5_K: return 176;
+    default: return 210;  // q6_k
+  }
+}
+
+// One weight matrix: int8 [N, K] with a scale per row, int4 uint8 [N, K/2] with `groups` scales per row,
+// or a GGUF block type's rows of K / values blocks, one after another (no separate scales).
 struct Matrix {
   Format format = Format::kInt8;
   const uint8_t* data = nullptr;
@@ -88,7 +106,9 @@ struct Matrix {
   at::ScalarType scale_type = at::kFloat;
   int64_t N = 0, K = 0, groups = 1;
 
-  int64_t row_bytes() const { return format == Format::kInt4 ? K / 2 : K; }
+  int64_t row_bytes() const {
+    return format == Format::kInt4 ? K / 2 : blocks(format) ? K / block_values(format) * block_bytes(format) : K;
+  }
   const uint8_t* row(int64_t n) const { return data + n * row_bytes(); }
   float scale(int64_t n, int64_t g = 0) const {
     const int64_t i = n * groups + g;
@@ -115,7 +135,7 @@ struct Matrix {
   Matrix expert(int64_t e) const {
     Matrix m = *this;
     m.data += e * N * row_bytes();
-    m.scales = static_cast<const char*>(scales) + e * N * groups * c10::elementSize(scale_type);
+    if (scales) m.scales = static_cast<const char*>(scales) + e * N * groups * c10::elementSize(scale_type);
     return m;
   }
 };
@@ -135,6 +155,78 @@ struct Rows {
   int64_t row(int64_t l) const { return count == 1 ? l : l / (2 * kSpan) * kSpan + l % kSpan; }
   bool present(int64_t l) const { return l < size() && row(l) < matrix(l).N; }
 };
+
+// ---------------------------------------------------------------------------- GGUF's blocks, decoded
+
+// One step of a GGUF row, its values 32 s .. 32 s + 31: w[i] = step[i / 16] * q[i] - offset, the codes q as
+// 32 int8 in order. step and offset are exact in float32 (an fp16 times a 6- or 8-bit integer), and so is
+// step * q but for q6_k's, which rounds once, as llama.cpp's and quants.py's decoding does: a weight made
+// from these is bit for bit theirs.
+struct Codes {
+  __m256i q;
+  float step[2];
+  float offset;
+};
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// The 4 or 2 bits of each byte from bit `shift` on (a 16-bit shift, then a mask, keeps bytes apart).
+inline __m256i bits(__m256i v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+inline Codes decode(Format f, const uint8_t* row, int64_t s) {
+  Codes c;
+  c.offset = 0.0f;
+  switch (f) {
+    case Format::kQ8_0: {  // d | 32 int8 q
+      const uint8_t* b = row + 34 * s;
+      c.step[0] = c.step[1] = fp16(b);
+      c.q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+      break;
+    }
+    case Format::kQ4_0: {  // d | 16 bytes: value j in the low nibble of byte j, j + 16 in the high one; q - 8
+      const uint8_t* b = row + 18 * s;
+      c.step[0] = c.step[1] = fp16(b);
+      const __m256i v = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
+      c.q = _mm256_sub_epi8(_mm256_inserti128_si256(bits(v, 0, 15), _mm256_castsi256_si128(bits(v, 4, 15)), 1),
+                            _mm256_set1_epi8(8));
+      break;
+    }
+    case Format::kQ4_K:
+    case Format::kQ5_K: {  // d | dmin | 12 bytes of 6-bit scales and mins | (q5_k: 32 bytes of fifth bits) | nibbles
+      const bool five = f == Format::kQ5_K;
+      const uint8_t* b = row + (five ? 176 : 144) * (s / 8);
+      const int u = s % 8;  // the sub-block
+      const uint8_t* sm = b + 4;
+      const int sc = u < 4 ? sm[u] & 63 : (sm[u + 4] & 15) | ((sm[u - 4] >> 6) << 4);
+      const int m = u < 4 ? sm[u + 4] & 63 : (sm[u + 4] >> 4) | ((sm[u] >> 6) << 4);
+      c.step[0] = c.step[1] = fp16(b) * sc;
+      c.offset = fp16(b + 2) * m;
+      // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (five ? 48 : 16) + 32 * (u / 2)));
+      c.q = bits(v, 4 * (u % 2), 15);
+      if (five)  // bit u of byte l: value l's fifth bit
+        c.q = _mm256_or_si256(c.q, _mm256_slli_epi16(bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)), u, 1), 4));
+      break;
+    }
+    default: {  // q6_k: 128 bytes of low 4 bits | 64 of top 2 bits | 16 int8 scales | d; q - 32
+      const uint8_t* b = row + 210 * (s / 8);
+      const int t = s % 8, half = t / 4, k = t % 4;  // value 32 k + l of a half of 128
+      const __m256i low = bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * half + 32 * (k % 2))), 4 * (k / 2), 15);
+      const __m256i high = bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half)), 2 * k, 3);
+      c.q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 2 * t;
+      const float d = fp16(b + 208);
+      c.step[0] = d * sc[0], c.step[1] = d * sc[1];
+    }
+  }
+  return c;
+}
 
 // A float32, bf16 or fp16 row of n values as float32.
 void to_floats(const void* src, at::ScalarType type, int64_t n, float* dst) {
@@ -184,13 +276,14 @@ struct Quantized {
   int64_t M = 0, K = 0;
   Buffer<int16_t> q;    // [M][K]
   Buffer<float> scale;  // [M][blocks()]
+  Buffer<float> sums;   // [M][K / 32]: each 32 values' sum, for the K-quants' mins (sum of q, times the scale)
   int64_t blocks() const { return (K + kBlock - 1) / kBlock; }
 };
 
 Quantized quantize(const float* x, int64_t M_real, int64_t M, int64_t K) {
   Quantized v;
   v.M = M, v.K = K;
-  v.q.assign(M * K, 0), v.scale.assign(M * v.blocks(), 0.0f);
+  v.q.assign(M * K, 0), v.scale.assign(M * v.blocks(), 0.0f), v.sums.assign(M * K / 32, 0.0f);
   at::parallel_for(0, M_real, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < v.blocks(); ++b) {
@@ -208,6 +301,11 @@ Quantized quantize(const float* x, int64_t M_real, int64_t M, int64_t K) {
           const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k), _mm256_set1_ps(inverse)));
           const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8), _mm256_set1_ps(inverse)));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0b11011000));
+        }
+        for (int64_t k = 0; k < n; k += 32) {
+          int32_t sum = 0;
+          for (int64_t i = 0; i < 32; ++i) sum += q[k + i];
+          v.sums[m * (K / 32) + (k0 + k) / 32] = static_cast<float>(sum) * v.scale[m * v.blocks() + b];
         }
       }
   });
@@ -308,16 +406,20 @@ inline void store(void* p, VI v) { _mm256_store_si256(static_cast<__m256i*>(p), 
 
 constexpr int64_t kVectorsPerBlock = kBlockRows / simd::kLanes;
 
-// A block of rows expanded for the integer path: W (see above) and, for int4, each group's scales of the
-// 32 rows, [groups][32] floats (int8 rows' scales are applied to the products, after).
+// A block of rows expanded for the integer path: W (see above) and, for int4 and GGUF's blocks, each
+// group's scales of the 32 rows, [groups][32] floats (int8 rows' scales are applied to the products,
+// after); for q4_k and q5_k also each sub-block's offset (d min), [K / 32][32].
 struct Panel {
   Buffer<int32_t> W;
-  Buffer<float> scales;
+  Buffer<float> scales, offsets;
   std::vector<uint8_t> zeros;  // a row past the end reads these (int4: 0x88, the nibbles of 0)
   int64_t group = kBlock;      // values a weight scale covers (int8: the rows' scales come after; a block)
+  bool scaled = false;         // scales holds the weights' own (int4, GGUF's blocks)
+  bool offset = false;         // offsets holds them (q4_k, q5_k)
 
   void expand(const Rows& rows, int64_t l0, int64_t K) {
     const Matrix& m = *rows.m[0];
+    if (blocks(m.format)) return expand_blocks(rows, l0, K);
     const bool int4 = m.format == Format::kInt4;
     W.resize(K / 2 * kBlockRows);
     zeros.assign(m.row_bytes(), int4 ? 0x88 : 0);
@@ -336,6 +438,7 @@ struct Panel {
       }
     }
     group = int4 ? K / m.groups : kBlock;
+    scaled = int4, offset = false;
     if (!int4) return;
     scales.assign(m.groups * kBlockRows, 0.0f);
     std::vector<float> row(m.groups);
@@ -345,12 +448,46 @@ struct Panel {
       for (int64_t g = 0; g < m.groups; ++g) scales[g * kBlockRows + r] = row[g];
     }
   }
+
+  // GGUF's blocks, a row at a time: each step's 32 codes widened to 16 int16 pairs, which go to the 16
+  // pair-rows of W in this row's lane; the step's scales to groups of 32 values (q6_k: 16) and its offset.
+  void expand_blocks(const Rows& rows, int64_t l0, int64_t K) {
+    const Format f = rows.m[0]->format;
+    const int64_t steps = K / 32;
+    group = f == Format::kQ6_K ? 16 : 32;
+    scaled = true, offset = f == Format::kQ4_K || f == Format::kQ5_K;
+    W.resize(K / 2 * kBlockRows);
+    scales.assign(K / group * kBlockRows, 0.0f);
+    if (offset) offsets.assign(steps * kBlockRows, 0.0f);
+    alignas(32) int32_t pairs[16];
+    for (int64_t r = 0; r < kBlockRows; ++r) {
+      if (!rows.present(l0 + r)) {
+        for (int64_t kp = 0; kp < K / 2; ++kp) W[kp * kBlockRows + r] = 0;
+        continue;
+      }
+      const uint8_t* row = rows.matrix(l0 + r).row(rows.row(l0 + r));
+      for (int64_t s = 0; s < steps; ++s) {
+        const Codes c = decode(f, row, s);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c.q)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c.q, 1)));
+        int32_t* out = W.data() + s * 16 * kBlockRows + r;
+        for (int j = 0; j < 16; ++j) out[j * kBlockRows] = pairs[j];
+        if (group == 16) {
+          scales[2 * s * kBlockRows + r] = c.step[0], scales[(2 * s + 1) * kBlockRows + r] = c.step[1];
+        } else {
+          scales[s * kBlockRows + r] = c.step[0];
+        }
+        if (offset) offsets[s * kBlockRows + r] = c.offset;
+      }
+    }
+  }
 };
 
 // out[m][r] (rows of 32) = tokens m0 .. m0 + kTokens - 1 times the panel's rows v0 * kLanes .. +
 // kVectors * kLanes: exact integer sums over each run of values that share their scales (a block of
-// the activations and, for int4, a group of the weights), then scaled and added in float32.
-inline void integer_tile(const Panel& p, bool int4, const Quantized& x, int64_t m0, int64_t v0, float* out) {
+// the activations and, for int4 and GGUF's blocks, a group of the weights), then scaled and added in
+// float32; a K-quant's offsets come off as offset * (the token's sum of those 32 values).
+inline void integer_tile(const Panel& p, const Quantized& x, int64_t m0, int64_t v0, float* out) {
   using namespace simd;
   constexpr int T = kTokens, V = kVectors;
   const int64_t K = x.K;
@@ -385,8 +522,16 @@ inline void integer_tile(const Panel& p, bool int4, const Quantized& x, int64_t 
       const VF xs = broadcast(x.scale[(m0 + t) * x.blocks() + block]);
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) {
-        const VF scale = int4 ? mul(loadf(p.scales.data() + group * kBlockRows + (v0 + v) * kLanes), xs) : xs;
+        const VF scale = p.scaled ? mul(loadf(p.scales.data() + group * kBlockRows + (v0 + v) * kLanes), xs) : xs;
         acc[t][v] = fmadd(to_float(sums[t][v]), scale, acc[t][v]);
+      }
+    }
+    if (p.offset) {  // a run is one sub-block of 32 here
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const VF sum = broadcast(-x.sums[(m0 + t) * (K / 32) + k0 / 32]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[t][v] = fmadd(loadf(p.offsets.data() + k0 / 32 * kBlockRows + (v0 + v) * kLanes), sum, acc[t][v]);
       }
     }
     k0 = k1;
@@ -403,11 +548,10 @@ template <typename Done>
 void integer_rows(const Rows& rows, int64_t l0, int64_t l1, const Quantized& x, Done& done) {
   Panel panel;
   Buffer<float> out(x.M * kBlockRows);
-  const bool int4 = rows.m[0]->format == Format::kInt4;
   for (int64_t b = l0; b < l1; b += kBlockRows) {
     panel.expand(rows, b, x.K);
     for (int64_t m0 = 0; m0 < x.M; m0 += simd::kTokens)
-      for (int64_t v0 = 0; v0 < kVectorsPerBlock; v0 += simd::kVectors) integer_tile(panel, int4, x, m0, v0, out.data() + m0 * kBlockRows);
+      for (int64_t v0 = 0; v0 < kVectorsPerBlock; v0 += simd::kVectors) integer_tile(panel, x, m0, v0, out.data() + m0 * kBlockRows);
     done(b, kBlockRows, out.data());
   }
 }
@@ -484,8 +628,8 @@ Packed pack(const c10::BFloat16* x, int64_t M, int64_t K) {
 
 // A block's weight rows in bf16 as AMX takes its first operand, over steps [s0, s1) of 32 values:
 // A [s1 - s0][2][16][32], at each step rows 0-15 then 16-31. int8 values are exact in bf16 (their row
-// scale is applied to the sums); int4 values are (q - 8) * scale rounded to bf16, as a bf16 model holds
-// its weights. A row past the end is zeros. Expanded one (row, step) at a time, so that the work can
+// scale is applied to the sums); int4 values are (q - 8) * scale and GGUF's values their float32 decoding
+// (decode), rounded to bf16, as a bf16 model holds its weights. A row past the end is zeros. Expanded one (row, step) at a time, so that the work can
 // be spread among the products of the block before (AMX's tile unit runs alongside the vector units).
 struct Expansion {
   Format format = Format::kInt8;
@@ -521,6 +665,15 @@ struct Expansion {
           const __m128i* p = reinterpret_cast<const __m128i*>(w + 32 * s);
           const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
           const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+          _mm512_storeu_si512(out + s * 1024, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+        }
+      } else if (blocks(format)) {
+        for (; s < end; ++s) {
+          const Codes c = decode(format, w, s);
+          const __m512 low = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c.q))),
+                                                         _mm512_set1_ps(c.step[0])), _mm512_set1_ps(c.offset));
+          const __m512 high = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c.q, 1))),
+                                                          _mm512_set1_ps(c.step[1])), _mm512_set1_ps(c.offset));
           _mm512_storeu_si512(out + s * 1024, (__m512i)_mm512_cvtne2ps_pbh(high, low));
         }
       } else {
@@ -723,14 +876,35 @@ Activations prepare(const void* x, at::ScalarType type, int64_t M, int64_t K) {
 }
 
 Format parse(c10::string_view format) {
-  TORCH_CHECK(format == "int8" || format == "int4", "mixtral_cpu.prompt: format 'int8' or 'int4' expected, got '",
+  for (int f = 0; f < 7; ++f)
+    if (format == kFormatNames[f]) return static_cast<Format>(f);
+  TORCH_CHECK(false, "mixtral_cpu.prompt: format 'int8', 'int4', 'q8_0', 'q4_0', 'q4_k', 'q5_k' or 'q6_k' expected, got '",
               std::string(format), "'");
-  return format == "int8" ? Format::kInt8 : Format::kInt4;
+}
+
+// The matrix stored in GGUF's blocks: weight uint8 [..., N, K / values * bytes], no scales.
+Matrix block_matrix(const Tensor& weight, const c10::optional<Tensor>& scales, Format format, int64_t K, const char* name) {
+  const int64_t values = block_values(format), bytes = block_bytes(format);
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() >= 2, "mixtral_cpu.prompt: ",
+              name, " must be contiguous uint8 (", kFormatNames[static_cast<int>(format)], " blocks) [..., N, bytes], got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(K % values == 0 && weight.size(-1) == K / values * bytes, "mixtral_cpu.prompt: ", name, " of shape ",
+              weight.sizes(), " does not hold ", K, " inputs in ", kFormatNames[static_cast<int>(format)], " blocks of ",
+              values, " (", bytes, " bytes each)");
+  TORCH_CHECK(!scales.has_value() || !scales->defined(), "mixtral_cpu.prompt: ", kFormatNames[static_cast<int>(format)],
+              " keeps its scales in its blocks: pass none for ", name);
+  Matrix m;
+  m.format = format, m.data = static_cast<const uint8_t*>(weight.data_ptr()), m.N = weight.size(-2), m.K = K;
+  return m;
 }
 
 // The matrix stored in weight [..., N, K / values a byte] with scales [..., N] (int8) or [..., N, groups]
-// (int4), checked against K.
-Matrix matrix(const Tensor& weight, const Tensor& scales, Format format, int64_t K, const char* name) {
+// (int4), or in GGUF's blocks, checked against K.
+Matrix matrix(const Tensor& weight, const c10::optional<Tensor>& scales_, Format format, int64_t K, const char* name) {
+  if (blocks(format)) return block_matrix(weight, scales_, format, K, name);
+  TORCH_CHECK(scales_.has_value() && scales_->defined(), "mixtral_cpu.prompt: ", name, " in ",
+              kFormatNames[static_cast<int>(format)], " needs its scales");
+  const Tensor& scales = *scales_;
   const bool int4 = format == Format::kInt4;
   TORCH_CHECK(weight.scalar_type() == (int4 ? at::kByte : at::kChar) && weight.is_contiguous(), "mixtral_cpu.prompt: ",
               name, " must be contiguous ", int4 ? "uint8 (int4)" : "int8", " weights, got ", weight.scalar_type());
@@ -790,7 +964,7 @@ void block_scales(const Rows& rows, int64_t l0, int64_t width, float* out) {
 
 // ---------------------------------------------------------------------------- ops
 
-Tensor prompt_linear(const Tensor& x_, const Tensor& weight, const Tensor& scales, c10::string_view format_) {
+Tensor prompt_linear(const Tensor& x_, const Tensor& weight, const c10::optional<Tensor>& scales, c10::string_view format_) {
   check_activations(x_);
   const Tensor x = x_.contiguous();
   const Format format = parse(format_);
@@ -818,10 +992,11 @@ Tensor prompt_linear(const Tensor& x_, const Tensor& weight, const Tensor& scale
 }
 
 Tensor prompt_moe(const Tensor& x_, const Tensor& experts_, const Tensor& weights_, const Tensor& w1, const Tensor& w3,
-                  const Tensor& w2, const Tensor& s1, const Tensor& s3, const Tensor& s2, c10::string_view format_) {
+                  const Tensor& w2, const c10::optional<Tensor>& s1, const c10::optional<Tensor>& s3,
+                  const c10::optional<Tensor>& s2, c10::string_view format_, c10::optional<c10::string_view> down_format) {
   check_activations(x_);
   const Tensor x = x_.contiguous(), experts = experts_.contiguous();
-  const Format format = parse(format_);
+  const Format format = parse(format_), down = down_format.has_value() ? parse(*down_format) : format;
   TORCH_CHECK(experts.dim() == 2 && experts.scalar_type() == at::kLong && experts.size(0) == x.size(0) &&
                   weights_.sizes() == experts.sizes(),
               "mixtral_cpu.prompt_moe: experts (int64) and weights [T, K] for x [T, D] expected");
@@ -831,8 +1006,8 @@ Tensor prompt_moe(const Tensor& x_, const Tensor& experts_, const Tensor& weight
               ", ", w2.sizes(), " for x ", x.sizes());
   const int64_t T = x.size(0), D = x.size(1), E = w1.size(0), I = w1.size(1), Kx = experts.size(1);
   const Matrix m1 = matrix(w1, s1, format, D, "w1"), m3 = matrix(w3, s3, format, D, "w3");
-  const Matrix m2 = matrix(w2, s2, format, I, "w2");
-  TORCH_CHECK(m1.groups == m3.groups && s1.scalar_type() == s3.scalar_type(),
+  const Matrix m2 = matrix(w2, s2, down, I, "w2");
+  TORCH_CHECK(m1.groups == m3.groups && m1.scale_type == m3.scale_type,
               "mixtral_cpu.prompt_moe: w1 and w3 must share their scales' shape and dtype");
   std::vector<float> pair_weight(T * Kx);
   {
@@ -918,9 +1093,9 @@ bool prompt_use_amx(bool use) {
 #define MIXTRAL_FRAGMENT_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 MIXTRAL_FRAGMENT(MIXTRAL_OPS, m) {
-  m.def("prompt_linear(Tensor x, Tensor weight, Tensor scales, str format) -> Tensor");
-  m.def("prompt_moe(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor w1_scales, "
-        "Tensor w3_scales, Tensor w2_scales, str format) -> Tensor");
+  m.def("prompt_linear(Tensor x, Tensor weight, Tensor? scales, str format) -> Tensor");
+  m.def("prompt_moe(Tensor x, Tensor experts, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor? w1_scales, "
+        "Tensor? w3_scales, Tensor? w2_scales, str format, str? down_format=None) -> Tensor");
   m.def("prompt_use_amx(bool use) -> bool", &prompt_use_amx);  // no tensors: one kernel for every backend
 }
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from formats import Int4, Int8  # noqa: E402
+from formats import Blocks, Int4, Int8  # noqa: E402
+import layers  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
 from measuring import seconds  # noqa: E402
 from scripts.bench_common import fmt, machine_name  # noqa: E402
@@ -42,11 +43,12 @@ def candidates(tokens: int, rows: int, cols: int) -> dict:
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(rows, cols, generator=g) / cols ** 0.5).to(torch.bfloat16)
     x = torch.randn(tokens, cols, generator=g).to(torch.bfloat16)
-    stored = {"int8": (Int8(), Int8().quantize(w)), "int4": (Int4(32), Int4(32).quantize(w))}
+    stored = {name: (f, f.quantize(w)) for name, f in (("int8", Int8()), ("int4", Int4(32)), ("q4_k", Blocks("q4_k")),
+                                                        ("q6_k", Blocks("q6_k")))}
     found = {"torch F.linear, bf16": lambda: F.linear(x, w)}
     for name, (fmt_, t) in stored.items():
-        # What dispatch.py's 'prompt' path runs: the kernels' one-pass dequantization, then the matmul.
-        found[f"dequantize + F.linear, {name}"] = lambda f=fmt_, t=t: f.prompt_linear(x, t)
+        # What dispatch.py's 'prompt' path runs without the prompt kernels: a full-precision copy, then the matmul.
+        found[f"dequantize + F.linear, {name}"] = lambda f=fmt_, t=t: layers.prompt_linear(f, x, t)
     t8 = stored["int8"][1]
     found["torch._int_mm, int8 (activations int8 per token)"] = lambda: int_mm(x, t8)
     found["torch _weight_int8pack_mm, int8"] = lambda: torch.ops.aten._weight_int8pack_mm(x, t8[""], t8["scales"])
@@ -59,7 +61,7 @@ def candidates(tokens: int, rows: int, cols: int) -> dict:
             for name, (fmt_, t) in stored.items():
                 def call(ops=ops, amx=amx, fmt_=fmt_, t=t):
                     ops.prompt_use_amx(amx)
-                    return ops.prompt_linear(x, t[""], t["scales"], fmt_.name)
+                    return ops.prompt_linear(x, fmt_.kernel_weight(t), t.get("scales"), fmt_.name)
                 found[f"kernels/cpu_prompt.cpp {isa}{' + AMX' if amx else ''}, {name}"] = call
     return found
 
@@ -130,7 +132,7 @@ def prefill(args):
     print("| weights | prompt tokens/s, prompt kernels | before them | ratio (median of rounds) |")
     print("| --- | ---: | ---: | ---: |")
     s = sampling(1, "cpu", temperature=0.8, top_k=200)
-    for spec in ("full", "int8", "int4:g32:attn4"):
+    for spec in ("full", "int8", "int4:g32:attn4", "q4_k_a6"):
         model = random_model(config, "cpu", torch.bfloat16, parse_scheme(spec))
         model.setup_caches(max_batch_size=1, max_seq_length=args.prefill)
         variants = {"new": kernels, "before": lambda *a: False} if spec != "full" else {"new": kernels}
@@ -147,7 +149,7 @@ def prefill(args):
         else:
             before = statistics.median(rates["before"][1:])
             ratio = statistics.median(a / b for a, b in zip(rates["new"][1:], rates["before"][1:]))
-            print(f"| {spec.split(':')[0]} | {fmt(new)} | {fmt(before)} | {ratio:.2f}x |", flush=True)
+            print(f"| {spec.split(':')[0].replace('_a6', '_a6 (q4_k experts)')} | {fmt(new)} | {fmt(before)} | {ratio:.2f}x |", flush=True)
         del model
 
 

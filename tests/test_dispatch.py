@@ -2,7 +2,7 @@
 import torch
 
 import dispatch
-from formats import FullPrecision, Int4, Int8
+from formats import Blocks, FullPrecision, Int4, Int8
 from kernels import cpu as cpu_kernels
 
 
@@ -11,7 +11,7 @@ def test_the_path_of_each_step():
     D = 64
     one, prompt = torch.randn(1, 1, D), torch.randn(1, dispatch.CPU_KERNEL_MAX_TOKENS + 1, D)
     kernels = cpu_kernels.available()
-    for fmt in (FullPrecision(), Int8(), Int4()):
+    for fmt in (FullPrecision(), Int8(), Int4(), Blocks("q4_k")):
         assert dispatch.linear_path(fmt, one) == ("cpu kernel" if kernels else "decode")
         # Many tokens: quantized weights read in place by the prompt kernels, rows of whole steps of 32 values.
         assert dispatch.linear_path(fmt, prompt) == ("cpu prompt kernel" if kernels and fmt.quantized else "prompt")
@@ -30,7 +30,9 @@ def test_the_path_of_each_step():
         pytorchs = "grouped" if fmt == FullPrecision() else "one by one"
         assert dispatch.experts_path(fmt, x, many, 8, 96) == ("cpu prompt kernel" if kernels and fmt.quantized else pytorchs)
         assert dispatch.experts_path(fmt, x, many, 8, 80) == pytorchs
-        assert dispatch.experts_path(fmt, x, many, 8, 96, down=Int8() if fmt != Int8() else Int4()) == "one by one"
+        # w2 in another format: the prompt kernels take one for w1 and w3 and one for w2.
+        assert dispatch.experts_path(fmt, x, many, 8, 96, down=other) == (
+            "cpu prompt kernel" if kernels and fmt.quantized else "one by one")
         with cpu_kernels.turned_off():
             assert dispatch.experts_path(fmt, x, many, 8, 96) == pytorchs
     assert dispatch.attention_path(torch.randn(1, 4, 1, 16)) == "decode"

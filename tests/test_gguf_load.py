@@ -15,6 +15,7 @@ from formats import parse_format
 from kernels import cpu as cpu_kernels
 from gguf_files import gguf_named, read_hub_tensors, write_gguf
 from model import Transformer
+from rounding import HALF_ULP
 from names import from_hub
 
 TINY_STDLIB = REPO / "assets" / "tiny-stdlib"
@@ -105,8 +106,9 @@ MIXED = {**{n: Q4 for n in FORMATTED}, "attn_v.": Q8, "ffn_down_exps": Q8, "outp
 def test_a_gguf_file_loads_each_tensor_in_its_type(stdlib_hub, tmp_path, types):
     """Every tensor keeps its file's type (the mixed file's v rows, down projections and head in Q8_0 beside
     Q4_0, its embedding quantized too) and the logits of a prompt and a decode step are the float64 model's
-    of the same blocks: within float32's summation on PyTorch's paths, within the int8 rounding of the
-    activations on the CPU kernels'."""
+    of the same blocks: within float32's summation on PyTorch's paths; on the CPU kernels, within the int8
+    rounding of a decode step's activations, and within bf16's rounding for a prompt's (the prompt kernels
+    round them to int16 in blocks of 256, finer than bf16)."""
     path, back = gguf_file(tmp_path, stdlib_hub, types)
     checkpoint = open_checkpoint(path)
     model = load_model(checkpoint, "cpu", torch.float32)
@@ -127,8 +129,10 @@ def test_a_gguf_file_loads_each_tensor_in_its_type(stdlib_hub, tmp_path, types):
         prompt = model(idx[:, :-1], torch.arange(idx.size(1) - 1))
         step = model(idx[:, -1:], last)
         with cpu_kernels.turned_off():
+            pytorch_prompt = model(idx[:, :-1], torch.arange(idx.size(1) - 1))
             pytorch_step = model(idx[:, -1:], last)
-    assert relative_error(prompt, want[:, :-1]) < 1e-5 and relative_error(pytorch_step, want[:, -1:]) < 1e-5
+    assert relative_error(pytorch_prompt, want[:, :-1]) < 1e-5 and relative_error(pytorch_step, want[:, -1:]) < 1e-5
+    assert relative_error(prompt, want[:, :-1]) < HALF_ULP[torch.bfloat16]
     # The CPU kernels round a block type's activations to int8 in blocks of 32 (a step of 1/127 of each block's
     # largest value: about 0.6 % of a block's RMS), through every layer.
     assert relative_error(step, want[:, -1:]) < 2e-2
@@ -183,7 +187,11 @@ def test_k_quant_files_load_on_rows_of_256(tmp_path, small_tokenizer, qtype):
     idx = torch.randint(0, small_tokenizer[1], (1, 10), generator=torch.Generator().manual_seed(0))
     model.setup_caches(1, 32)
     with torch.no_grad():
-        assert relative_error(model(idx, torch.arange(10)), float64_model(path, back)(idx)) < 1e-5
+        want = float64_model(path, back)(idx)
+        with cpu_kernels.turned_off():
+            assert relative_error(model(idx, torch.arange(10)), want) < 1e-5
+        # The prompt kernels: activations rounded to int16 in blocks of 256, finer than bf16.
+        assert relative_error(model(idx, torch.arange(10)), want) < HALF_ULP[torch.bfloat16]
 
 
 def test_the_tokenizer_and_config_come_from_the_file(stdlib_hub, tmp_path):
