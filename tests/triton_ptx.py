@@ -27,6 +27,20 @@ def compile(kernel, pointers, consts, divisible):
     return compiled.asm["ttgir"], compiled.asm["ptx"]
 
 
+def weight_copy_widths(ttgir: str, copies: list) -> list:
+    """The bytes each thread copies at once in each asynchronous copy of an 8-bit tensor (the weights): its
+    contiguity where Triton writes it on the copy (3.7), else the last size per thread of the copy's layout
+    (3.8 leaves the attribute out), kept only where the PTX has copies of that width."""
+    per_thread = dict(re.findall(r"#(blocked\d*) = #ttg\.blocked<\{sizePerThread = \[[\d, ]*?(\d+)\]", ttgir))
+    widths = []
+    for contiguity, layout in re.findall(r"async_copy_global_to_local [^:]*?(?:\{contiguity = (\d+) : i32\} )?"
+                                         r": tensor<[0-9x]*!tt\.ptr<i8>, #(blocked\d*)>", ttgir):
+        width = contiguity or per_thread[layout]
+        if hex(int(width)) in copies or str(int(width)) in copies:
+            widths.append(width)
+    return widths
+
+
 sizes = {"D", "I", "part_len", "w_expert_stride", "w_row_stride", "s_expert_stride", "s_row_stride"}
 formats = [("full", m.FLOAT, "*bf16", 1), ("int8", m.INT8, "*i8", 1), ("int4", m.INT4, "*u8", 32)]
 formats += [(name, quant, "*u8", 1) for name, (quant, _, _) in m.GGUF.items()]
@@ -41,8 +55,7 @@ for fmt, quant, weight, group in formats:
                    {**common, "BLOCK_ROWS": m.block_rows(2, 4096, 132)}, sizes)
     for name, (ttgir, ptx) in (("gate_up", gate_up), ("down", down)):
         copies = re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
-        weight_copies = re.findall(
-            r"async_copy_global_to_local .*\{contiguity = (\d+) : i32\} : tensor<[0-9x]*!tt\.ptr<i8>", ttgir)
+        weight_copies = weight_copy_widths(ttgir, copies)
         print(name, fmt, "copies", ",".join(sorted(set(copies))),
               "weight_copies", ",".join(sorted(set(weight_copies), key=int)) or "-",
               "int_to_float", len(re.findall(r"cvt\.rn\.f32\.[su]", ptx)),
