@@ -158,15 +158,10 @@ struct Rows {
 
 // ---------------------------------------------------------------------------- GGUF's blocks, decoded
 
-// One step of a GGUF row, its values 32 s .. 32 s + 31: w[i] = step[i / 16] * q[i] - offset, the codes q as
+// GGUF's rows are decoded a step of 32 values at a time: w[i] = step[i / 16] * q[i] - offset, the codes q as
 // 32 int8 in order. step and offset are exact in float32 (an fp16 times a 6- or 8-bit integer), and so is
 // step * q but for q6_k's, which rounds once, as llama.cpp's and quants.py's decoding does: a weight made
-// from these is bit for bit theirs.
-struct Codes {
-  __m256i q;
-  float step[2];
-  float offset;
-};
+// from these is bit for bit theirs. A block's scales are decoded once for all its steps (Decoder).
 
 inline float fp16(const uint8_t* p) {
   uint16_t h;
@@ -179,54 +174,79 @@ inline __m256i bits(__m256i v, int shift, int mask) {
   return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(static_cast<char>(mask)));
 }
 
-inline Codes decode(Format f, const uint8_t* row, int64_t s) {
-  Codes c;
-  c.offset = 0.0f;
-  switch (f) {
-    case Format::kQ8_0: {  // d | 32 int8 q
-      const uint8_t* b = row + 34 * s;
-      c.step[0] = c.step[1] = fp16(b);
-      c.q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-      break;
-    }
-    case Format::kQ4_0: {  // d | 16 bytes: value j in the low nibble of byte j, j + 16 in the high one; q - 8
-      const uint8_t* b = row + 18 * s;
-      c.step[0] = c.step[1] = fp16(b);
-      const __m256i v = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
-      c.q = _mm256_sub_epi8(_mm256_inserti128_si256(bits(v, 0, 15), _mm256_castsi256_si128(bits(v, 4, 15)), 1),
-                            _mm256_set1_epi8(8));
-      break;
-    }
-    case Format::kQ4_K:
-    case Format::kQ5_K: {  // d | dmin | 12 bytes of 6-bit scales and mins | (q5_k: 32 bytes of fifth bits) | nibbles
-      const bool five = f == Format::kQ5_K;
-      const uint8_t* b = row + (five ? 176 : 144) * (s / 8);
-      const int u = s % 8;  // the sub-block
-      const uint8_t* sm = b + 4;
-      const int sc = u < 4 ? sm[u] & 63 : (sm[u + 4] & 15) | ((sm[u - 4] >> 6) << 4);
-      const int m = u < 4 ? sm[u + 4] & 63 : (sm[u + 4] >> 4) | ((sm[u] >> 6) << 4);
-      c.step[0] = c.step[1] = fp16(b) * sc;
-      c.offset = fp16(b + 2) * m;
-      // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (five ? 48 : 16) + 32 * (u / 2)));
-      c.q = bits(v, 4 * (u % 2), 15);
-      if (five)  // bit u of byte l: value l's fifth bit
-        c.q = _mm256_or_si256(c.q, _mm256_slli_epi16(bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)), u, 1), 4));
-      break;
-    }
-    default: {  // q6_k: 128 bytes of low 4 bits | 64 of top 2 bits | 16 int8 scales | d; q - 32
-      const uint8_t* b = row + 210 * (s / 8);
-      const int t = s % 8, half = t / 4, k = t % 4;  // value 32 k + l of a half of 128
-      const __m256i low = bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * half + 32 * (k % 2))), 4 * (k / 2), 15);
-      const __m256i high = bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half)), 2 * k, 3);
-      c.q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
-      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 2 * t;
-      const float d = fp16(b + 208);
-      c.step[0] = d * sc[0], c.step[1] = d * sc[1];
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// One row's steps, in any order; the scales of the block last used are kept.
+struct Decoder {
+  Format format = Format::kQ8_0;
+  const uint8_t* row = nullptr;
+  int64_t steps_per_block = 1, bytes = 34, block = -1;
+  const uint8_t* b = nullptr;  // the block of `block`
+  float step[16], offset[8];   // its sub-blocks' (q8_0, q4_0: step[0]; q6_k: 16 sub-blocks of 16 values)
+
+  Decoder(Format f, const uint8_t* r)
+      : format(f), row(r), steps_per_block(block_values(f) / 32), bytes(block_bytes(f)) {}
+
+  void load_block(int64_t n) {
+    block = n, b = row + n * bytes;
+    switch (format) {
+      case Format::kQ8_0:
+      case Format::kQ4_0:
+        step[0] = fp16(b);
+        break;
+      case Format::kQ4_K:
+      case Format::kQ5_K: {  // 12 bytes of 6-bit scales and mins after d and dmin
+        const float d = fp16(b), dmin = fp16(b + 2);
+        const uint8_t* sm = b + 4;
+        for (int u = 0; u < 4; ++u) step[u] = d * (sm[u] & 63), offset[u] = dmin * (sm[u + 4] & 63);
+        for (int u = 4; u < 8; ++u) {
+          step[u] = d * ((sm[u + 4] & 15) | ((sm[u - 4] >> 6) << 4));
+          offset[u] = dmin * ((sm[u + 4] >> 4) | ((sm[u] >> 6) << 4));
+        }
+        break;
+      }
+      default: {  // q6_k: 16 int8 scales, then d
+        const float d = fp16(b + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        for (int i = 0; i < 16; ++i) step[i] = d * sc[i];
+      }
     }
   }
-  return c;
-}
+
+  // Step s: its codes; its steps (values 0-15, 16-31) and offset go to step2, off.
+  __m256i codes(int64_t s, float* step2, float& off) {
+    if (s / steps_per_block != block) load_block(s / steps_per_block);
+    const int t = static_cast<int>(s % steps_per_block);  // the step within the block
+    off = 0.0f;
+    switch (format) {
+      case Format::kQ8_0:  // d | 32 int8 q
+        step2[0] = step2[1] = step[0];
+        return load32(b + 2);
+      case Format::kQ4_0: {  // d | 16 bytes: value j in the low nibble of byte j, j + 16 in the high one; q - 8
+        step2[0] = step2[1] = step[0];
+        const __m256i v = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
+        return _mm256_sub_epi8(_mm256_inserti128_si256(bits(v, 0, 15), _mm256_castsi256_si128(bits(v, 4, 15)), 1),
+                               _mm256_set1_epi8(8));
+      }
+      case Format::kQ4_K:
+      case Format::kQ5_K: {  // sub-blocks 2i and 2i + 1 share 32 bytes of nibbles: the low ones, then the high
+        const bool five = format == Format::kQ5_K;
+        step2[0] = step2[1] = step[t], off = offset[t];
+        __m256i q = bits(load32(b + (five ? 48 : 16) + 32 * (t / 2)), 4 * (t % 2), 15);
+        if (five)  // bit t of byte l: value l's fifth bit
+          q = _mm256_or_si256(q, _mm256_slli_epi16(bits(load32(b + 16), t, 1), 4));
+        return q;
+      }
+      default: {  // q6_k: value 32 k + l of a half of 128: low 4 bits in ql, top 2 in qh; q - 32
+        const int half = t / 4, k = t % 4;
+        step2[0] = step[2 * t], step2[1] = step[2 * t + 1];
+        const __m256i low = bits(load32(b + 64 * half + 32 * (k % 2)), 4 * (k / 2), 15);
+        const __m256i high = bits(load32(b + 128 + 32 * half), 2 * k, 3);
+        return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+      }
+    }
+  }
+};
 
 // A float32, bf16 or fp16 row of n values as float32.
 void to_floats(const void* src, at::ScalarType type, int64_t n, float* dst) {
@@ -465,19 +485,20 @@ struct Panel {
         for (int64_t kp = 0; kp < K / 2; ++kp) W[kp * kBlockRows + r] = 0;
         continue;
       }
-      const uint8_t* row = rows.matrix(l0 + r).row(rows.row(l0 + r));
+      Decoder decoder(f, rows.matrix(l0 + r).row(rows.row(l0 + r)));
       for (int64_t s = 0; s < steps; ++s) {
-        const Codes c = decode(f, row, s);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c.q)));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c.q, 1)));
+        float step[2], off;
+        const __m256i q = decoder.codes(s, step, off);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)));
         int32_t* out = W.data() + s * 16 * kBlockRows + r;
         for (int j = 0; j < 16; ++j) out[j * kBlockRows] = pairs[j];
         if (group == 16) {
-          scales[2 * s * kBlockRows + r] = c.step[0], scales[(2 * s + 1) * kBlockRows + r] = c.step[1];
+          scales[2 * s * kBlockRows + r] = step[0], scales[(2 * s + 1) * kBlockRows + r] = step[1];
         } else {
-          scales[s * kBlockRows + r] = c.step[0];
+          scales[s * kBlockRows + r] = step[0];
         }
-        if (offset) offsets[s * kBlockRows + r] = c.offset;
+        if (offset) offsets[s * kBlockRows + r] = off;
       }
     }
   }
@@ -629,7 +650,7 @@ Packed pack(const c10::BFloat16* x, int64_t M, int64_t K) {
 // A block's weight rows in bf16 as AMX takes its first operand, over steps [s0, s1) of 32 values:
 // A [s1 - s0][2][16][32], at each step rows 0-15 then 16-31. int8 values are exact in bf16 (their row
 // scale is applied to the sums); int4 values are (q - 8) * scale and GGUF's values their float32 decoding
-// (decode), rounded to bf16, as a bf16 model holds its weights. A row past the end is zeros. Expanded one (row, step) at a time, so that the work can
+// (Decoder), rounded to bf16, as a bf16 model holds its weights. A row past the end is zeros. Expanded one (row, step) at a time, so that the work can
 // be spread among the products of the block before (AMX's tile unit runs alongside the vector units).
 struct Expansion {
   Format format = Format::kInt8;
@@ -674,23 +695,25 @@ struct Expansion {
         const __m512 low_codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512 codes = offset_codes ? _mm512_sub_ps(low_codes, _mm512_set1_ps(8.0f)) : low_codes;
         const __m512 high_codes = _mm512_add_ps(low_codes, _mm512_set1_ps(16.0f));
+        Decoder decoder(format, w);
         for (; s < end; ++s) {
-          const Codes c = decode(format, w, s);
-          const __m512 step = _mm512_set1_ps(c.step[0]), offset = _mm512_set1_ps(c.offset);
+          float steps[2], off;
+          const __m256i q = decoder.codes(s, steps, off);
+          const __m512 step = _mm512_set1_ps(steps[0]), offset = _mm512_set1_ps(off);
           const __m512 values = _mm512_sub_ps(_mm512_mul_ps(codes, step), offset);
           const __m512i table = five ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(_mm512_mul_ps(high_codes, step), offset), values)
                                      : _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
-          __m512i index = _mm512_cvtepi8_epi16(c.q);
+          __m512i index = _mm512_cvtepi8_epi16(q);
           if (offset_codes) index = _mm512_add_epi16(index, _mm512_set1_epi16(8));
           _mm512_storeu_si512(out + s * 1024, _mm512_permutexvar_epi16(index, table));
         }
       } else if (blocks(format)) {  // q8_0, q6_k: each value converted
+        Decoder decoder(format, w);
         for (; s < end; ++s) {
-          const Codes c = decode(format, w, s);
-          const __m512 low = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c.q))),
-                                                         _mm512_set1_ps(c.step[0])), _mm512_set1_ps(c.offset));
-          const __m512 high = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c.q, 1))),
-                                                          _mm512_set1_ps(c.step[1])), _mm512_set1_ps(c.offset));
+          float step[2], off;
+          const __m256i q = decoder.codes(s, step, off);
+          const __m512 low = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_set1_ps(step[0]));
+          const __m512 high = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), _mm512_set1_ps(step[1]));
           _mm512_storeu_si512(out + s * 1024, (__m512i)_mm512_cvtne2ps_pbh(high, low));
         }
       } else {
