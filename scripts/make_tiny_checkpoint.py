@@ -166,13 +166,31 @@ def train_demo_tokenizer(out_path: Path, vocab_size: int) -> Path:
     return out_path
 
 
+def padded_tokenizer(out_path: Path, vocab_size: int) -> Path:
+    """A demo tokenizer of exactly vocab_size tokens, whatever the size: trained up to 1000 (the demo text
+    holds no more), then padded with unused pieces, which no text encodes to; so that generate.py, eval.py
+    and server.py, which refuse a tokenizer of another size than the model's vocabulary, run on the model."""
+    import sentencepiece as spm
+    from gguf_file import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, sentencepiece_model
+    trained = spm.SentencePieceProcessor(model_file=str(train_demo_tokenizer(out_path, min(vocab_size, 1000))))
+    n = trained.vocab_size()
+    kinds = [UNKNOWN if trained.is_unknown(i) else CONTROL if trained.is_control(i) else BYTE if trained.is_byte(i)
+             else UNUSED if trained.is_unused(i) else NORMAL for i in range(n)]
+    pieces = [trained.id_to_piece(i) for i in range(n)] + [f"<unused_{i}>" for i in range(n, vocab_size)]
+    scores = [trained.get_score(i) for i in range(n)] + [0.0] * (vocab_size - n)
+    out_path.write_bytes(sentencepiece_model(pieces, scores, kinds + [UNUSED] * (vocab_size - n),
+                                             dict(unk=0, bos=1, eos=2, pad=None), True, False))
+    return out_path
+
+
 def write_random_checkpoint(folder: Path, config: ModelArgs, dtype: torch.dtype) -> Path:
     """Any shape (scripts/benchmark.py's named ones) with random weights in the hub's layout, so that
-    transformers can load it too, converted to model.pth beside it. Returns the model.pth path."""
+    transformers can load it too, converted to model.pth beside it, with a tokenizer of its vocabulary's
+    size. Returns the model.pth path."""
     from scripts.convert_hf_checkpoint import convert_hf_checkpoint
     folder = Path(folder)
-    with tempfile.TemporaryDirectory() as tmp:  # a tokenizer the folder ships; benchmarks never read it
-        tokenizer = train_demo_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = padded_tokenizer(Path(tmp) / "tokenizer.model", config.vocab_size)
         write_hub_checkpoint(folder, hub_config(config), tokenizer, dtype=dtype, n_shards=2)
     return convert_hf_checkpoint(folder)
 

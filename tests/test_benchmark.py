@@ -244,9 +244,13 @@ def test_bench_kernels_lists_every_kernel_on_a_small_shape(capsys, monkeypatch):
 
 def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, capsys):
     """--write_checkpoint: the hub-layout folder's config.json describes the named shape, and the
-    converted model.pth loads (this repo) beside safetensors that transformers loads."""
+    converted model.pth loads (this repo) beside safetensors that transformers loads; its tokenizer has
+    the vocabulary's size (which the scripts require), here fewer than the 1000 demo pieces, and for
+    cpu-bench's 32000 more, padded with pieces no text encodes to."""
+    import sentencepiece as spm
     from scripts.benchmark import main
-    from checkpoint import read_config
+    from scripts.make_tiny_checkpoint import padded_tokenizer
+    from checkpoint import load_tokenizer, read_config
     main(["--write_checkpoint", str(tmp_path), "--model", "tiny", "--precision", "float32"])
     assert f"wrote {tmp_path / 'model.pth'}" in capsys.readouterr().out
     assert read_config(tmp_path / "config.json") == model_args("tiny")
@@ -254,6 +258,11 @@ def test_write_checkpoint_writes_the_named_shape_for_both_loaders(tmp_path, caps
     from checkpoint import load_model, open_checkpoint
     ours, ref = load_model(open_checkpoint(tmp_path / "model.pth"), "cpu", torch.float32), load_reference(tmp_path)
     torch.testing.assert_close(ours.output.weight, ref.lm_head.weight)
+    assert load_tokenizer(open_checkpoint(tmp_path / "model.pth")).vocab_size() == model_args("tiny").vocab_size
+    big = spm.SentencePieceProcessor(model_file=str(padded_tokenizer(tmp_path / "big.model", 32000)))
+    text = "def main():\n    print('Hello, my name is Mixtral')  # 😀"
+    assert big.vocab_size() == 32000 and big.decode(big.encode(text)) == text
+    assert max(big.encode(text * 20)) < 1000 and big.id_to_piece(31999) == "<unused_31999>"
 
 
 def test_triton_flag_sets_the_variable_on_cuda_and_labels_the_rows(monkeypatch):
