@@ -14,6 +14,7 @@
 #   python scripts/benchmark.py --model cpu-bench --compile --batch_sizes 1 2 4 8 --prefill_lengths
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile
 #   python scripts/benchmark.py --model Mixtral-8x7B-v0.1 --n_layer 16 --device cuda --compile --triton
+#   python scripts/benchmark.py --model cpu-bench --format int4:g32 --compile --profile   # where a step's time goes
 #   python scripts/benchmark.py --checkpoint_path checkpoints/x/model.pth --compare-hf
 import argparse
 import contextlib
@@ -136,6 +137,8 @@ def run(args) -> list:
         if args.decode_prompts:
             decode, compile_s = decode_rows(args, model, settings, counts, weight_bytes, bench)
             rows += decode
+            if args.profile:
+                profile_decode(args, model, settings, bench)
         if args.prefill_lengths:
             rows += prefill_rows(args, model, ours, bench)
         if args.compare_hf:
@@ -177,6 +180,34 @@ def decode_rows(args, model, settings: Settings, counts, weight_bytes: int, benc
             rows.append(row)
             print(f"decode {row.tokens}: {row.median_tps:.2f} tokens/s", flush=True)
     return rows, compile_s
+
+
+def profile_decode(args, model, settings: Settings, bench: Bench, top: int = 12):
+    """Prints where a decode step's time goes: the decode steps of one more run at batch 1 (the first prompt
+    length) under torch.profiler, each op's self time (its own, not its callees') per step, the largest first. The
+    hand-written kernels are ops of their own (mixtral_cpu_<set>::moe, ::linear); a compiled step's fused
+    PyTorch code shows as its generated kernels; what is left of the step is Python and dispatch."""
+    prompts = random_prompts([args.decode_prompts[0]], bench.vocab, bench.generator, bench.device)
+    prof, timer = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), Timer(bench.device)
+
+    def on_token(seqs):  # the prefill's token: the decode steps start now
+        if timer.began is None:
+            timer.start()
+            prof.start()
+    settings.generate_batch(model, prompts, on_token)
+    prof.stop()
+    steps = args.max_new_tokens - 1
+    step_ms = timer.stop() * 1e3 / steps
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"\n- profile of one run at batch 1 (prompt {args.decode_prompts[0]}, {args.max_new_tokens} new tokens, "
+          f"profiled: {step_ms:.2f} ms a step); self time per decode step\n")
+    print("| op | calls a step | ms a step | share of the step |")
+    print("| --- | ---: | ---: | ---: |")
+    for e in events[:top]:
+        ms = e.self_cpu_time_total / 1e3 / steps
+        print(f"| {e.key[:70]} | {e.count / steps:.1f} | {ms:.3f} | {ms / step_ms:.1%} |")
+    rest = sum(e.self_cpu_time_total for e in events[top:]) / 1e3 / steps
+    print(f"| (the other {len(events) - top} ops) | | {rest:.3f} | {rest / step_ms:.1%} |", flush=True)
 
 
 def generate_decode_seconds(model, settings: Settings, on_decode=None):
@@ -311,6 +342,8 @@ def parse_args(argv=None):
                    help="first check the compiled decode step on --device against eager float32 on the CPU "
                         "(tiny shape; quantized with --int8 or --int4); stop if they disagree")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    p.add_argument("--profile", action="store_true",
+                   help="after the decode rows, profile one more run at batch 1 and print each op's share of a step")
     p.add_argument("--write_checkpoint", type=Path, default=None, metavar="DIR",
                    help="only write --model's shape with random weights to DIR in the hub's layout (for "
                         "--compare-hf) and convert it to DIR/model.pth, then exit")

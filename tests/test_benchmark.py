@@ -1,5 +1,6 @@
 """scripts/benchmark.py: its arithmetic against the shape's own formula, and end-to-end runs on a tiny shape.
 No test here asserts a speed: the machine is shared, and speed is what the benchmark reports."""
+import json
 import os
 import re
 
@@ -320,3 +321,22 @@ def test_default_prefill_lengths_beyond_a_short_context_are_skipped_with_a_note(
     _, rows = parse_table(out)
     assert [(r[1], r[2]) for r in rows] == [("decode", "5 + 4"), ("prefill", "128")]
     assert "note: --prefill_lengths 512 2048 skipped: beyond the model's context of 256 tokens" in err
+
+
+def test_profile_shows_each_ops_share_of_a_decode_step(tiny_stdlib, capsys):
+    """--profile: a table of ops by their self time per decode step, the CPU kernels among them (a linear call
+    for wqkv, wo and the router of each layer, and one for the head), shares that add up to the profiled step
+    at most."""
+    from kernels import cpu as cpu_kernels
+    from scripts.benchmark import main
+    main([str(a) for a in ["--checkpoint_path", tiny_stdlib / "model.pth", "--runs", "1", "--probe_mb", "8",
+                           "--max_new_tokens", "6", "--prefill_lengths", "--profile"]])
+    out = capsys.readouterr().out
+    table = out.split("| op | calls a step | ms a step | share of the step |")[1].split("\n\n")[0]
+    rows = [line.split(" | ") for line in table.strip().split("\n")[1:]]
+    shares = [float(r[-1].rstrip(" |%")) for r in rows]
+    assert len(rows) == 13 and sum(shares) <= 100.5
+    if cpu_kernels.available():
+        linear = [r for r in rows if r[0].endswith("::linear")]
+        n_layer = json.loads((tiny_stdlib / "config.json").read_text())["num_hidden_layers"]
+        assert linear and float(linear[0][1]) == 3 * n_layer + 1, table
