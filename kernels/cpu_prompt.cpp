@@ -379,6 +379,35 @@ inline VI int8_pair(VI d, int i) {
   return _mm512_srai_epi16(_mm512_shuffle_epi8(d, index), 8);
 }
 inline void store(void* p, VI v) { _mm512_store_si512(p, v); }
+// A block type's 32 codes (int8) as int16 pairs: `part` 0 holds pairs 0-15 (values 0-31), all of them here.
+constexpr int kPartsPerStep = 1;
+inline VI widen_codes(__m256i q, int) { return _mm512_cvtepi8_epi16(q); }
+// 16 x 16 lanes transposed in four rounds of pairs (32-bit, 64-bit, then 128-bit lanes twice): v[i] holds
+// row i before and column kColumn[i] after.
+constexpr int kColumn[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+inline void transpose(VF* v) {
+  VF t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      v[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
+      v[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
+    }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(v[i + j], v[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(v[i + j], v[i + j + 4], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    v[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    v[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+inline VF as_float(VI v) { return _mm512_castsi512_ps(v); }
+inline VI as_int(VF v) { return _mm512_castps_si512(v); }
 #else
 namespace simd {
 constexpr int64_t kLanes = 8;
@@ -421,6 +450,28 @@ inline VI int8_pair(VI d, int i) {
   return _mm256_srai_epi16(_mm256_shuffle_epi8(d, index), 8);
 }
 inline void store(void* p, VI v) { _mm256_store_si256(static_cast<__m256i*>(p), v); }
+// A block type's 32 codes (int8) as int16 pairs: `part` 0 holds pairs 0-7 (values 0-15), part 1 pairs 8-15.
+constexpr int kPartsPerStep = 2;
+inline VI widen_codes(__m256i q, int part) {
+  return _mm256_cvtepi8_epi16(part ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q));
+}
+// 8 x 8 lanes transposed: v[i] holds row i before and column kColumn[i] = i after.
+constexpr int kColumn[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+inline void transpose(VF* v) {
+  VF t[8], u[8];
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]), t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0x44);
+      u[i + 2 * j + 1] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0xEE);
+    }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+inline VF as_float(VI v) { return _mm256_castsi256_ps(v); }
+inline VI as_int(VF v) { return _mm256_castps_si256(v); }
 #endif
 }  // namespace simd
 
@@ -469,9 +520,11 @@ struct Panel {
     }
   }
 
-  // GGUF's blocks, a row at a time: each step's 32 codes widened to 16 int16 pairs, which go to the 16
-  // pair-rows of W in this row's lane; the step's scales to groups of 32 values (q6_k: 16) and its offset.
+  // GGUF's blocks, a vector's rows at a time: each row's step of 32 codes widened to 16 int16 pairs, the
+  // rows' pairs turned (a transposition in registers) into the pair-rows of W, a vector of rows each; the
+  // step's scales to groups of 32 values (q6_k: 16) and its offset.
   void expand_blocks(const Rows& rows, int64_t l0, int64_t K) {
+    using namespace simd;
     const Format f = rows.m[0]->format;
     const int64_t steps = K / 32;
     group = f == Format::kQ6_K ? 16 : 32;
@@ -479,26 +532,35 @@ struct Panel {
     W.resize(K / 2 * kBlockRows);
     scales.assign(K / group * kBlockRows, 0.0f);
     if (offset) offsets.assign(steps * kBlockRows, 0.0f);
-    alignas(32) int32_t pairs[16];
-    for (int64_t r = 0; r < kBlockRows; ++r) {
-      if (!rows.present(l0 + r)) {
-        for (int64_t kp = 0; kp < K / 2; ++kp) W[kp * kBlockRows + r] = 0;
-        continue;
+    for (int64_t v = 0; v < kVectorsPerBlock; ++v) {
+      std::vector<Decoder> decoders;
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const int64_t l = l0 + v * kLanes + i;
+        decoders.emplace_back(f, rows.present(l) ? rows.matrix(l).row(rows.row(l)) : nullptr);
       }
-      Decoder decoder(f, rows.matrix(l0 + r).row(rows.row(l0 + r)));
       for (int64_t s = 0; s < steps; ++s) {
-        float step[2], off;
-        const __m256i q = decoder.codes(s, step, off);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)));
-        int32_t* out = W.data() + s * 16 * kBlockRows + r;
-        for (int j = 0; j < 16; ++j) out[j * kBlockRows] = pairs[j];
-        if (group == 16) {
-          scales[2 * s * kBlockRows + r] = step[0], scales[(2 * s + 1) * kBlockRows + r] = step[1];
-        } else {
-          scales[s * kBlockRows + r] = step[0];
+        VF pairs[kPartsPerStep][kLanes];  // [part][row]: a row's pairs of the part
+        for (int64_t i = 0; i < kLanes; ++i) {
+          const int64_t r = v * kLanes + i;
+          if (!decoders[i].row) {
+            for (int part = 0; part < kPartsPerStep; ++part) pairs[part][i] = zero();
+            continue;
+          }
+          float step[2], off;
+          const __m256i q = decoders[i].codes(s, step, off);
+          for (int part = 0; part < kPartsPerStep; ++part) pairs[part][i] = as_float(widen_codes(q, part));
+          if (group == 16) {
+            scales[2 * s * kBlockRows + r] = step[0], scales[(2 * s + 1) * kBlockRows + r] = step[1];
+          } else {
+            scales[s * kBlockRows + r] = step[0];
+          }
+          if (offset) offsets[s * kBlockRows + r] = off;
         }
-        if (offset) offsets[s * kBlockRows + r] = off;
+        for (int part = 0; part < kPartsPerStep; ++part) {  // pairs[part][j]: pair kColumn[j] of the part, each row
+          transpose(pairs[part]);
+          for (int64_t j = 0; j < kLanes; ++j)
+            store(W.data() + (s * 16 + part * kLanes + kColumn[j]) * kBlockRows + v * kLanes, as_int(pairs[part][j]));
+        }
       }
     }
   }
@@ -792,31 +854,11 @@ MIXTRAL_AMX inline void amx_tiles(const uint16_t* A, const Packed& x, int64_t mt
 void transpose_block(const float* C, int64_t ldc, int64_t tokens, float* out) {
   for (int64_t m0 = 0; m0 < tokens; m0 += 16)
     for (int64_t r0 = 0; r0 < kBlockRows; r0 += 16) {
-      __m512 v[16], t[16];
+      __m512 v[16];
       for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(C + (r0 + i) * ldc + m0);
-      // 16 x 16 in four rounds of pairs: 32-bit, 64-bit, then 128-bit lanes twice.
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; ++j) {
-          v[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
-          v[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
-        }
-      for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; ++j) {
-          t[i + j] = _mm512_shuffle_f32x4(v[i + j], v[i + j + 4], 0x88);
-          t[i + j + 4] = _mm512_shuffle_f32x4(v[i + j], v[i + j + 4], 0xDD);
-        }
-      for (int j = 0; j < 8; ++j) {
-        v[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-        v[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-      }
-      // Row i of the result is token m0 + order[i].
-      static constexpr int order[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      simd::transpose(v);  // v[i]: token m0 + kColumn[i]
       for (int i = 0; i < 16; ++i) {
-        const int64_t m = m0 + order[i];
+        const int64_t m = m0 + simd::kColumn[i];
         if (m < tokens) _mm512_storeu_ps(out + m * kBlockRows + r0, v[i]);
       }
     }
