@@ -180,12 +180,12 @@ inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_
 struct Decoder {
   Format format = Format::kQ8_0;
   const uint8_t* row = nullptr;
-  int64_t steps_per_block = 1, bytes = 34, block = -1;
+  int shift = 0;  // log2 of the steps a block holds (1 or 8): a step's block by a shift, not a division
+  int64_t bytes = 34, block = -1;
   const uint8_t* b = nullptr;  // the block of `block`
   float step[16], offset[8];   // its sub-blocks' (q8_0, q4_0: step[0]; q6_k: 16 sub-blocks of 16 values)
 
-  Decoder(Format f, const uint8_t* r)
-      : format(f), row(r), steps_per_block(block_values(f) / 32), bytes(block_bytes(f)) {}
+  Decoder(Format f, const uint8_t* r) : format(f), row(r), shift(block_values(f) == 256 ? 3 : 0), bytes(block_bytes(f)) {}
 
   void load_block(int64_t n) {
     block = n, b = row + n * bytes;
@@ -215,8 +215,8 @@ struct Decoder {
 
   // Step s: its codes; its steps (values 0-15, 16-31) and offset go to step2, off.
   __m256i codes(int64_t s, float* step2, float& off) {
-    if (s / steps_per_block != block) load_block(s / steps_per_block);
-    const int t = static_cast<int>(s % steps_per_block);  // the step within the block
+    if (s >> shift != block) load_block(s >> shift);
+    const int t = static_cast<int>(s & ((1 << shift) - 1));  // the step within the block
     off = 0.0f;
     switch (format) {
       case Format::kQ8_0:  // d | 32 int8 q
