@@ -306,17 +306,27 @@ def symmetric_scales(x, w, qmin, qmax):
     extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed, [...]
     scale = extreme / qmin  # rounding to nearest's grid, kept where no candidate has a code off 0
     extreme = torch.where(extreme == 0, 1.0, extreme)  # all-zero groups: every grid gives codes 0
-    best = torch.zeros_like(scale)
+    best = weighted_squares(x, w)  # the error of scale 0: a candidate must do better
     for step in SYMMETRIC_STEPS:
         q = (x * ((qmin - step) / extreme)[..., None]).round_().clamp_(qmin, qmax)
         qw = q if w is None else q * w
         sxq, sqq = (qw * x).sum(-1), (qw * q).sum(-1)
-        # The least-squares scale sxq / sqq leaves sum w x^2 - sxq^2 / sqq: the larger sxq^2 / sqq, the better.
-        gain = sxq * sxq / sqq  # nan where every code is 0 (or weighs 0): never better
-        better = gain > best
-        best = torch.where(better, gain, best)
-        scale = torch.where(better, sxq / sqq, scale)
+        candidate = sxq / sqq  # least squares; nan where every code is 0 (or weighs 0): never better
+        err = weighted_squares(x - candidate[..., None] * q, w)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, candidate, scale)
     return scale
+
+
+def weighted_squares(r: Tensor, w: Optional[Tensor]) -> Tensor:
+    """sum w r^2 over the last axis (w None: all 1). The searches measure each candidate's error so, from
+    its residuals r, and not as sum w x^2 minus what the fit explains: that difference of two nearly equal
+    sums keeps few of float32's 7 digits (a 6-bit grid errs a few 1e-4 of sum w x^2, an 8-bit one a few
+    1e-5), too few to tell candidates apart that differ by a percent of that: rounding, not error, would
+    choose among them."""
+    squares = r * r
+    return (squares if w is None else w * squares).sum(-1)
 
 
 def fit_scale_min(x: Tensor, w: Optional[Tensor], top: int) -> tuple:
@@ -330,16 +340,18 @@ def fit_scale_min(x: Tensor, w: Optional[Tensor], top: int) -> tuple:
     hi = x.amax(dim=-1, keepdim=True)
     wx = x if w is None else w * x
     sw = torch.full_like(hi, x.shape[-1]) if w is None else w.expand_as(x).sum(-1, keepdim=True)
-    swx, swxx = wx.sum(-1, keepdim=True), (wx * x).sum(-1, keepdim=True)
+    swx = wx.sum(-1, keepdim=True)
 
     def sums(q):  # [..., 1] each
         qw = q if w is None else q * w
         return qw.sum(-1, keepdim=True), (qw * q).sum(-1, keepdim=True), (wx * q).sum(-1, keepdim=True)
 
+    def error(q, scale, bottom):  # [..., 1]: weighted_squares' reason
+        return weighted_squares(x - scale * q - bottom, w).unsqueeze(-1)
+
     scale = (hi - lo) / top
     q = torch.where(scale > 0, (x - lo) / scale, 0.0).round_().clamp_(0, top)
-    sq, sqq, sxq = sums(q)
-    best = scale * scale * sqq + 2 * scale * lo * sq + lo * lo * sw - 2 * scale * sxq - 2 * lo * swx + swxx
+    best = error(q, scale, lo)
     for step in MIN_SCALE_STEPS:
         iscale = (top + step) / (hi - lo).clamp_min(1e-30)
         q = torch.addcmul(-lo * iscale, x, iscale).round_().clamp_(0, top)
@@ -348,7 +360,7 @@ def fit_scale_min(x: Tensor, w: Optional[Tensor], top: int) -> tuple:
         s, m = (sw * sxq - swx * sq) / det, (sqq * swx - sq * sxq) / det
         alone = (det <= 0) | (m > 0)
         s, m = torch.where(alone, sxq / sqq, s), torch.where(alone, 0.0, m)
-        err = swxx - s * sxq - m * swx  # what a least-squares fit leaves (nan if sqq = 0: never better)
+        err = error(q, s, m)  # nan if sqq = 0: never better
         better = err < best
         best = torch.where(better, err, best)
         scale, lo = torch.where(better, s, scale), torch.where(better, m, lo)

@@ -75,28 +75,35 @@ void extremes(const float (&x)[g][G], float (&extreme)[G]) {
 // put the extreme at qmin - step, each refit by least squares.
 template <int G, int g>
 void symmetric_scales(const float (&x)[g][G], const float (&w)[g][G], int qmin, int qmax, float (&scale)[G]) {
-  float extreme[G], inverse[G], best[G];
+  float extreme[G], inverse[G], best[G] = {};
   extremes(x, extreme);
   for (int l = 0; l < G; l++) {
     scale[l] = extreme[l] / static_cast<float>(qmin);
     inverse[l] = 1.0f / (extreme[l] == 0 ? 1.0f : extreme[l]);  // (qmin - step) / extreme is reciprocal * scalar in torch
-    best[l] = 0;
   }
+  for (int j = 0; j < g; j++)
+    for (int l = 0; l < G; l++) best[l] += w[j][l] * (x[j][l] * x[j][l]);  // the error of scale 0
   for (int s = 0; s < kSymmetricSteps; s++) {
     const float top = static_cast<float>(qmin - symmetric_step(s));
-    float iscale[G], sxq[G] = {}, sqq[G] = {};
+    float iscale[G], sxq[G] = {}, sqq[G] = {}, candidate[G], err[G] = {}, q[g][G];
     for (int l = 0; l < G; l++) iscale[l] = inverse[l] * top;
     for (int j = 0; j < g; j++)
       for (int l = 0; l < G; l++) {
-        const float q = clampf(std::rint(x[j][l] * iscale[l]), qmin, qmax), qw = q * w[j][l];
+        q[j][l] = clampf(std::rint(x[j][l] * iscale[l]), qmin, qmax);
+        const float qw = q[j][l] * w[j][l];
         sxq[l] += qw * x[j][l];
-        sqq[l] += qw * q;
+        sqq[l] += qw * q[j][l];
+      }
+    for (int l = 0; l < G; l++) candidate[l] = sxq[l] / sqq[l];  // nan where every code is 0 or weighs 0: never better
+    for (int j = 0; j < g; j++)
+      for (int l = 0; l < G; l++) {
+        const float r = x[j][l] - candidate[l] * q[j][l];
+        err[l] += w[j][l] * (r * r);  // from the residuals, as quants.weighted_squares says why
       }
     for (int l = 0; l < G; l++) {
-      const float gain = sxq[l] * sxq[l] / sqq[l];  // nan where every code is 0 or weighs 0: never better
-      const bool better = gain > best[l];
-      best[l] = better ? gain : best[l];
-      scale[l] = better ? sxq[l] / sqq[l] : scale[l];
+      const bool better = err[l] < best[l];
+      best[l] = better ? err[l] : best[l];
+      scale[l] = better ? candidate[l] : scale[l];
     }
   }
 }
@@ -104,7 +111,16 @@ void symmetric_scales(const float (&x)[g][G], const float (&w)[g][G], int qmin, 
 // quants.fit_scale_min for q4_k's and q5_k's 8 sub-blocks of 32 values x, weights w [32][8]: scale >= 0 and
 // min >= 0 of x ~= scale * q - min, q in 0..top, the candidates refit by least squares from the best bottom so far.
 void fit_scale_min(const float (&x)[32][8], const float (&w)[32][8], int top, float (&scale)[8], float (&min)[8]) {
-  float lo[8], hi[8], sw[8] = {}, swx[8] = {}, swxx[8] = {}, sq[8] = {}, sqq[8] = {}, sxq[8] = {}, best[8];
+  float lo[8], hi[8], sw[8] = {}, swx[8] = {}, sq[8], sqq[8], sxq[8], best[8] = {}, q[32][8];
+  // sum w (x - scale q - bottom)^2 of the codes q, from the residuals (quants.weighted_squares says why)
+  auto error = [&](const float (&scale)[8], const float (&bottom)[8], float (&err)[8]) {
+    for (int l = 0; l < 8; l++) err[l] = 0;
+    for (int j = 0; j < 32; j++)
+      for (int l = 0; l < 8; l++) {
+        const float r = x[j][l] - scale[l] * q[j][l] - bottom[l];
+        err[l] += w[j][l] * (r * r);
+      }
+  };
   for (int l = 0; l < 8; l++) lo[l] = hi[l] = x[0][l];
   for (int j = 1; j < 32; j++)
     for (int l = 0; l < 8; l++) lo[l] = std::min(lo[l], x[j][l]), hi[l] = std::max(hi[l], x[j][l]);
@@ -114,14 +130,10 @@ void fit_scale_min(const float (&x)[32][8], const float (&w)[32][8], int top, fl
   }
   for (int j = 0; j < 32; j++)
     for (int l = 0; l < 8; l++) {
-      const float wx = w[j][l] * x[j][l];
-      const float q = scale[l] > 0 ? clampf(std::rint((x[j][l] - lo[l]) / scale[l]), 0, top) : 0.0f, qw = q * w[j][l];
-      sw[l] += w[j][l], swx[l] += wx, swxx[l] += wx * x[j][l];
-      sq[l] += qw, sqq[l] += qw * q, sxq[l] += wx * q;
+      sw[l] += w[j][l], swx[l] += w[j][l] * x[j][l];
+      q[j][l] = scale[l] > 0 ? clampf(std::rint((x[j][l] - lo[l]) / scale[l]), 0, top) : 0.0f;
     }
-  for (int l = 0; l < 8; l++)
-    best[l] = scale[l] * scale[l] * sqq[l] + 2 * scale[l] * lo[l] * sq[l] + lo[l] * lo[l] * sw[l] -
-              2 * scale[l] * sxq[l] - 2 * lo[l] * swx[l] + swxx[l];
+  error(scale, lo, best);
   for (int s = 0; s < kMinScaleSteps; s++) {
     const float steps = static_cast<float>(top + min_scale_step(s));
     float iscale[8], shift[8];
@@ -132,20 +144,24 @@ void fit_scale_min(const float (&x)[32][8], const float (&w)[32][8], int top, fl
     }
     for (int j = 0; j < 32; j++)
       for (int l = 0; l < 8; l++) {
-        const float q = clampf(std::rint(shift[l] + x[j][l] * iscale[l]), 0, top), qw = q * w[j][l];
-        sq[l] += qw, sqq[l] += qw * q, sxq[l] += w[j][l] * x[j][l] * q;
+        q[j][l] = clampf(std::rint(shift[l] + x[j][l] * iscale[l]), 0, top);
+        const float qw = q[j][l] * w[j][l];
+        sq[l] += qw, sqq[l] += qw * q[j][l], sxq[l] += w[j][l] * x[j][l] * q[j][l];
       }
+    float a[8], m[8], err[8];
     for (int l = 0; l < 8; l++) {
       const float det = sw[l] * sqq[l] - sq[l] * sq[l];
-      float a = (sw[l] * sxq[l] - swx[l] * sq[l]) / det, m = (sqq[l] * swx[l] - sq[l] * sxq[l]) / det;
-      const bool alone = det <= 0 || m > 0;  // no joint fit, or one with the bottom above 0: the scale alone
-      a = alone ? sxq[l] / sqq[l] : a;
-      m = alone ? 0.0f : m;
-      const float err = swxx[l] - a * sxq[l] - m * swx[l];  // nan if sqq = 0: never better
-      const bool better = err < best[l];
-      best[l] = better ? err : best[l];
-      scale[l] = better ? a : scale[l];
-      lo[l] = better ? m : lo[l];
+      a[l] = (sw[l] * sxq[l] - swx[l] * sq[l]) / det, m[l] = (sqq[l] * swx[l] - sq[l] * sxq[l]) / det;
+      const bool alone = det <= 0 || m[l] > 0;  // no joint fit, or one with the bottom above 0: the scale alone
+      a[l] = alone ? sxq[l] / sqq[l] : a[l];  // nan if sqq = 0: never better
+      m[l] = alone ? 0.0f : m[l];
+    }
+    error(a, m, err);
+    for (int l = 0; l < 8; l++) {
+      const bool better = err[l] < best[l];
+      best[l] = better ? err[l] : best[l];
+      scale[l] = better ? a[l] : scale[l];
+      lo[l] = better ? m[l] : lo[l];
     }
   }
   for (int l = 0; l < 8; l++) scale[l] = std::max(scale[l], 0.0f), min[l] = -lo[l];
