@@ -49,6 +49,7 @@ BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q5_k": (256, 
 # About this many values are quantized at once: the search's temporaries then stay in the CPU's caches,
 # where each pass over them is several times faster than through memory.
 CHUNK = 1 << 17
+KERNEL_CHUNK = 1 << 22
 
 # The candidate grids, as steps added to the number of steps of the grid that spans the values: of
 # q4_k's and q5_k's scales and mins (fit_scale_min), of the symmetric scales (search_symmetric) and of
@@ -147,10 +148,12 @@ def pack_scales(sc: Tensor, m: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- quantizing
 
-def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None) -> Tensor:
+def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None, kernel=None) -> Tensor:
     """The raw blocks, uint8 [..., (n / QK) * bytes], of the weights w [..., n]. importance [n] (or any
     shape that broadcasts against w, as [E, 1, n] for stacked experts) weighs each input's squared error;
-    None counts every input the same."""
+    None counts every input the same. kernel: the same quantizers compiled (kernels/cpu_quantize.cpp's
+    quantize_blocks, which formats.Blocks passes where the CPU kernels are loaded), called as
+    kernel(rows float32 [R, n], importance float32 [R, n] or None, name); None: PyTorch's, below."""
     qk, size = block_shape(name)
     n = w.shape[-1] if w.dim() else 0
     if w.dim() == 0 or n % qk:
@@ -161,12 +164,31 @@ def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None) -> Tenso
     rows = w.reshape(-1, n)
     weights = None if importance is None else checked_importance(importance, w.shape).reshape(-1, n)
     out = torch.empty(rows.shape[0], n // qk * size, dtype=torch.uint8, device=w.device)
-    step = max(1, CHUNK // n)
+    # The kernel keeps each block in its caches whatever the chunk: its chunks only bound the float32
+    # copy of the weights, and are large, so that every thread has rows.
+    step = max(1, (KERNEL_CHUNK if kernel else CHUNK) // n)
     for start in range(0, rows.shape[0], step):
-        x = rows[start:start + step].float().unflatten(-1, (-1, qk))  # [rows, B, QK]
-        wx = None if weights is None else weights[start:start + step].unflatten(-1, (-1, qk))
-        out[start:start + step] = QUANTIZE[name](x, wx).flatten(-2)
+        x = rows[start:start + step].float()  # [rows, n]
+        wx = None if weights is None else weights[start:start + step]  # [rows, n], often one row repeated
+        if kernel is not None:
+            if wx is not None and wx.stride(-1) != 1:
+                wx = wx.contiguous()
+            out[start:start + step] = kernel(x.contiguous(), wx, name)
+        else:
+            blocks = None if wx is None else wx.unflatten(-1, (-1, qk))
+            out[start:start + step] = QUANTIZE[name](x.unflatten(-1, (-1, qk)), blocks).flatten(-2)
+    if kernel is not None:
+        check_scales(name, out)
     return out.reshape(*w.shape[:-1], -1)
+
+
+def check_scales(name: str, blocks: Tensor):
+    """A UserError if any fp16 field (d, dmin) of the blocks [rows, bytes] is inf: PyTorch's quantizers
+    refuse such scales as they write them (half_bytes), the kernel leaves them to this."""
+    b = blocks.view(blocks.shape[0], -1, BLOCKS[name][1])
+    fields = [0, 2] if name in ("q4_k", "q5_k") else [208] if name == "q6_k" else [0]
+    if not all(torch.isfinite(half(b[..., at:at + 2])).all() for at in fields):
+        raise UserError("weights too large for GGUF's blocks: their fp16 scales would overflow")
 
 
 def checked_importance(importance: Tensor, shape: torch.Size) -> Tensor:
