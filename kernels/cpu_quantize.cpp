@@ -9,8 +9,10 @@
 // every input the same. The caller (quants.quantize) has checked the values (finite, importance >= 0) and
 // checks that no fp16 scale overflowed.
 //
-// The bytes are the reference's but where two candidates of a search err the same within float32
-// rounding: each group's sums here add up in value order, PyTorch's in its own, and a tie can go either way.
+// The bytes are the reference's but where a value lies within float32 rounding of a decision's boundary
+// (d halfway between two fp16 values, two candidates that err the same): each group's sums here add up in
+// value order, PyTorch's in an order of its own that depends on the CPU, and such a value can go either
+// way (tests/test_quantize_kernel.py says how rarely).
 //
 // Speed: each search runs on G groups at once (a q4_k block's 8 sub-blocks, a q6_k block's 16, eight
 // q8_0 or q4_0 blocks), held transposed, [values][G], so that every inner loop runs across the groups and
