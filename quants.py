@@ -34,6 +34,8 @@
 # for q4_k's and q5_k's scales and mins tries fewer, coarser stretches than llama.cpp's, which fit as
 # well on test matrices in a third of the time. q4_0 and q8_0 without an importance round to nearest
 # exactly as llama.cpp's reference quantizers do: their bytes are llama.cpp's and the gguf package's.
+# The code below is the reference, and the fallback: kernels/cpu_quantize.cpp is the same quantizers
+# compiled, op for op, which formats.Blocks hands to quantize() wherever the CPU kernels are loaded.
 #
 # Shapes in comments: B blocks of QK values; N rows of G groups of g values (for search_symmetric).
 import math
