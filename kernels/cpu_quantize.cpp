@@ -14,9 +14,9 @@
 // value order, PyTorch's in an order of its own that depends on the CPU, and such a value can go either
 // way (tests/test_quantize_kernel.py says how rarely).
 //
-// Speed: each search runs on G groups at once (a q4_k block's 8 sub-blocks, a q6_k block's 16, eight
-// q8_0 or q4_0 blocks), held transposed, [values][G], so that every inner loop runs across the groups and
-// the compiler turns it into vector instructions, with no sum across lanes. Rows are shared among threads.
+// Speed: each search runs on 8 groups at once, one in each lane of a vector (a q4_k block's 8 sub-blocks,
+// half of a q6_k block's 16, eight q8_0 or q4_0 blocks): every operation of the search is one vector
+// instruction for the 8, and no sum crosses lanes. Rows are shared among threads.
 // The file is compiled with the library's flags (kernels/cpu.py), but never fuses a * b + c into one
 // rounding: PyTorch and the gguf package round the product and the sum apart, and so must this.
 #pragma GCC optimize("fp-contract=off")
@@ -26,6 +26,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -59,118 +61,102 @@ void put_half(uint8_t* out, float x) {
   std::memcpy(out, &bits, 2);
 }
 
-// x [g][G] -> each group's value of largest magnitude, signed; the first of equals (torch.argmax's).
-template <int G, int g>
-void extremes(const float (&x)[g][G], float (&extreme)[G]) {
-  float largest[G];
-  for (int l = 0; l < G; l++) largest[l] = -1, extreme[l] = 0;
-  for (int j = 0; j < g; j++)
-    for (int l = 0; l < G; l++) {
-      const bool more = std::fabs(x[j][l]) > largest[l];
-      largest[l] = more ? std::fabs(x[j][l]) : largest[l];
-      extreme[l] = more ? x[j][l] : extreme[l];
-    }
+// Eight groups side by side, one in each lane: GCC's vector type, whose operators (+, -, *, /, <, ?:) are
+// one instruction on all 8 lanes, IEEE float32 each, as PyTorch's. The sets all have AVX.
+typedef float F8 __attribute__((vector_size(32)));
+
+F8 splat(float s) { return F8{} + s; }
+F8 round_even(F8 x) { return (F8)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }  // torch.round
+F8 clamp(F8 x, float lo, float hi) {
+  x = x > splat(lo) ? x : splat(lo);
+  return x < splat(hi) ? x : splat(hi);
 }
 
-// quants.symmetric_scales: the scale of a symmetric grid (w ~= scale * q, q in qmin..qmax) for each of the G
-// groups of g values x with weights w, [g][G] both: the best by sum w x q^2 / sum w q^2 among the grids that
-// put the extreme at qmin - step, each refit by least squares.
-template <int G, int g>
-void symmetric_scales(const float (&x)[g][G], const float (&w)[g][G], int qmin, int qmax, float (&scale)[G]) {
-  float extreme[G], inverse[G], best[G] = {};
-  extremes(x, extreme);
-  for (int l = 0; l < G; l++) {
-    scale[l] = extreme[l] / static_cast<float>(qmin);
-    inverse[l] = 1.0f / (extreme[l] == 0 ? 1.0f : extreme[l]);  // (qmin - step) / extreme is reciprocal * scalar in torch
+// quants.symmetric_scales for 8 groups of g values x with weights w, value j of group l in x[j][l]: the
+// scale of a symmetric grid (w ~= scale * q, q in qmin..qmax) each, the best by sum w (x - scale q)^2
+// among the grids that put the group's extreme at qmin - step, each refit by least squares.
+template <int g>
+F8 symmetric_scales(const F8 (&x)[g], const F8 (&w)[g], int qmin, int qmax) {
+  F8 largest = splat(-1), extreme = {}, best = {};
+  for (int j = 0; j < g; j++) {  // the value of largest magnitude, signed; the first of equals (torch.argmax's)
+    const F8 magnitude = x[j] < 0 ? -x[j] : x[j];
+    const auto more = magnitude > largest;
+    largest = more ? magnitude : largest;
+    extreme = more ? x[j] : extreme;
+    best += w[j] * (x[j] * x[j]);  // the error of scale 0: a candidate must do better
   }
-  for (int j = 0; j < g; j++)
-    for (int l = 0; l < G; l++) best[l] += w[j][l] * (x[j][l] * x[j][l]);  // the error of scale 0
+  F8 scale = extreme / static_cast<float>(qmin);
+  const F8 inverse = splat(1.0f) / (extreme == 0 ? splat(1.0f) : extreme);  // (qmin - step) / extreme is reciprocal * scalar in torch
   for (int s = 0; s < kSymmetricSteps; s++) {
-    const float top = static_cast<float>(qmin - symmetric_step(s));
-    float iscale[G], sxq[G] = {}, sqq[G] = {}, candidate[G], err[G] = {}, q[g][G];
-    for (int l = 0; l < G; l++) iscale[l] = inverse[l] * top;
-    for (int j = 0; j < g; j++)
-      for (int l = 0; l < G; l++) {
-        q[j][l] = clampf(std::rint(x[j][l] * iscale[l]), qmin, qmax);
-        const float qw = q[j][l] * w[j][l];
-        sxq[l] += qw * x[j][l];
-        sqq[l] += qw * q[j][l];
-      }
-    for (int l = 0; l < G; l++) candidate[l] = sxq[l] / sqq[l];  // nan where every code is 0 or weighs 0: never better
-    for (int j = 0; j < g; j++)
-      for (int l = 0; l < G; l++) {
-        const float r = x[j][l] - candidate[l] * q[j][l];
-        err[l] += w[j][l] * (r * r);  // from the residuals, as quants.weighted_squares says why
-      }
-    for (int l = 0; l < G; l++) {
-      const bool better = err[l] < best[l];
-      best[l] = better ? err[l] : best[l];
-      scale[l] = better ? candidate[l] : scale[l];
+    const F8 iscale = inverse * static_cast<float>(qmin - symmetric_step(s));
+    F8 q[g], sxq = {}, sqq = {}, err = {};
+    for (int j = 0; j < g; j++) {
+      q[j] = clamp(round_even(x[j] * iscale), qmin, qmax);
+      const F8 qw = q[j] * w[j];
+      sxq += qw * x[j];
+      sqq += qw * q[j];
     }
+    const F8 candidate = sxq / sqq;  // nan where every code is 0 or weighs 0: never better
+    for (int j = 0; j < g; j++) {
+      const F8 r = x[j] - candidate * q[j];
+      err += w[j] * (r * r);  // from the residuals, as quants.weighted_squares says why
+    }
+    const auto better = err < best;
+    best = better ? err : best;
+    scale = better ? candidate : scale;
   }
+  return scale;
 }
 
-// quants.fit_scale_min for q4_k's and q5_k's 8 sub-blocks of 32 values x, weights w [32][8]: scale >= 0 and
-// min >= 0 of x ~= scale * q - min, q in 0..top, the candidates refit by least squares from the best bottom so far.
-void fit_scale_min(const float (&x)[32][8], const float (&w)[32][8], int top, float (&scale)[8], float (&min)[8]) {
-  float lo[8], hi[8], sw[8] = {}, swx[8] = {}, sq[8], sqq[8], sxq[8], best[8] = {}, q[32][8];
+// quants.fit_scale_min for q4_k's and q5_k's 8 sub-blocks of 32 values x, weights w (value j of sub-block l
+// in x[j][l]): scale >= 0 and min >= 0 of x ~= scale * q - min, q in 0..top, the candidates refit by least
+// squares from the best bottom so far.
+void fit_scale_min(const F8 (&x)[32], const F8 (&w)[32], int top, F8& scale, F8& mn) {
+  F8 lo = x[0], hi = x[0], sw = {}, swx = {}, q[32];
   // sum w (x - scale q - bottom)^2 of the codes q, from the residuals (quants.weighted_squares says why)
-  auto error = [&](const float (&scale)[8], const float (&bottom)[8], float (&err)[8]) {
-    for (int l = 0; l < 8; l++) err[l] = 0;
-    for (int j = 0; j < 32; j++)
-      for (int l = 0; l < 8; l++) {
-        const float r = x[j][l] - scale[l] * q[j][l] - bottom[l];
-        err[l] += w[j][l] * (r * r);
-      }
+  auto error = [&](F8 scale, F8 bottom) {
+    F8 err = {};
+    for (int j = 0; j < 32; j++) {
+      const F8 r = x[j] - scale * q[j] - bottom;
+      err += w[j] * (r * r);
+    }
+    return err;
   };
-  for (int l = 0; l < 8; l++) lo[l] = hi[l] = x[0][l];
-  for (int j = 1; j < 32; j++)
-    for (int l = 0; l < 8; l++) lo[l] = std::min(lo[l], x[j][l]), hi[l] = std::max(hi[l], x[j][l]);
-  for (int l = 0; l < 8; l++) {
-    lo[l] = std::min(lo[l], 0.0f);  // the grid's bottom, -min: 0 or below
-    scale[l] = (hi[l] - lo[l]) / static_cast<float>(top);
+  for (int j = 1; j < 32; j++) lo = x[j] < lo ? x[j] : lo, hi = x[j] > hi ? x[j] : hi;
+  lo = lo < 0 ? lo : splat(0);  // the grid's bottom, -min: 0 or below
+  scale = (hi - lo) / static_cast<float>(top);
+  for (int j = 0; j < 32; j++) {
+    sw += w[j], swx += w[j] * x[j];
+    q[j] = scale > 0 ? clamp(round_even((x[j] - lo) / scale), 0, top) : splat(0);
   }
-  for (int j = 0; j < 32; j++)
-    for (int l = 0; l < 8; l++) {
-      sw[l] += w[j][l], swx[l] += w[j][l] * x[j][l];
-      q[j][l] = scale[l] > 0 ? clampf(std::rint((x[j][l] - lo[l]) / scale[l]), 0, top) : 0.0f;
-    }
-  error(scale, lo, best);
+  F8 best = error(scale, lo);
   for (int s = 0; s < kMinScaleSteps; s++) {
-    const float steps = static_cast<float>(top + min_scale_step(s));
-    float iscale[8], shift[8];
-    for (int l = 0; l < 8; l++) {
-      iscale[l] = 1.0f / std::max(hi[l] - lo[l], 1e-30f) * steps;
-      shift[l] = -lo[l] * iscale[l];
-      sq[l] = sqq[l] = sxq[l] = 0;
+    const F8 span = hi - lo;
+    const F8 iscale = splat(1.0f) / (span > 1e-30f ? span : splat(1e-30f)) * static_cast<float>(top + min_scale_step(s));
+    const F8 shift = -lo * iscale;
+    F8 sq = {}, sqq = {}, sxq = {};
+    for (int j = 0; j < 32; j++) {
+      q[j] = clamp(round_even(shift + x[j] * iscale), 0, top);
+      const F8 qw = q[j] * w[j];
+      sq += qw, sqq += qw * q[j], sxq += w[j] * x[j] * q[j];
     }
-    for (int j = 0; j < 32; j++)
-      for (int l = 0; l < 8; l++) {
-        q[j][l] = clampf(std::rint(shift[l] + x[j][l] * iscale[l]), 0, top);
-        const float qw = q[j][l] * w[j][l];
-        sq[l] += qw, sqq[l] += qw * q[j][l], sxq[l] += w[j][l] * x[j][l] * q[j][l];
-      }
-    float a[8], m[8], err[8];
-    for (int l = 0; l < 8; l++) {
-      const float det = sw[l] * sqq[l] - sq[l] * sq[l];
-      a[l] = (sw[l] * sxq[l] - swx[l] * sq[l]) / det, m[l] = (sqq[l] * swx[l] - sq[l] * sxq[l]) / det;
-      const bool alone = det <= 0 || m[l] > 0;  // no joint fit, or one with the bottom above 0: the scale alone
-      a[l] = alone ? sxq[l] / sqq[l] : a[l];  // nan if sqq = 0: never better
-      m[l] = alone ? 0.0f : m[l];
-    }
-    error(a, m, err);
-    for (int l = 0; l < 8; l++) {
-      const bool better = err[l] < best[l];
-      best[l] = better ? err[l] : best[l];
-      scale[l] = better ? a[l] : scale[l];
-      lo[l] = better ? m[l] : lo[l];
-    }
+    const F8 det = sw * sqq - sq * sq;
+    F8 a = (sw * sxq - swx * sq) / det, m = (sqq * swx - sq * sxq) / det;
+    const auto alone = (det <= 0) | (m > 0);  // no joint fit, or one with the bottom above 0: the scale alone
+    a = alone ? sxq / sqq : a;  // nan if sqq = 0: never better
+    m = alone ? splat(0) : m;
+    const F8 err = error(a, m);
+    const auto better = err < best;
+    best = better ? err : best;
+    scale = better ? a : scale;
+    lo = better ? m : lo;
   }
-  for (int l = 0; l < 8; l++) scale[l] = std::max(scale[l], 0.0f), min[l] = -lo[l];
+  scale = scale > 0 ? scale : splat(0);
+  mn = -lo;
 }
 
 // quants.fit_scale_of_scales: v [8] >= 0 as d * q, q in 0..63, weights w: returns d, writes the codes q.
-float fit_scale_of_scales(const float (&v)[8], const float (&w)[8], uint8_t (&q)[8]) {
+float fit_scale_of_scales(F8 v, F8 w, uint8_t (&q)[8]) {
   constexpr int top = 63;
   float largest = v[0];
   for (int k = 1; k < 8; k++) largest = std::max(largest, v[k]);
@@ -198,13 +184,14 @@ float fit_scale_of_scales(const float (&v)[8], const float (&w)[8], uint8_t (&q)
   return largest > 0 ? d : 0.0f;
 }
 
-// [G][g] (a row's consecutive groups) -> [g][G]; weights all 1 without an importance (which multiplies exactly).
-template <int G, int g>
-void transpose(const float* x, const float* w, int groups, float (&xt)[g][G], float (&wt)[g][G]) {
-  for (int l = 0; l < G; l++)
-    for (int j = 0; j < g; j++) {
-      xt[j][l] = l < groups ? x[l * g + j] : 0.0f;  // missing groups are zeros: their results are not used
-      wt[j][l] = w && l < groups ? w[l * g + j] : 1.0f;
+// Up to 8 consecutive groups of g values at x (weights w, or null: all 1) into lanes: value j of group l in
+// xt[j][l]. Missing groups are zeros; their results are not used.
+template <int g>
+void to_lanes(const float* x, const float* w, int groups, F8 (&xt)[g], F8 (&wt)[g]) {
+  for (int j = 0; j < g; j++)
+    for (int l = 0; l < 8; l++) {
+      xt[j][l] = l < groups ? x[l * g + j] : 0.0f;
+      wt[j][l] = w && l < groups ? w[l * g + j] : 1.0f;  // without an importance all weigh 1, which multiplies exactly
     }
 }
 
@@ -215,10 +202,10 @@ void q8_0_or_q4_0(bool q4, const float* x, const float* w, int blocks, uint8_t* 
   const int size = q4 ? 18 : 34;
   float d[8];
   if (w) {  // the searched scale, stored in fp16; the codes round to nearest with what is stored
-    float xt[32][8], wt[32][8];
-    transpose<8, 32>(x, w, blocks, xt, wt);
-    symmetric_scales<8, 32>(xt, wt, q4 ? -8 : -127, q4 ? 7 : 127, d);
-    for (int b = 0; b < blocks; b++) d[b] = fp16_round(d[b]);
+    F8 xt[32], wt[32];
+    to_lanes(x, w, blocks, xt, wt);
+    const F8 scale = symmetric_scales(xt, wt, q4 ? -8 : -127, q4 ? 7 : 127);
+    for (int b = 0; b < blocks; b++) d[b] = fp16_round(scale[b]);
   }
   for (int b = 0; b < blocks; b++) {
     const float* xb = x + 32 * b;
@@ -253,12 +240,12 @@ void q8_0_or_q4_0(bool q4, const float* x, const float* w, int blocks, uint8_t* 
 
 // One block of 256 of q4_k (levels 16) or q5_k (32): quants.quantize_k, then packed as quants.py's table says.
 void q4_k_or_q5_k(int levels, const float* x, const float* w, uint8_t* out) {
-  float xt[32][8], wt[32][8], scale[8], mn[8], weight[8];
-  transpose<8, 32>(x, w, 8, xt, wt);
+  F8 xt[32], wt[32], scale, mn, weight = splat(1);  // how much an error in a sub-block's scale or min counts
+  to_lanes(x, w, 8, xt, wt);
   fit_scale_min(xt, wt, levels - 1, scale, mn);
-  for (int l = 0; l < 8; l++) {  // how much an error in a sub-block's scale or min counts: 1 without an importance
-    weight[l] = w ? 0.0f : 1.0f;
-    for (int j = 0; w && j < 32; j++) weight[l] += wt[j][l];
+  if (w) {
+    weight = F8{};
+    for (int j = 0; j < 32; j++) weight += wt[j];
   }
   uint8_t sc[8], m[8], q[8][32];
   const float d = fp16_round(fit_scale_of_scales(scale, weight, sc));
@@ -290,9 +277,13 @@ void q4_k_or_q5_k(int levels, const float* x, const float* w, uint8_t* out) {
 
 // One block of 256 of q6_k: 16 symmetric scales, themselves stored as int8 times one fp16 d.
 void q6_k(const float* x, const float* w, uint8_t* out) {
-  float xt[16][16], wt[16][16], scales[16];
-  transpose<16, 16>(x, w, 16, xt, wt);
-  symmetric_scales<16, 16>(xt, wt, -32, 31, scales);
+  float scales[16];
+  for (int h = 0; h < 2; h++) {  // sub-blocks 0..7, then 8..15
+    F8 xt[16], wt[16];
+    to_lanes(x + 128 * h, w ? w + 128 * h : nullptr, 8, xt, wt);
+    const F8 half = symmetric_scales(xt, wt, -32, 31);
+    for (int l = 0; l < 8; l++) scales[8 * h + l] = half[l];
+  }
   float extreme = 0, largest = -1;  // the largest scale in magnitude becomes -128
   for (int i = 0; i < 16; i++)
     if (std::fabs(scales[i]) > largest) largest = std::fabs(scales[i]), extreme = scales[i];
