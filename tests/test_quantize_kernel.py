@@ -6,13 +6,20 @@ import pytest
 import torch
 from gguf import quants as gguf_quants
 
+from conftest import one_torch_thread
+from gguf_blocks import TYPES as GGUF_TYPES, outlier_rows
+
 import dispatch
 import quants
 from errors import UserError
 from formats import Blocks
-from conftest import one_torch_thread
 from kernels import cpu as cpu_kernels
-from test_quants import GGUF_TYPES, NAMES, gguf_dequantize, outlier_rows
+
+NAMES = list(GGUF_TYPES)
+
+
+def gguf_dequantize(name, blocks):
+    return torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), GGUF_TYPES[name]))
 
 
 @pytest.fixture(scope="module", autouse=True)
