@@ -4,9 +4,10 @@
 #   a linear layer's weight times x          linear_path()
 #   each token's K experts, weighted          experts_path()
 #   attention over the KV cache               attention_path()
-# (and dequantize_path(): how a prompt reads quantized weights back). The answer names a weight format's
-# own expression (formats.py), a hand-written kernel (kernels/cpu.cpp, kernels/triton_moe.py) or a PyTorch
-# path (layers.py). Tests ask the *_path() functions which path a shape takes.
+# (and dequantize_path(): how a prompt reads quantized weights back; quantize_path(): which code writes
+# GGUF's blocks). The answer names a weight format's own expression (formats.py), a hand-written kernel
+# (kernels/cpu.cpp, kernels/cpu_quantize.cpp, kernels/triton_moe.py) or a PyTorch path (layers.py). Tests
+# ask the *_path() functions which path a shape takes.
 #
 # Why the paths differ:
 # - A step of a few tokens (decoding) reads every weight it uses once and does little arithmetic with
@@ -83,6 +84,12 @@ def dequantize_path(fmt, q: Tensor, dtype: torch.dtype) -> str:
             and dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernels.available()):
         return "cpu kernel"
     return "pytorch"
+
+
+def quantize_path(w: Tensor) -> str:
+    """'cpu kernel' where kernels/cpu_quantize.cpp writes GGUF's blocks of the weights w (quants.py's
+    searches, compiled: PyTorch's take hours for Mixtral), else 'pytorch' (quants.py's own)."""
+    return "cpu kernel" if w.device.type == "cpu" and cpu_kernels.available() else "pytorch"
 
 
 def kernel_path(x: Tensor, layers: str, fmt) -> str:

@@ -27,6 +27,7 @@ from torch import Tensor
 import dispatch
 import quants
 from errors import UserError
+from kernels import cpu as cpu_kernels
 
 
 def stored_name(weight: str, key: str) -> str:
@@ -260,7 +261,8 @@ class Blocks(WeightFormat):
         if problem:
             raise UserError(f"a row of {w.shape[-1]} inputs {problem}")
         size = quants.BLOCKS[self.name][1]
-        return {"": quants.quantize(self.name, w, importance).unflatten(-1, (-1, size))}
+        kernel = cpu_kernels.ops().quantize_blocks if dispatch.quantize_path(w) == "cpu kernel" else None
+        return {"": quants.quantize(self.name, w, importance, kernel).unflatten(-1, (-1, size))}
 
     def dequantize(self, t, dtype):
         return quants.dequantize(self.name, t[""].flatten(-2), dtype)

@@ -34,6 +34,8 @@
 # for q4_k's and q5_k's scales and mins tries fewer, coarser stretches than llama.cpp's, which fit as
 # well on test matrices in a third of the time. q4_0 and q8_0 without an importance round to nearest
 # exactly as llama.cpp's reference quantizers do: their bytes are llama.cpp's and the gguf package's.
+# The code below is the reference, and the fallback: kernels/cpu_quantize.cpp is the same quantizers
+# compiled, op for op, which formats.Blocks hands to quantize() wherever the CPU kernels are loaded.
 #
 # Shapes in comments: B blocks of QK values; N rows of G groups of g values (for search_symmetric).
 import math
@@ -49,6 +51,7 @@ BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q5_k": (256, 
 # About this many values are quantized at once: the search's temporaries then stay in the CPU's caches,
 # where each pass over them is several times faster than through memory.
 CHUNK = 1 << 17
+KERNEL_CHUNK = 1 << 22
 
 # The candidate grids, as steps added to the number of steps of the grid that spans the values: of
 # q4_k's and q5_k's scales and mins (fit_scale_min), of the symmetric scales (search_symmetric) and of
@@ -147,10 +150,12 @@ def pack_scales(sc: Tensor, m: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- quantizing
 
-def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None) -> Tensor:
+def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None, kernel=None) -> Tensor:
     """The raw blocks, uint8 [..., (n / QK) * bytes], of the weights w [..., n]. importance [n] (or any
     shape that broadcasts against w, as [E, 1, n] for stacked experts) weighs each input's squared error;
-    None counts every input the same."""
+    None counts every input the same. kernel: the same quantizers compiled (kernels/cpu_quantize.cpp's
+    quantize_blocks, which formats.Blocks passes where the CPU kernels are loaded), called as
+    kernel(rows float32 [R, n], importance float32 [R, n] or None, name); None: PyTorch's, below."""
     qk, size = block_shape(name)
     n = w.shape[-1] if w.dim() else 0
     if w.dim() == 0 or n % qk:
@@ -161,12 +166,31 @@ def quantize(name: str, w: Tensor, importance: Optional[Tensor] = None) -> Tenso
     rows = w.reshape(-1, n)
     weights = None if importance is None else checked_importance(importance, w.shape).reshape(-1, n)
     out = torch.empty(rows.shape[0], n // qk * size, dtype=torch.uint8, device=w.device)
-    step = max(1, CHUNK // n)
+    # The kernel keeps each block in its caches whatever the chunk: its chunks only bound the float32
+    # copy of the weights, and are large, so that every thread has rows.
+    step = max(1, (KERNEL_CHUNK if kernel else CHUNK) // n)
     for start in range(0, rows.shape[0], step):
-        x = rows[start:start + step].float().unflatten(-1, (-1, qk))  # [rows, B, QK]
-        wx = None if weights is None else weights[start:start + step].unflatten(-1, (-1, qk))
-        out[start:start + step] = QUANTIZE[name](x, wx).flatten(-2)
+        x = rows[start:start + step].float()  # [rows, n]
+        wx = None if weights is None else weights[start:start + step]  # [rows, n], often one row repeated
+        if kernel is not None:
+            if wx is not None and wx.stride(-1) != 1:
+                wx = wx.contiguous()
+            out[start:start + step] = kernel(x.contiguous(), wx, name)
+        else:
+            blocks = None if wx is None else wx.unflatten(-1, (-1, qk))
+            out[start:start + step] = QUANTIZE[name](x.unflatten(-1, (-1, qk)), blocks).flatten(-2)
+    if kernel is not None:
+        check_scales(name, out)
     return out.reshape(*w.shape[:-1], -1)
+
+
+def check_scales(name: str, blocks: Tensor):
+    """A UserError if any fp16 field (d, dmin) of the blocks [rows, bytes] is inf: PyTorch's quantizers
+    refuse such scales as they write them (half_bytes), the kernel leaves them to this."""
+    b = blocks.view(blocks.shape[0], -1, BLOCKS[name][1])
+    fields = [0, 2] if name in ("q4_k", "q5_k") else [208] if name == "q6_k" else [0]
+    if not all(torch.isfinite(half(b[..., at:at + 2])).all() for at in fields):
+        raise UserError("weights too large for GGUF's blocks: their fp16 scales would overflow")
 
 
 def checked_importance(importance: Tensor, shape: torch.Size) -> Tensor:
@@ -306,17 +330,27 @@ def symmetric_scales(x, w, qmin, qmax):
     extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed, [...]
     scale = extreme / qmin  # rounding to nearest's grid, kept where no candidate has a code off 0
     extreme = torch.where(extreme == 0, 1.0, extreme)  # all-zero groups: every grid gives codes 0
-    best = torch.zeros_like(scale)
+    best = weighted_squares(x, w)  # the error of scale 0: a candidate must do better
     for step in SYMMETRIC_STEPS:
         q = (x * ((qmin - step) / extreme)[..., None]).round_().clamp_(qmin, qmax)
         qw = q if w is None else q * w
         sxq, sqq = (qw * x).sum(-1), (qw * q).sum(-1)
-        # The least-squares scale sxq / sqq leaves sum w x^2 - sxq^2 / sqq: the larger sxq^2 / sqq, the better.
-        gain = sxq * sxq / sqq  # nan where every code is 0 (or weighs 0): never better
-        better = gain > best
-        best = torch.where(better, gain, best)
-        scale = torch.where(better, sxq / sqq, scale)
+        candidate = sxq / sqq  # least squares; nan where every code is 0 (or weighs 0): never better
+        err = weighted_squares(x - candidate[..., None] * q, w)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, candidate, scale)
     return scale
+
+
+def weighted_squares(r: Tensor, w: Optional[Tensor]) -> Tensor:
+    """sum w r^2 over the last axis (w None: all 1). The searches measure each candidate's error so, from
+    its residuals r, and not as sum w x^2 minus what the fit explains: that difference of two nearly equal
+    sums keeps few of float32's 7 digits (a 6-bit grid errs a few 1e-4 of sum w x^2, an 8-bit one a few
+    1e-5), too few to tell candidates apart that differ by a percent of that: rounding, not error, would
+    choose among them."""
+    squares = r * r
+    return (squares if w is None else w * squares).sum(-1)
 
 
 def fit_scale_min(x: Tensor, w: Optional[Tensor], top: int) -> tuple:
@@ -330,16 +364,18 @@ def fit_scale_min(x: Tensor, w: Optional[Tensor], top: int) -> tuple:
     hi = x.amax(dim=-1, keepdim=True)
     wx = x if w is None else w * x
     sw = torch.full_like(hi, x.shape[-1]) if w is None else w.expand_as(x).sum(-1, keepdim=True)
-    swx, swxx = wx.sum(-1, keepdim=True), (wx * x).sum(-1, keepdim=True)
+    swx = wx.sum(-1, keepdim=True)
 
     def sums(q):  # [..., 1] each
         qw = q if w is None else q * w
         return qw.sum(-1, keepdim=True), (qw * q).sum(-1, keepdim=True), (wx * q).sum(-1, keepdim=True)
 
+    def error(q, scale, bottom):  # [..., 1]: weighted_squares' reason
+        return weighted_squares(x - scale * q - bottom, w).unsqueeze(-1)
+
     scale = (hi - lo) / top
     q = torch.where(scale > 0, (x - lo) / scale, 0.0).round_().clamp_(0, top)
-    sq, sqq, sxq = sums(q)
-    best = scale * scale * sqq + 2 * scale * lo * sq + lo * lo * sw - 2 * scale * sxq - 2 * lo * swx + swxx
+    best = error(q, scale, lo)
     for step in MIN_SCALE_STEPS:
         iscale = (top + step) / (hi - lo).clamp_min(1e-30)
         q = torch.addcmul(-lo * iscale, x, iscale).round_().clamp_(0, top)
@@ -348,7 +384,7 @@ def fit_scale_min(x: Tensor, w: Optional[Tensor], top: int) -> tuple:
         s, m = (sw * sxq - swx * sq) / det, (sqq * swx - sq * sxq) / det
         alone = (det <= 0) | (m > 0)
         s, m = torch.where(alone, sxq / sqq, s), torch.where(alone, 0.0, m)
-        err = swxx - s * sxq - m * swx  # what a least-squares fit leaves (nan if sqq = 0: never better)
+        err = error(q, s, m)  # nan if sqq = 0: never better
         better = err < best
         best = torch.where(better, err, best)
         scale, lo = torch.where(better, s, scale), torch.where(better, m, lo)

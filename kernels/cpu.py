@@ -1,7 +1,8 @@
-# Builds kernels/cpu.cpp and kernels/cpu_prompt.cpp on first use, for the best instruction set this CPU
-# has, and registers their ops (torch.ops.mixtral_cpu_<set>.linear, .moe, .dequantize_int8,
-# .dequantize_int4; .prompt_linear, .prompt_moe) with fake implementations, so that
-# torch.compile(fullgraph=True) keeps the decode step one graph around them.
+# Builds kernels/cpu.cpp, kernels/cpu_prompt.cpp and kernels/cpu_quantize.cpp on first use, for the best
+# instruction set this CPU has, and registers their ops (torch.ops.mixtral_cpu_<set>.linear, .moe,
+# .dequantize_int8, .dequantize_int4; .prompt_linear, .prompt_moe) with fake implementations, so that
+# torch.compile(fullgraph=True) keeps the decode step one graph around them (.quantize_blocks, which
+# writes GGUF's blocks for quantize.py, is never traced and has none).
 #
 # One build per instruction set: cpu.cpp holds what all share and includes the inner dot
 # products of its set (cpu_avx2.h, cpu_avx512.h), compiled with that set's flags. MIXTRAL_CPU_ISA=<set>
@@ -29,8 +30,9 @@ import torch
 
 from errors import UserError
 
-# cpu.cpp: the decode kernels; cpu_prompt.cpp: the prompt kernels (prompt_linear, prompt_moe), one library.
-SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("cpu_prompt.cpp")]
+# cpu.cpp: the decode kernels; cpu_prompt.cpp: the prompt kernels (prompt_linear, prompt_moe);
+# cpu_quantize.cpp: GGUF's block quantizers (quantize_blocks, quants.py's searches). One library.
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "cpu_prompt.cpp", "cpu_quantize.cpp")]
 DISABLE_VARIABLE = "MIXTRAL_NO_CPU_KERNELS"
 # MIXTRAL_NO_AMX=1: the prompt kernels multiply with integer dot products even where the CPU has AMX.
 AMX_VARIABLE = "MIXTRAL_NO_AMX"

@@ -1,5 +1,5 @@
 """GGUF's block types for the kernel tests: random valid blocks, and the weights they hold in float64 as the
-gguf package (the format's own reader) dequantizes them."""
+gguf package (the format's own reader) dequantizes them; and weights to quantize, for the quantizers' tests."""
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
@@ -51,3 +51,15 @@ def exact(fmt: str, blocks: torch.Tensor) -> tuple:
         b[..., zeroed:zeroed + 2] = 0
         parts.append(weights(b.flatten(-2)))
     return parts[0] + parts[1], parts[0].abs() + parts[1].abs()
+
+
+def outlier_rows(seed, rows=32, n=2048):
+    """Gaussian rows whose few outlier input channels are 4 times wider, with an importance that is
+    log-normal (as activations' mean squares are) and 100 times larger on those channels."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, n, generator=g)
+    outliers = torch.randperm(n, generator=g)[:n // 64]
+    w[:, outliers] *= 4
+    importance = torch.randn(n, generator=g).exp()
+    importance[outliers] *= 100
+    return w, importance

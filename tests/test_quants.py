@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType, quants as gguf_quants
 import quants
 from errors import UserError
 from formats import Int4
+from gguf_blocks import outlier_rows
 from rounding import exact
 
 GGUF_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
@@ -34,18 +35,6 @@ def random_blocks(name, rows, blocks, generator):
 
 def gguf_dequantize(name, blocks):
     return torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), GGUF_TYPES[name]))
-
-
-def outlier_rows(seed, rows=32, n=2048):
-    """Gaussian rows whose few outlier input channels are 4 times wider, with an importance that is
-    log-normal (as activations' mean squares are) and 100 times larger on those channels."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, n, generator=g)
-    outliers = torch.randperm(n, generator=g)[:n // 64]
-    w[:, outliers] *= 4
-    importance = torch.randn(n, generator=g).exp()
-    importance[outliers] *= 100
-    return w, importance
 
 
 @pytest.mark.parametrize("name", NAMES)
