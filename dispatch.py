@@ -167,8 +167,17 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, 
     return "one by one"
 
 
+# The CPU attention kernel holds a head's values in at most this many float32 vectors of 16.
+ATTENTION_MAX_HEAD = 256
+
+
 def attention_path(q: Tensor) -> str:
-    """'decode' for one new token per sequence on a CPU (layers.decode_attention), else 'sdpa' (PyTorch's
-    scaled_dot_product_attention): on a CPU SDPA's fixed cost per call is large next to one token's
-    small product, and written out the product fuses into the compiled decode step."""
-    return "decode" if q.shape[2] == 1 and q.device.type == "cpu" else "sdpa"
+    """How one step's queries q [B, H, T, Dh] attend over the cache: for one new token per sequence on a CPU,
+    'cpu kernel' (kernels/cpu.cpp's attention: the cache read in place, where PyTorch's path converts all of
+    it to float32 at every step) for heads of whole vectors of 16 values, else 'decode' (layers.decode_attention:
+    on a CPU SDPA's fixed cost per call is large next to one token's small product, and written out the
+    product fuses into the compiled decode step); 'sdpa' (PyTorch's scaled_dot_product_attention) otherwise."""
+    if q.shape[2] != 1 or q.device.type != "cpu":
+        return "sdpa"
+    Dh = q.shape[-1]
+    return "cpu kernel" if Dh % 16 == 0 and Dh <= ATTENTION_MAX_HEAD and cpu_kernels.available() else "decode"

@@ -423,7 +423,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return y.to(q.dtype).view(B, H, T, Dh)
 
 
+def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """decode_attention's arithmetic in kernels/cpu.cpp, the cache read in place. q [B, H, 1, Dh], k/v
+    [B, KV, S, Dh], mask [1, S] or [B, 1, 1, S] -> [B, H, 1, Dh]"""
+    B, H, _, Dh = q.shape
+    y = cpu_kernels.ops().attention(q.reshape(B, H, Dh), k, v, mask.reshape(-1, k.shape[2]), Dh ** -0.5)
+    return y.view(B, H, 1, Dh)
+
+
 ATTENTION_PATHS = {
+    "cpu kernel": cpu_kernel_attention,
     "decode": decode_attention,
     "sdpa": lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
 }

@@ -48,6 +48,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_exp.h"
+
 #ifndef MIXTRAL_OPS
 #error "MIXTRAL_OPS (the ops' namespace) is set by kernels/cpu.py"
 #endif
@@ -1181,6 +1183,92 @@ Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarTyp
   return out;
 }
 
+// ---------------------------------------------------------------------------- attention
+
+// One new token's attention over the cache, as layers.decode_attention computes it (float32 scores
+// q . k * scale, -inf where the mask forbids, softmax, then the probabilities times v), but reading the
+// cache in place in its own dtype: PyTorch's path converts the whole cache to float32 at every step first,
+// whose cost grows with the context. For each sequence and key/value head, its G query heads in turn.
+template <typename T>
+void attend(const float* q, const T* k, const T* v, const bool* allowed, int64_t S, int64_t Dh, int64_t G,
+            float scale, float* p, float* out) {
+  using namespace isa;
+  const int64_t V = Dh / kFloats;
+  for (int64_t g = 0; g < G; ++g, q += Dh, out += Dh) {
+    float top = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!allowed[s]) {
+        p[s] = -INFINITY;
+        continue;
+      }
+      Float acc = zero();
+      for (int64_t j = 0; j < V; ++j) acc = fma(load(q + j * kFloats), load(k + s * Dh + j * kFloats), acc);
+      p[s] = sum(acc) * scale;
+      top = std::max(top, p[s]);
+    }
+    // exp(score - top), 0 where forbidden; then each divided by their sum, as softmax does.
+    __m256 total = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+      const __m256 x = _mm256_loadu_ps(p + s);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, _mm256_set1_ps(top))),
+                                     _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+      _mm256_storeu_ps(p + s, e);
+      total = _mm256_add_ps(total, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total);
+    float denominator = 0.0f;
+    for (int i = 0; i < 8; ++i) denominator += lanes[i];
+    for (; s < S; ++s) {
+      p[s] = allowed[s] ? std::exp(p[s] - top) : 0.0f;
+      denominator += p[s];
+    }
+    Float acc[16];  // Dh up to 16 vectors (256 values)
+    for (int64_t j = 0; j < V; ++j) acc[j] = zero();
+    for (int64_t s2 = 0; s2 < S; ++s2) {
+      if (p[s2] == 0.0f) continue;
+      const Float w = broadcast(p[s2] / denominator);
+      for (int64_t j = 0; j < V; ++j) acc[j] = fma(w, load(v + s2 * Dh + j * kFloats), acc[j]);
+    }
+    for (int64_t j = 0; j < V; ++j) store(out + j * kFloats, acc[j]);
+  }
+}
+
+Tensor attention(const Tensor& q_, const Tensor& k, const Tensor& v, const Tensor& mask_, double scale) {
+  TORCH_CHECK(q_.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q_.size(0) &&
+                  k.size(3) == q_.size(2) && q_.size(1) % k.size(1) == 0,
+              "mixtral_cpu.attention: q [B, H, Dh], k and v [B, KV, S, Dh] with KV dividing H expected, got ",
+              q_.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), Dh = k.size(3), H = q_.size(1), G = H / KV;
+  TORCH_CHECK(Dh % isa::kFloats == 0 && Dh <= 16 * isa::kFloats, "mixtral_cpu.attention: head size ", Dh,
+              " is not a multiple of ", isa::kFloats, " up to ", 16 * isa::kFloats);
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.is_contiguous() && v.is_contiguous(),
+              "mixtral_cpu.attention: k and v must be contiguous and of one dtype");
+  const Tensor mask = mask_.to(at::kBool).expand({B, S}).contiguous();
+  const Tensor q = q_.to(at::kFloat).contiguous();
+  Tensor out = at::empty({B, H, Dh}, q.options());
+  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / KV;
+      const float* qt = q.data_ptr<float>() + t * G * Dh;  // [B, KV, G, Dh]: the query heads of kv head t % KV
+      float* ot = out.data_ptr<float>() + t * G * Dh;
+      const bool* allowed = mask.data_ptr<bool>() + b * S;
+      const int64_t at_kv = t * S * Dh;
+      switch (k.scalar_type()) {
+        case at::kFloat: attend(qt, k.data_ptr<float>() + at_kv, v.data_ptr<float>() + at_kv, allowed, S, Dh, G, scale, p.data(), ot); break;
+        case at::kBFloat16:
+          attend(qt, k.data_ptr<c10::BFloat16>() + at_kv, v.data_ptr<c10::BFloat16>() + at_kv, allowed, S, Dh, G, scale, p.data(), ot);
+          break;
+        case at::kHalf: attend(qt, k.data_ptr<c10::Half>() + at_kv, v.data_ptr<c10::Half>() + at_kv, allowed, S, Dh, G, scale, p.data(), ot); break;
+        default: TORCH_CHECK(false, "mixtral_cpu.attention: a cache of float32, bf16 or fp16 expected, got ", k.scalar_type());
+      }
+    }
+  });
+  return out.to(q_.scalar_type());
+}
+
 }  // namespace
 
 // TORCH_LIBRARY names its namespace as written: this indirection expands MIXTRAL_OPS first.
@@ -1193,6 +1281,7 @@ MIXTRAL_LIBRARY(MIXTRAL_OPS, m) {
         "Tensor? w3_scales, Tensor? w2_scales, str format) -> Tensor");
   m.def("dequantize_int8(Tensor q, Tensor scales, ScalarType dtype) -> Tensor");
   m.def("dequantize_int4(Tensor packed, Tensor scales, ScalarType dtype) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
 }
 
 MIXTRAL_LIBRARY_IMPL(MIXTRAL_OPS, CPU, m) {
@@ -1200,4 +1289,5 @@ MIXTRAL_LIBRARY_IMPL(MIXTRAL_OPS, CPU, m) {
   m.impl("moe", &moe);
   m.impl("dequantize_int8", &dequantize_int8);
   m.impl("dequantize_int4", &dequantize_int4);
+  m.impl("attention", &attention);
 }

@@ -220,6 +220,7 @@ def register_fakes(namespace: str):
     torch.library.register_fake(f"{namespace}::dequantize_int8", lambda q, scales, dtype: q.new_empty(q.shape, dtype=dtype))
     torch.library.register_fake(f"{namespace}::dequantize_int4",
                                 lambda packed, scales, dtype: packed.new_empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype))
+    torch.library.register_fake(f"{namespace}::attention", lambda q, k, v, mask, scale: torch.empty_like(q))
     torch.library.register_fake(f"{namespace}::prompt_linear", lambda x, weight, scales, fmt: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake(f"{namespace}::prompt_moe", lambda x, *_: torch.empty_like(x))
 

@@ -22,6 +22,7 @@ inline Float mul(Float a, Float b) { return _mm256_mul_ps(a, b); }
 inline Float fma(Float a, Float b, Float c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
 inline Float to_float(Int v) { return _mm256_cvtepi32_ps(v); }
 
+inline void store(float* p, Float v) { _mm256_storeu_ps(p, v); }
 inline float sum(Float v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -27,6 +27,7 @@ inline Float add(Float a, Float b) { return _mm512_add_ps(a, b); }
 inline Float mul(Float a, Float b) { return _mm512_mul_ps(a, b); }
 inline Float fma(Float a, Float b, Float c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
 inline Float to_float(Int v) { return _mm512_cvtepi32_ps(v); }
+inline void store(float* p, Float v) { _mm512_storeu_ps(p, v); }
 inline float sum(Float v) { return _mm512_reduce_add_ps(v); }
 
 // kFloats weights as float32.

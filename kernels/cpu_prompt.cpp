@@ -52,6 +52,8 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu_exp.h"
+
 #ifndef MIXTRAL_OPS
 #error "MIXTRAL_OPS (the ops' namespace) is set by kernels/cpu.py"
 #endif
@@ -257,27 +259,8 @@ void to_floats(const void* src, at::ScalarType type, int64_t n, float* dst) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<const c10::Half*>(src)[i]);
 }
 
-// silu(a) * b for 8 values, with an exp good to a few units of float32's last place: the MoE's hidden
-// activations, n of them a block, too many for std::exp one at a time.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln 2, ln 2 in two parts so that n * the first is exact.
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  // exp(r) for |r| <= ln 2 / 2: Taylor to r^7 (the remainder is under 2^-25 of it).
-  __m256 p = _mm256_set1_ps(1.0f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
-
+// silu(a) * b for 8 values (exp8: cpu_exp.h): the MoE's hidden activations, n of them a block, too many for
+// std::exp one at a time.
 inline __m256 silu_times(__m256 a, __m256 b) {
   const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
   return _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), b);

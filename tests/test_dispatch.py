@@ -35,7 +35,11 @@ def test_the_path_of_each_step():
             "cpu prompt kernel" if kernels and fmt.quantized else "one by one")
         with cpu_kernels.turned_off():
             assert dispatch.experts_path(fmt, x, many, 8, 96) == pytorchs
-    assert dispatch.attention_path(torch.randn(1, 4, 1, 16)) == "decode"
+    # One new token: the attention kernel for heads of whole vectors of 16 values, else PyTorch's written-out path.
+    assert dispatch.attention_path(torch.randn(1, 4, 1, 16)) == ("cpu kernel" if kernels else "decode")
+    assert dispatch.attention_path(torch.randn(1, 4, 1, 24)) == "decode"
+    with cpu_kernels.turned_off():
+        assert dispatch.attention_path(torch.randn(1, 4, 1, 16)) == "decode"
     assert dispatch.attention_path(torch.randn(1, 4, 2, 16)) == "sdpa"
 
 

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from conftest import REPO, load_ours, load_reference, relative_error, run_script
 from errors import UserError
 from formats import FullPrecision, Int4, parse_format
+import layers
 from layers import EXPERTS_PATHS, LINEAR_PATHS, build_model
 from generation import decode_compile_options
 from kernels import cpu as cpu_kernels
 from rounding import HALF_ULP, QUANTIZED_HF, assert_within_rounding, exact
+
+U = 2.0 ** -24  # float32's unit roundoff
 
 # D, I and the row counts are odd, below and above the kernels' tiles (4 rows, 8 columns, 64 rows a task).
 D, I, E, VOCAB = 37, 77, 4, 131
@@ -557,3 +560,54 @@ def test_every_instruction_set_decodes_grid_weights_as_closely_as_the_lowest(gri
             assert errors[isa, torch.float32] <= HALF_ULP[torch.bfloat16]
         assert errors[isa, torch.bfloat16] <= errors[lowest, torch.bfloat16] + 0.1 * max(
             errors[lowest, torch.bfloat16], HALF_ULP[torch.bfloat16])
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_float64(q, k, v, allowed, scale):
+    """One new token's attention in float64: q [B, H, Dh], k/v [B, KV, S, Dh], allowed [B, S] -> the output
+    [B, H, Dh], the softmax [B, H, S] and the scores [B, H, S] (each query head with kv head h // (H / KV))."""
+    B, H, Dh = q.shape
+    G = H // k.shape[1]
+    kk, vv = (t.double().repeat_interleave(G, dim=1) for t in (k, v))  # [B, H, S, Dh]
+    scores = torch.einsum("bhd,bhsd->bhs", q.double(), kk) * scale
+    p = scores.masked_fill(~allowed[:, None, :], float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhs,bhsd->bhd", p, vv), p, scores
+
+
+@EACH_ISA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [True, False], ids=["one-position", "own-positions"])
+def test_attention_matches_float64(isa, dtype, shared):
+    """The attention kernel against float64: two sequences, 8 query heads on 2 key/value heads, a cache of 77
+    positions (not a multiple of the 8 values a softmax vector takes), the mask allowing one position for both
+    (a [1, S] mask) or each its own. Bound: float32 scores err at most (Dh + 2) roundings of their terms'
+    magnitudes, which moves each probability by at most twice that, relatively; the exp and the sums a few
+    units more; then the output's own rounding to the dtype."""
+    g = torch.Generator().manual_seed(5)
+    B, H, KV, S, Dh = 2, 8, 2, 77, 64
+    q = torch.randn(B, H, Dh, generator=g).to(dtype)
+    k, v = (torch.randn(B, KV, S, Dh, generator=g).to(dtype) for _ in range(2))
+    pos = torch.tensor([50, 50]) if shared else torch.tensor([12, 76])
+    allowed = torch.arange(S)[None, :] <= pos[:, None]  # [B, S]
+    mask = allowed[:1] if shared else allowed[:, None, None, :]  # [1, S] as a shared step's, or [B, 1, 1, S]
+    got = layers.cpu_kernel_attention(q[:, :, None], k, v, mask)[:, :, 0]
+    scale = Dh ** -0.5
+    want, p, _ = attention_float64(q, k, v, allowed, scale)
+    G = H // KV
+    magnitudes = torch.einsum("bhd,bhsd->bhs", q.double().abs(), k.double().abs().repeat_interleave(G, dim=1)) * scale
+    score_error = (Dh + 2) * U * magnitudes.masked_fill(~allowed[:, None, :], 0).amax(dim=-1, keepdim=True)  # [B, H, 1]
+    weighted = torch.einsum("bhs,bhsd->bhd", p, v.double().abs().repeat_interleave(G, dim=1))  # sum p |v|
+    slack = weighted * (2 * score_error + (S + 16) * U)
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.double() - want).abs()
+    assert (err <= HALF_ULP[dtype] * want.abs() + slack).all(), (err - HALF_ULP[dtype] * want.abs() - slack).max()
+
+
+def test_attention_refuses_what_it_cannot_take_in_one_line():
+    ops = cpu_kernels.ops()
+    q, k = torch.randn(1, 4, 24), torch.randn(1, 2, 5, 24)
+    with pytest.raises(RuntimeError, match="head size 24 is not a multiple"):
+        ops.attention(q, k, k, torch.ones(1, 5, dtype=torch.bool), 0.2)
+    with pytest.raises(RuntimeError, match="KV dividing H"):
+        ops.attention(torch.randn(1, 3, 32), torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32), torch.ones(1, 5, dtype=torch.bool), 0.2)
