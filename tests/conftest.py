@@ -2,6 +2,7 @@
 real converter, and the reference implementation (Hugging Face transformers) loaded from the same files."""
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import zlib
@@ -27,6 +28,12 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# A run started in the background by a non-interactive shell inherits SIGINT ignored, and so would every child
+# it starts: the tests that press Ctrl-C in a child (a terminal's, or a process's own SIGINT) need the default
+# that an interactive terminal gives. A handled signal is reset to its default in a child; an ignored one is not.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The README's commands run end to end (minutes of subprocesses): collected only when asked, as CI does.
 README_TESTS_VARIABLE = "MIXTRAL_README_TESTS"
