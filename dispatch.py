@@ -167,7 +167,7 @@ def experts_path(fmt, x: Tensor, experts: Tensor, num_experts: int, width: int, 
     return "one by one"
 
 
-# The CPU attention kernel holds a head's values in at most this many float32 vectors of 16.
+# The most values of a head the CPU attention kernel holds (kernels/cpu.cpp's kMostHead), on every instruction set.
 ATTENTION_MAX_HEAD = 256
 
 

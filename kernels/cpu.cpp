@@ -1189,6 +1189,8 @@ Tensor dequantize_int4(const Tensor& packed, const Tensor& scales, at::ScalarTyp
 // q . k * scale, -inf where the mask forbids, softmax, then the probabilities times v), but reading the
 // cache in place in its own dtype: PyTorch's path converts the whole cache to float32 at every step first,
 // whose cost grows with the context. For each sequence and key/value head, its G query heads in turn.
+constexpr int64_t kMostHead = 256;  // values of a head the kernel holds (dispatch.ATTENTION_MAX_HEAD)
+
 template <typename T>
 void attend(const float* q, const T* k, const T* v, const bool* allowed, int64_t S, int64_t Dh, int64_t G,
             float scale, float* p, float* out) {
@@ -1224,7 +1226,7 @@ void attend(const float* q, const T* k, const T* v, const bool* allowed, int64_t
       p[s] = allowed[s] ? std::exp(p[s] - top) : 0.0f;
       denominator += p[s];
     }
-    Float acc[16];  // Dh up to 16 vectors (256 values)
+    Float acc[kMostHead / kFloats];
     for (int64_t j = 0; j < V; ++j) acc[j] = zero();
     for (int64_t s2 = 0; s2 < S; ++s2) {
       if (p[s2] == 0.0f) continue;
@@ -1241,8 +1243,8 @@ Tensor attention(const Tensor& q_, const Tensor& k, const Tensor& v, const Tenso
               "mixtral_cpu.attention: q [B, H, Dh], k and v [B, KV, S, Dh] with KV dividing H expected, got ",
               q_.sizes(), ", ", k.sizes(), ", ", v.sizes());
   const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), Dh = k.size(3), H = q_.size(1), G = H / KV;
-  TORCH_CHECK(Dh % isa::kFloats == 0 && Dh <= 16 * isa::kFloats, "mixtral_cpu.attention: head size ", Dh,
-              " is not a multiple of ", isa::kFloats, " up to ", 16 * isa::kFloats);
+  TORCH_CHECK(Dh % isa::kFloats == 0 && Dh <= kMostHead, "mixtral_cpu.attention: head size ", Dh,
+              " is not a multiple of ", isa::kFloats, " up to ", kMostHead);
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.is_contiguous() && v.is_contiguous(),
               "mixtral_cpu.attention: k and v must be contiguous and of one dtype");
   const Tensor mask = mask_.to(at::kBool).expand({B, S}).contiguous();

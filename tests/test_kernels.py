@@ -578,14 +578,15 @@ def attention_float64(q, k, v, allowed, scale):
 @EACH_ISA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared", [True, False], ids=["one-position", "own-positions"])
-def test_attention_matches_float64(isa, dtype, shared):
+@pytest.mark.parametrize("Dh", [64, 256])
+def test_attention_matches_float64(isa, dtype, shared, Dh):
     """The attention kernel against float64: two sequences, 8 query heads on 2 key/value heads, a cache of 77
     positions (not a multiple of the 8 values a softmax vector takes), the mask allowing one position for both
-    (a [1, S] mask) or each its own. Bound: float32 scores err at most (Dh + 2) roundings of their terms'
-    magnitudes, which moves each probability by at most twice that, relatively; the exp and the sums a few
-    units more; then the output's own rounding to the dtype."""
+    (a [1, S] mask) or each its own; heads up to dispatch.ATTENTION_MAX_HEAD on every set. Bound: float32
+    scores err at most (Dh + 2) roundings of their terms' magnitudes, which moves each probability by at most
+    twice that, relatively; the exp and the sums a few units more; then the output's own rounding to the dtype."""
     g = torch.Generator().manual_seed(5)
-    B, H, KV, S, Dh = 2, 8, 2, 77, 64
+    B, H, KV, S = 2, 8, 2, 77  # heads of 64 values (Mixtral's are 128) and of dispatch's largest, 256
     q = torch.randn(B, H, Dh, generator=g).to(dtype)
     k, v = (torch.randn(B, KV, S, Dh, generator=g).to(dtype) for _ in range(2))
     pos = torch.tensor([50, 50]) if shared else torch.tensor([12, 76])
